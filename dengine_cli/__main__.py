@@ -1,0 +1,3 @@
+from dengine_cli.cli import main
+
+main()

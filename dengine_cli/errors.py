@@ -1,0 +1,96 @@
+"""The errors a user can cause, each with its exit code.
+
+Every error dengine reports to a user is a DengineError: the CLI prints ``dengine: <message>`` on
+one line and exits with ``exit_code``.  Anything else escaping to the CLI is a bug (exit 1).
+
+Exit codes (documented in the README and ``man/dengine.1``):
+
+====  ===========================================================================
+0     success
+1     internal error (a bug in dengine; ``--debug`` shows the traceback)
+2     usage error (bad option or argument)
+3     a file cannot be opened or read (missing, permission, I/O error)
+4     a dump is malformed: unknown format, wrong magic, truncated, a lying header
+5     a dump uses a feature dengine does not support (codec, stream flag, layout)
+6     an output cannot be written (the partial output is removed)
+====  ===========================================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_UNREADABLE = 3
+EXIT_BAD_DUMP = 4
+EXIT_UNSUPPORTED = 5
+EXIT_OUTPUT = 6
+
+
+class DengineError(Exception):
+    """Base of every error a user can cause; ``str()`` is the whole one-line message."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UnreadableFile(DengineError):
+    """A path that cannot be opened or read."""
+
+    exit_code = EXIT_UNREADABLE
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: cannot read: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class FormatError(DengineError):
+    """A dump that does not hold what its format says: names the file, the hex offset, what was
+    expected there and what was found."""
+
+    exit_code = EXIT_BAD_DUMP
+
+    def __init__(self, path: Path | str, offset: int, *, expected: str, found: str) -> None:
+        super().__init__(f"{path}: at offset {offset:#x}: expected {expected}, found {found}")
+        self.path = str(path)
+        self.offset = offset
+        self.expected = expected
+        self.found = found
+
+
+class UnsupportedFeature(DengineError):
+    """A well-formed dump using something dengine cannot read (a codec, a stream flag...)."""
+
+    exit_code = EXIT_UNSUPPORTED
+
+    def __init__(self, path: Path | str, offset: int, *, feature: str) -> None:
+        super().__init__(f"{path}: at offset {offset:#x}: unsupported {feature}")
+        self.path = str(path)
+        self.offset = offset
+        self.feature = feature
+
+
+class OutputError(DengineError):
+    """An output file that cannot be written."""
+
+    exit_code = EXIT_OUTPUT
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: cannot write: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class UsageError(DengineError):
+    """A request that cannot be carried out as asked (beyond what option parsing catches)."""
+
+    exit_code = EXIT_USAGE

@@ -1,0 +1,392 @@
+"""What every dump reader gives: the present guest frames, their pages in batches, guest facts.
+
+A reader turns one dump file into a :class:`Dump`.  Pages are addressed by guest frame number
+(gfn = guest physical address >> 12).  A page the dump marks absent or excluded is *absent*: it
+is not in :attr:`Dump.gfns` and is never returned as zeros.
+
+Pages travel in :class:`PageBatch` es: a ``uint64`` array of gfns (ascending) and a
+``(n, 4096) uint8`` array of their contents.  Where the file holds the pages contiguously and
+uncompressed, ``pages`` is a view of the memory-mapped file (no copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import mmap
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from dengine_cli.errors import FormatError, UnreadableFile
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+#: Pages per batch: 16 Ki pages = 64 MiB, large enough to amortize per-batch overhead, small enough
+#: to keep the resident set bounded.
+BATCH_PAGES = 16384
+
+#: In a page table, an offset that means "this page is all zeros and stored nowhere".
+ZERO_PAGE = -1
+
+#: In a page table, offsets ``SIDE_PAGE - k`` (k >= 0) name row k of the dump's side pages: pages
+#: assembled in memory because the file holds them only in part (segments that start or end
+#: inside a page; the missing bytes are zeros).
+SIDE_PAGE = -2
+
+GfnArray = npt.NDArray[np.uint64]
+OffsetArray = npt.NDArray[np.int64]
+PageArray = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class PageBatch:
+    """Consecutive present pages of one dump, in ascending gfn order."""
+
+    gfns: GfnArray
+    pages: PageArray
+
+    def __len__(self) -> int:
+        return len(self.gfns)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a reader finds its format: a file, and the offset at which the format starts.
+
+    ``name`` is what messages call the file: the user's path, with a note when the bytes read are
+    the decompressed content of a compressed file.
+    """
+
+    path: Path
+    name: str
+    start: int = 0
+
+    @classmethod
+    def of(cls, path: Path | str) -> Source:
+        return cls(Path(path), str(path), 0)
+
+    def at(self, start: int) -> Source:
+        """The same file, with the format starting further in."""
+        return dataclasses.replace(self, start=start)
+
+    def error(self, offset: int, *, expected: str, found: str) -> FormatError:
+        return FormatError(self.name, offset, expected=expected, found=found)
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """How dumps are opened: a forced format, where temporary files go, what counts as RAM."""
+
+    format: str | None = None
+    tmp_dir: Path | None = None
+    #: Keep pages of device memory that some dumps carry beside RAM (VGA VRAM, BIOS flash).
+    device_memory: bool = False
+
+
+@dataclass
+class GuestFacts:
+    """What a dump's headers tell about the guest and the dump; ``None`` where it does not say."""
+
+    format: str
+    compression: str | None = None
+    guest_name: str | None = None
+    uuid: str | None = None
+    memory_bytes: int | None = None
+    machine: str | None = None
+    vcpus: int | None = None
+    arch: str | None = None
+    guest_type: str | None = None
+    xen_version: str | None = None
+    hypervisor: str | None = None
+    page_size: int = PAGE_SIZE
+    #: Other header facts worth showing (e.g. kdump dump level, RAM block names).
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: Things the reader left out, said in words (e.g. "device memory 0xfd000000-0xfe000000").
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Dump(ABC):
+    """One guest-memory snapshot, read page by page in batches.
+
+    Subclasses set :attr:`source`, :attr:`facts` and :attr:`gfns` (sorted, unique ``uint64``)
+    and implement :meth:`_pages`.
+    """
+
+    source: Source
+    facts: GuestFacts
+    gfns: GfnArray
+
+    @abstractmethod
+    def _pages(self, lo: int, hi: int) -> PageArray:
+        """The pages of ``gfns[lo:hi]``, as a ``(hi - lo, 4096)`` array."""
+
+    def _batch_end(self, lo: int, limit: int) -> int:
+        """Where a batch starting at index ``lo`` should end (at most ``limit``); readers cut
+        batches at boundaries where that lets them return a view instead of a copy."""
+        return limit
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def page_count(self) -> int:
+        return len(self.gfns)
+
+    def batches(self, max_pages: int = BATCH_PAGES) -> Iterator[PageBatch]:
+        """Every present page once, in ascending gfn order, at most ``max_pages`` per batch."""
+        n = len(self.gfns)
+        lo = 0
+        while lo < n:
+            hi = self._batch_end(lo, min(lo + max_pages, n))
+            yield PageBatch(self.gfns[lo:hi], self._pages(lo, hi))
+            lo = hi
+
+    def index_of(self, gfn: int) -> int:
+        """Position of ``gfn`` in :attr:`gfns`; ``KeyError`` when the page is absent."""
+        i = int(np.searchsorted(self.gfns, np.uint64(gfn)))
+        if i >= len(self.gfns) or int(self.gfns[i]) != gfn:
+            raise KeyError(gfn)
+        return i
+
+    def read_page(self, gfn: int) -> PageArray:
+        """The 4096 bytes of one present page; ``KeyError`` when it is absent."""
+        i = self.index_of(gfn)
+        page: PageArray = self._pages(i, i + 1)[0]
+        return page
+
+    def pages_at(self, gfns: GfnArray) -> PageArray:
+        """The pages of the present ``gfns`` (any order), as a ``(len(gfns), 4096)`` copy;
+        ``KeyError`` names the first absent one.  Sorted gfns read fastest."""
+        idx = np.searchsorted(self.gfns, gfns).astype(np.int64)
+        found = idx < len(self.gfns)
+        found[found] = self.gfns[idx[found]] == gfns[found]
+        if not found.all():
+            raise KeyError(int(gfns[int(np.argmin(found))]))
+        return self._pages_at(idx)
+
+    def _pages_at(self, idx: OffsetArray) -> PageArray:
+        """The pages at positions ``idx`` of :attr:`gfns`; readers with random access override
+        this, the generic way reads each run of consecutive positions with :meth:`_pages`."""
+        out = np.empty((len(idx), PAGE_SIZE), dtype=np.uint8)
+        if len(idx) == 0:
+            return out
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [len(idx)])).tolist()
+        for s, e in zip(starts, ends, strict=True):
+            lo = int(idx[s])
+            out[s:e] = self._pages(lo, lo + (e - s))
+        return out
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Runs of consecutive present gfns as ``(first_gfn, page_count)``."""
+        return gfn_runs(self.gfns)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most readers hold only a mapping
+        """Release the file mapping (readers with more to release extend this)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def gfn_runs(gfns: GfnArray) -> list[tuple[int, int]]:
+    """Runs of consecutive values in a sorted gfn array, as ``(first, count)``."""
+    if len(gfns) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(gfns.astype(np.int64)) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(gfns)]))
+    return [(int(gfns[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
+def map_file(source: Source) -> npt.NDArray[np.uint8]:
+    """The whole file as a read-only ``uint8`` array backed by mmap (empty files give ``[]``)."""
+    try:
+        with open(source.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return np.zeros(0, dtype=np.uint8)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise UnreadableFile(source.name, e.strerror or str(e)) from e
+    with contextlib.suppress(AttributeError, OSError):
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+    return np.frombuffer(mm, dtype=np.uint8)
+
+
+def read_head(path: Path, name: str, size: int = 1 << 16, start: int = 0) -> bytes:
+    """The first ``size`` bytes from ``start``: what probes look at."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(size)
+    except OSError as e:
+        raise UnreadableFile(name, e.strerror or str(e)) from e
+
+
+def require(source: Source, buf: npt.NDArray[np.uint8], offset: int, length: int, what: str) -> None:
+    """Raise a FormatError unless ``length`` bytes of ``what`` fit at ``offset`` of the file."""
+    if offset < 0 or length < 0 or offset + length > len(buf):
+        raise source.error(
+            offset,
+            expected=f"{what} ({length} bytes)",
+            found=f"end of file at {len(buf):#x}" if offset >= 0 else "a negative offset",
+        )
+
+
+def gather_pages(buf: npt.NDArray[np.uint8], offsets: OffsetArray) -> PageArray:
+    """Copy the 4096-byte pages at arbitrary (even unaligned) byte ``offsets`` of ``buf``;
+    offsets equal to :data:`ZERO_PAGE` give zero pages."""
+    out = np.zeros((len(offsets), PAGE_SIZE), dtype=np.uint8)
+    stored = offsets != ZERO_PAGE
+    if not stored.any():
+        return out
+    if len(buf) < PAGE_SIZE:
+        raise ValueError("page offset beyond the buffer")
+    # Every 4096-byte window of buf, as rows; fancy indexing copies the chosen rows in C.
+    windows = np.lib.stride_tricks.as_strided(
+        buf, shape=(len(buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
+    )
+    if stored.all():
+        out[:] = windows[offsets]
+    else:
+        out[stored] = windows[offsets[stored]]
+    return out
+
+
+class PageTableDump(Dump):
+    """A dump whose pages are stored uncompressed in one file: gfn -> file offset.
+
+    Raw images, ELF cores, xc_core, LiME, uncompressed QEMU streams and mapped-ram all reduce to
+    this: a sorted gfn array and a parallel array of byte offsets (:data:`ZERO_PAGE` for zero pages
+    stored nowhere).  Runs of pages stored back to back come out as views of the mapping.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        facts: GuestFacts,
+        buf: npt.NDArray[np.uint8],
+        gfns: GfnArray,
+        offsets: OffsetArray,
+        side_pages: PageArray | None = None,
+    ) -> None:
+        order = np.argsort(gfns, kind="stable")
+        if not np.all(order == np.arange(len(gfns))):
+            gfns, offsets = gfns[order], offsets[order]
+        if len(gfns) > 1 and not np.all(gfns[1:] > gfns[:-1]):
+            raise ValueError("duplicate gfns in a page table")
+        stored = offsets[offsets >= 0]
+        if len(stored) and int(stored.max()) + PAGE_SIZE > len(buf):
+            raise ValueError("page offset beyond the file")
+        side = offsets[offsets <= SIDE_PAGE]
+        if side_pages is None:
+            side_pages = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
+        if len(side) and SIDE_PAGE - int(side.min()) >= len(side_pages):
+            raise ValueError("side page beyond the side pages")
+        self.source = source
+        self.facts = facts
+        self.gfns = gfns.astype(np.uint64, copy=False)
+        self.offsets = offsets.astype(np.int64, copy=False)
+        self._buf = buf
+        self._side_pages = side_pages
+        # Where the next page is not stored right after this one: the runs that can be views.
+        self._run_breaks = np.flatnonzero((np.diff(self.offsets) != PAGE_SIZE) | (self.offsets[:-1] < 0)) + 1
+
+    def _batch_end(self, lo: int, limit: int) -> int:
+        if self.offsets[lo] < 0:
+            return limit
+        k = int(np.searchsorted(self._run_breaks, lo, side="right"))
+        run_end = int(self._run_breaks[k]) if k < len(self._run_breaks) else len(self.gfns)
+        # A long stored run becomes a view; short runs are gathered into one copied batch.
+        if run_end - lo >= 64 or run_end >= limit:
+            return min(run_end, limit)
+        return limit
+
+    def _pages(self, lo: int, hi: int) -> PageArray:
+        first = int(self.offsets[lo])
+        if first >= 0 and hi - lo >= 1:
+            k = int(np.searchsorted(self._run_breaks, lo, side="right"))
+            run_end = int(self._run_breaks[k]) if k < len(self._run_breaks) else len(self.gfns)
+            if run_end >= hi:
+                return self._buf[first : first + (hi - lo) * PAGE_SIZE].reshape(hi - lo, PAGE_SIZE)
+        return self._gather(self.offsets[lo:hi])
+
+    def _pages_at(self, idx: OffsetArray) -> PageArray:
+        return self._gather(self.offsets[idx])
+
+    def _gather(self, offsets: OffsetArray) -> PageArray:
+        side = offsets <= SIDE_PAGE
+        if not side.any():
+            return gather_pages(self._buf, offsets)
+        out = gather_pages(self._buf, np.where(side, ZERO_PAGE, offsets))
+        out[side] = self._side_pages[SIDE_PAGE - offsets[side]]
+        return out
+
+    def close(self) -> None:
+        self._buf = np.zeros(0, dtype=np.uint8)
+
+
+def extent_page_table(
+    buf: npt.NDArray[np.uint8],
+    addrs: list[int],
+    lengths: list[int],
+    file_offsets: list[int],
+) -> tuple[GfnArray, OffsetArray, PageArray]:
+    """The page table of byte extents of guest physical memory stored in ``buf``.
+
+    Extent i holds guest bytes ``[addrs[i], addrs[i] + lengths[i])`` at ``file_offsets[i]`` of
+    ``buf`` (:data:`ZERO_PAGE`: the extent is zeros stored nowhere).  Extents must not overlap.
+    Pages an extent covers whole point into the file (or are :data:`ZERO_PAGE`); pages extents
+    cover only in part are assembled as side pages whose uncovered bytes are zero.  Returns
+    ``(gfns, offsets, side_pages)`` for :class:`PageTableDump` (gfns not yet sorted).
+    """
+    gfn_parts: list[GfnArray] = []
+    offset_parts: list[OffsetArray] = []
+    pieces: dict[int, list[tuple[int, int, int]]] = {}
+    for addr, length, offset in zip(addrs, lengths, file_offsets, strict=True):
+        if length <= 0:
+            continue
+        end = addr + length
+        first_full = -(-addr // PAGE_SIZE)
+        end_full = end // PAGE_SIZE
+        if first_full < end_full:
+            gfns = np.arange(first_full, end_full, dtype=np.int64)
+            if offset == ZERO_PAGE:
+                offs = np.full(len(gfns), ZERO_PAGE, dtype=np.int64)
+            else:
+                offs = offset + (gfns * PAGE_SIZE - addr)
+            gfn_parts.append(gfns.astype(np.uint64))
+            offset_parts.append(offs)
+        # The pages at either end that the extent covers only in part.
+        for gfn in {addr // PAGE_SIZE, (end - 1) // PAGE_SIZE}:
+            if first_full <= gfn < end_full:
+                continue
+            lo = max(addr, gfn * PAGE_SIZE)
+            hi = min(end, (gfn + 1) * PAGE_SIZE)
+            src = ZERO_PAGE if offset == ZERO_PAGE else offset + (lo - addr)
+            pieces.setdefault(gfn, []).append((lo - gfn * PAGE_SIZE, hi - lo, src))
+    side_pages = np.zeros((len(pieces), PAGE_SIZE), dtype=np.uint8)
+    side_gfns = np.array(sorted(pieces), dtype=np.uint64)
+    for k, gfn in enumerate(side_gfns.tolist()):
+        for at, length, src in pieces[gfn]:
+            if src != ZERO_PAGE:
+                side_pages[k, at : at + length] = buf[src : src + length]
+    gfn_parts.append(side_gfns)
+    offset_parts.append(SIDE_PAGE - np.arange(len(side_gfns), dtype=np.int64))
+    return np.concatenate(gfn_parts), np.concatenate(offset_parts), side_pages

@@ -1,0 +1,57 @@
+"""Raw flat images: file offset = guest physical address (QEMU ``pmemsave`` from address 0,
+VMware ``.vmem`` of guests up to ~3 GiB, LiME ``format=padded``, ``dengine extract`` output).
+
+A raw image has no magic: it is recognized by its name (see :data:`RAW_SUFFIXES`) or forced with
+``--format raw``.  Every page of the file is present; holes of a sparse file read as zeros and
+count as present zero pages (a flat image cannot say a page is absent).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dengine_cli.formats.base import (
+    PAGE_SIZE,
+    Dump,
+    GuestFacts,
+    OpenOptions,
+    PageTableDump,
+    Source,
+    map_file,
+)
+from dengine_cli.formats.registry import FormatSpec
+
+#: File name endings taken as raw images when no magic matches.
+RAW_SUFFIXES = (".raw", ".vmem", ".mem", ".pmem", ".img", ".bin")
+
+
+def probe(head: bytes, size: int) -> bool:
+    """Raw images have no magic: never claimed by probing (see :func:`claims_name`)."""
+    return False
+
+
+def claims_name(name: str, size: int) -> bool:
+    """Whether an unrecognized file is taken as raw: a raw-image name and a whole number of pages."""
+    return name.lower().endswith(RAW_SUFFIXES) and size % PAGE_SIZE == 0 and size > 0
+
+
+def open_raw(source: Source, options: OpenOptions) -> Dump:
+    buf = map_file(source)[source.start :]
+    usable = len(buf) - len(buf) % PAGE_SIZE
+    if usable == 0:
+        raise source.error(source.start, expected="at least one 4096-byte page", found=f"{len(buf)} bytes")
+    n = usable // PAGE_SIZE
+    gfns = np.arange(n, dtype=np.uint64)
+    offsets = np.arange(n, dtype=np.int64) * PAGE_SIZE
+    facts = GuestFacts(format="raw", memory_bytes=usable)
+    if len(buf) != usable:
+        facts.skipped.append(f"{len(buf) - usable} trailing bytes past the last whole page")
+    return PageTableDump(source, facts, buf[:usable], gfns, offsets)
+
+
+FORMAT = FormatSpec(
+    name="raw",
+    description="flat image, file offset = guest physical address (pmemsave, .vmem, LiME padded)",
+    probe=probe,
+    open=open_raw,
+)

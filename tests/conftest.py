@@ -1,0 +1,71 @@
+"""Shared test fixtures: the real QEMU dumps under fixtures/, decompressed once per session, and the
+libkdumpfile oracle."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "fixtures"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture(scope="session")
+def real_dump(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``real_dump("alpha.elf")``: the path of that QEMU fixture, decompressed from ``.zst``
+    once per session (or as committed, when it is not compressed)."""
+    cache: dict[str, Path] = {}
+    out_dir = tmp_path_factory.mktemp("real-dumps")
+
+    def get(name: str) -> Path:
+        if name in cache:
+            return cache[name]
+        plain = FIXTURES / name
+        packed = FIXTURES / (name + ".zst")
+        if plain.exists():
+            cache[name] = plain
+        elif packed.exists():
+            target = out_dir / name
+            with packed.open("rb") as src, target.open("wb") as dst:
+                zstandard.ZstdDecompressor().copy_stream(src, dst)
+            cache[name] = target
+        else:
+            raise FileNotFoundError(f"fixture {name} is missing: run fixtures/make_fixtures.py")
+        return cache[name]
+
+    return get
+
+
+def kdumpfile_available() -> bool:
+    if not Path(SYSTEM_PYTHON).exists():
+        return False
+    r = subprocess.run([SYSTEM_PYTHON, "-c", "import kdumpfile"], capture_output=True)
+    return r.returncode == 0
+
+
+def oracle_pages(path: Path, zero_excluded: bool = False) -> tuple[str, dict[int, bytes]]:
+    """What libkdumpfile reads from ``path``: its format name and {pfn: blake2b-128 digest}."""
+    args = [SYSTEM_PYTHON, str(REPO / "tests" / "oracle_kdumpfile.py"), str(path)]
+    if zero_excluded:
+        args.append("zero_excluded")
+    r = subprocess.run(args, capture_output=True, check=True)
+    fmt = r.stdout[:24].rstrip(b"\0").decode()
+    body = r.stdout[24:]
+    pages: dict[int, bytes] = {}
+    for i in range(0, len(body), 24):
+        (pfn,) = struct.unpack_from("<Q", body, i)
+        pages[pfn] = body[i + 8 : i + 24]
+    return fmt, pages
+
+
+def page_digests(gfns: np.ndarray, pages: np.ndarray) -> dict[int, bytes]:  # type: ignore[type-arg]
+    """The same digests as :func:`oracle_pages`, for pages read by dengine."""
+    return {int(g): hashlib.blake2b(pages[i].tobytes(), digest_size=16).digest() for i, g in enumerate(gfns)}
