@@ -84,10 +84,12 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj = {"debug": debug, "quiet": quiet}
 
 
-def dump_options(f: F) -> F:
-    """The options of every command that opens dumps."""
+def dump_options(f: F, *, format_alias: bool = False) -> F:
+    """The options of every command that opens dumps.  ``--dump-format`` forces a reader; commands
+    without an output format choice also take it as ``--format``."""
+    names = ["--dump-format", "--format"] if format_alias else ["--dump-format"]
     f = click.option(
-        "--format",
+        *names,
         "dump_format",
         type=click.Choice(FORMAT_NAMES),
         default=None,
@@ -105,6 +107,10 @@ def dump_options(f: F) -> F:
         help="Where compressed dumps are decompressed to (default: $TMPDIR).",
     )(f)
     return f
+
+
+def dump_options_with_format_alias(f: F) -> F:
+    return dump_options(f, format_alias=True)
 
 
 def open_options(dump_format: str | None, device_memory: bool, tmp_dir: Path | None) -> OpenOptions:
@@ -164,7 +170,7 @@ def formats_command() -> None:
 @cli.command("info")
 @click.argument("dumps", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@dump_options
+@dump_options_with_format_alias
 def info_command(
     dumps: tuple[str, ...], as_json: bool, dump_format: str | None, device_memory: bool, tmp_dir: Path | None
 ) -> None:
@@ -190,7 +196,7 @@ def info_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="The flat image to write (file offset = guest physical address).",
 )
-@dump_options
+@dump_options_with_format_alias
 def extract_command(
     dump: str, output: Path, dump_format: str | None, device_memory: bool, tmp_dir: Path | None
 ) -> None:

@@ -98,7 +98,11 @@ def test_extract_writes_a_sparse_image_equal_to_the_input(tmp_path: Path) -> Non
             EXIT_UNREADABLE,
             "dengine: {d}/no-list: cannot read: No such file or directory",
         ),
-        (["info", "--format", "nonsense", "{d}/hello.txt"], EXIT_USAGE, "Invalid value for '--format'"),
+        (
+            ["info", "--format", "nonsense", "{d}/hello.txt"],
+            EXIT_USAGE,
+            "Invalid value for '--dump-format' / '--format'",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code(
