@@ -79,7 +79,11 @@ def open_dump(path: Path | str, options: OpenOptions | None = None) -> Dump:
         return _open_plain(source, options)
     inner = container.decompress(source, kind, options)
     try:
-        return _open_plain(inner, options)
+        dump = _open_plain(inner, options)
+        dump.facts.extra.setdefault("container", kind)
+        if dump.facts.compression is None:
+            dump.facts.compression = kind
+        return dump
     finally:
         with contextlib.suppress(OSError):
             os.unlink(inner.path)

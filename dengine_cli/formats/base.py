@@ -144,10 +144,13 @@ class Dump(ABC):
     def page_count(self) -> int:
         return len(self.gfns)
 
-    def batches(self, max_pages: int = BATCH_PAGES) -> Iterator[PageBatch]:
-        """Every present page once, in ascending gfn order, at most ``max_pages`` per batch."""
-        n = len(self.gfns)
-        lo = 0
+    def batches(
+        self, max_pages: int = BATCH_PAGES, *, start: int = 0, stop: int | None = None
+    ) -> Iterator[PageBatch]:
+        """Every present page once, in ascending gfn order, at most ``max_pages`` per batch;
+        ``start``/``stop`` limit it to the pages at those positions of :attr:`gfns`."""
+        n = len(self.gfns) if stop is None else min(stop, len(self.gfns))
+        lo = max(start, 0)
         while lo < n:
             hi = self._batch_end(lo, min(lo + max_pages, n))
             yield PageBatch(self.gfns[lo:hi], self._pages(lo, hi))
@@ -262,8 +265,13 @@ def gather_pages(buf: npt.NDArray[np.uint8], offsets: OffsetArray) -> PageArray:
     windows = np.lib.stride_tricks.as_strided(
         buf, shape=(len(buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
     )
-    if stored.all():
-        out[:] = windows[offsets]
+    n_stored = int(stored.sum())
+    if n_stored == len(offsets):
+        np.take(windows, offsets, axis=0, out=out)
+    elif n_stored * 2 > len(offsets):
+        # Mostly stored: copy every row once (zero pages from any stored page), then clear.
+        np.take(windows, np.where(stored, offsets, offsets[stored][0]), axis=0, out=out)
+        out[~stored] = 0
     else:
         out[stored] = windows[offsets[stored]]
     return out

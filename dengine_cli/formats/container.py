@@ -1,0 +1,459 @@
+"""Compressed dump files: recognize gzip, bzip2, xz, zstd and lzop, and decompress to a sparse
+temporary file that a reader then maps like any other dump.
+
+Where these come from: ``virsh dump`` without ``--memory-only`` pipes the QEMU stream through the
+``dump_image_format`` of qemu.conf, libvirt save images compress their tail the same way
+(FORMATS.md §0, §3.1, §3.3), and people compress raw images before copying them around.
+
+Magics: gzip RFC 1952 (``1F 8B``), bzip2 (``BZh``), xz file format 1.0.4 (``FD 37 7A 58 5A 00``),
+zstd RFC 8878 (``28 B5 2F FD``; skippable frames ``5x 2A 4D 18``), lzop (``89 4C 5A 4F 00 0D 0A
+1A 0A``; container layout from lzop 1.04 ``src/lzop.c`` ``p_header``/``x_header``/``x_decompress``).
+
+Decompression streams in bounded memory (a few MiB) and writes the output *sparse*: 4 KiB-aligned
+chunks that are all zero are seeked over, so a mostly-zero raw image takes little disk.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import lzma
+import mmap
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import zstandard
+
+from dengine_cli.errors import FormatError, OutputError, UnreadableFile, UnsupportedFeature
+from dengine_cli.formats.base import PAGE_SIZE, OpenOptions, Source
+
+GZIP_MAGIC = b"\x1f\x8b"
+BZIP2_MAGIC = b"BZh"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+LZOP_MAGIC = b"\x89LZO\x00\r\n\x1a\n"
+#: zstd skippable frames: magic 0x184D2A50..0x184D2A5F (LE), RFC 8878 §3.1.2.
+ZSTD_SKIPPABLE_LO, ZSTD_SKIPPABLE_HI = 0x184D2A50, 0x184D2A5F
+
+KINDS = ("gzip", "bzip2", "xz", "zstd", "lzop")
+
+#: Compressed bytes handed to a codec at a time; an error is located within this much.
+INPUT_CHUNK = 1 << 16
+#: Decompressed bytes asked of a codec at a time (bounds memory whatever the ratio).
+OUTPUT_CHUNK = 4 << 20
+#: Decompressed bytes gathered before zero chunks are sought over and the rest written.
+FLUSH_BYTES = 8 << 20
+
+# lzop header flags (lzop src/conf.h).
+LZOP_F_ADLER32_D = 0x1
+LZOP_F_ADLER32_C = 0x2
+LZOP_F_H_EXTRA_FIELD = 0x40
+LZOP_F_CRC32_D = 0x100
+LZOP_F_CRC32_C = 0x200
+LZOP_F_MULTIPART = 0x400
+LZOP_F_H_FILTER = 0x800
+LZOP_F_H_CRC32 = 0x1000
+#: lzop methods: LZO1X-1, LZO1X-1(15), LZO1X-999 all decompress with lzo1x_decompress.
+LZOP_LZO1X_METHODS = (1, 2, 3)
+#: lzop refuses blocks larger than 64 MiB (MAX_BLOCK_SIZE), so a larger claim is a lie.
+LZOP_MAX_BLOCK = 64 << 20
+#: lzop header fields that changed with lzop 0.94 (version_needed_to_extract, level, mtime_high).
+LZOP_VERSION_0940 = 0x0940
+
+
+def detect(head: bytes) -> str | None:
+    """The compression of a file from its first bytes (FORMATS.md §0), or ``None``."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(BZIP2_MAGIC) and len(head) > 3 and head[3] in b"123456789":
+        return "bzip2"
+    if head.startswith(XZ_MAGIC):
+        return "xz"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if len(head) >= 4 and ZSTD_SKIPPABLE_LO <= struct.unpack_from("<I", head)[0] <= ZSTD_SKIPPABLE_HI:
+        return "zstd"
+    if head.startswith(LZOP_MAGIC):
+        return "lzop"
+    return None
+
+
+class _SparseWriter:
+    """Writes a byte stream to ``fd``, seeking over 4 KiB-aligned all-zero chunks."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = 0
+        self._pending = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._pending += data
+        if len(self._pending) >= FLUSH_BYTES:
+            self._flush(final=False)
+
+    def finish(self) -> int:
+        self._flush(final=True)
+        os.ftruncate(self.fd, self.size)
+        return self.size
+
+    def _flush(self, final: bool) -> None:
+        n = len(self._pending) if final else len(self._pending) - len(self._pending) % PAGE_SIZE
+        if n == 0:
+            return
+        chunk = bytes(self._pending[:n])
+        del self._pending[:n]
+        whole = n - n % PAGE_SIZE
+        if whole:
+            rows = np.frombuffer(chunk, dtype=np.uint64, count=whole // 8).reshape(-1, PAGE_SIZE // 8)
+            nonzero = np.flatnonzero(rows.any(axis=1))
+            if len(nonzero):
+                breaks = np.flatnonzero(np.diff(nonzero) != 1) + 1
+                starts = nonzero[np.concatenate(([0], breaks))]
+                ends = nonzero[np.concatenate((breaks - 1, [len(nonzero) - 1]))] + 1
+                for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                    os.pwrite(self.fd, chunk[s * PAGE_SIZE : e * PAGE_SIZE], self.size + s * PAGE_SIZE)
+        tail = chunk[whole:]
+        if tail.strip(b"\0"):
+            os.pwrite(self.fd, tail, self.size + whole)
+        self.size += n
+
+
+class _Decompressor(Protocol):
+    """What the stdlib codecs (bz2, lzma) have in common."""
+
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
+    @property
+    def needs_input(self) -> bool: ...
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+
+
+def decompress(source: Source, kind: str, options: OpenOptions) -> Source:
+    """Decompress ``source`` (from ``source.start``) into a new sparse temporary file.
+
+    The caller unlinks the returned file once it has been mapped.  A corrupt or truncated input
+    raises a FormatError naming the offset in the compressed file where decompression failed;
+    the temporary file is removed on any error.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown compression {kind!r}")
+    try:
+        with open(source.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    except OSError as e:
+        raise UnreadableFile(source.name, e.strerror or str(e)) from e
+    tmp_dir = str(options.tmp_dir) if options.tmp_dir else None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="dengine-", suffix=f".{kind}.raw", dir=tmp_dir)
+    except OSError as e:
+        if mm is not None:
+            mm.close()
+        raise OutputError(tmp_dir or tempfile.gettempdir(), e.strerror or str(e)) from e
+    try:
+        if mm is None or source.start >= size:
+            raise source.error(source.start, expected=f"{kind} compressed data", found="end of file")
+        with memoryview(mm) as data:
+            writer = _SparseWriter(fd)
+            for piece in _STREAMS[kind](source, data):
+                writer.write(piece)
+            writer.finish()
+    except OSError as e:
+        _discard(fd, tmp, mm)
+        raise OutputError(tmp, e.strerror or str(e)) from e
+    except BaseException:
+        _discard(fd, tmp, mm)
+        raise
+    os.close(fd)
+    mm.close()
+    return Source(path=Path(tmp), name=f"{source.name} (decompressed {kind})")
+
+
+def _discard(fd: int, tmp: str, mm: mmap.mmap | None) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    if mm is not None:
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+
+def _codec_error(source: Source, kind: str, offset: int, message: str) -> FormatError:
+    return source.error(offset, expected=f"{kind} compressed data", found=f"{kind} error: {message}")
+
+
+def _truncated(source: Source, kind: str, offset: int) -> FormatError:
+    return source.error(offset, expected=f"more {kind} compressed data", found="end of file (truncated)")
+
+
+def _gzip_stream(source: Source, data: memoryview) -> Iterator[bytes]:
+    """gzip members one after another (``gzip -c`` of several inputs concatenates members)."""
+    pos = source.start
+    end = len(data)
+    while pos < end:
+        d = zlib.decompressobj(wbits=31)
+        member_start = pos
+        while not d.eof:
+            if pos >= end:
+                raise _truncated(source, "gzip", end)
+            chunk = bytes(data[pos : min(pos + INPUT_CHUNK, end)])
+            fed = pos
+            pos += len(chunk)
+            try:
+                out = d.decompress(chunk, OUTPUT_CHUNK)
+                while True:
+                    if out:
+                        yield out
+                    if not d.unconsumed_tail or d.eof:
+                        break
+                    out = d.decompress(d.unconsumed_tail, OUTPUT_CHUNK)
+            except zlib.error as e:
+                raise _codec_error(source, "gzip", fed, str(e)) from None
+        pos -= len(d.unused_data)
+        if pos == member_start:
+            break
+        # Trailing zero padding (tape-style) after the last member is ignored like gzip -d does.
+        if not bytes(data[pos : min(pos + INPUT_CHUNK, end)]).strip(b"\0") and pos + INPUT_CHUNK >= end:
+            break
+        if bytes(data[pos : pos + 2]) != GZIP_MAGIC:
+            raise source.error(pos, expected="another gzip member or end of file", found="trailing garbage")
+
+
+def _stdlib_stream(
+    kind: str, make: Callable[[], _Decompressor], magic: bytes, allow_zero_padding: bool
+) -> Callable[[Source, memoryview], Iterator[bytes]]:
+    """bzip2 and xz: streams one after another, as ``bzip2 -c``/``xz -c`` of several inputs."""
+
+    def stream(source: Source, data: memoryview) -> Iterator[bytes]:
+        pos = source.start
+        end = len(data)
+        while pos < end:
+            d = make()
+            fed = pos
+            while not d.eof:
+                if d.needs_input:
+                    if pos >= end:
+                        raise _truncated(source, kind, end)
+                    chunk = bytes(data[pos : min(pos + INPUT_CHUNK, end)])
+                    fed = pos
+                    pos += len(chunk)
+                else:
+                    chunk = b""
+                try:
+                    out = d.decompress(chunk, OUTPUT_CHUNK)
+                except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
+                    raise _codec_error(source, kind, fed, str(e)) from None
+                if out:
+                    yield out
+            pos -= len(d.unused_data)
+            rest = bytes(data[pos : min(pos + len(magic), end)])
+            if rest == magic:
+                continue
+            if allow_zero_padding and not bytes(data[pos:end]).strip(b"\0"):
+                break  # xz stream padding (multiples of 4 zero bytes) after the last stream
+            if pos < end:
+                raise source.error(
+                    pos, expected=f"another {kind} stream or end of file", found="trailing garbage"
+                )
+
+    return stream
+
+
+def _zstd_stream(source: Source, data: memoryview) -> Iterator[bytes]:
+    """zstd frames one after another, fed to the codec one block at a time.
+
+    Walking the frame and block headers (RFC 8878 §3.1.1) bounds the output of each call to one
+    block (at most 128 KiB) and locates truncation exactly; ``zstandard``'s stream reader would
+    end silently on a truncated frame.
+    """
+    dctx = zstandard.ZstdDecompressor()
+    pos = source.start
+    end = len(data)
+
+    def need(at: int, n: int) -> None:
+        if at + n > end:
+            raise _truncated(source, "zstd", end)
+
+    while pos < end:
+        need(pos, 4)
+        (magic,) = struct.unpack_from("<I", data, pos)
+        if ZSTD_SKIPPABLE_LO <= magic <= ZSTD_SKIPPABLE_HI:
+            need(pos, 8)
+            (skip,) = struct.unpack_from("<I", data, pos + 4)
+            need(pos + 8, skip)
+            pos += 8 + skip
+            continue
+        if magic != 0xFD2FB528:
+            raise source.error(
+                pos, expected="a zstd frame magic 28 b5 2f fd", found=bytes(data[pos : pos + 4]).hex(" ")
+            )
+        need(pos, 5)
+        fhd = data[pos + 4]
+        if fhd & 0x08:
+            raise _codec_error(source, "zstd", pos + 4, "reserved bit set in the frame header descriptor")
+        single_segment = bool(fhd & 0x20)
+        fcs_size = (0, 2, 4, 8)[fhd >> 6] or (1 if single_segment else 0)
+        header_len = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + fcs_size
+        has_checksum = bool(fhd & 0x04)
+        need(pos, header_len)
+        d = dctx.decompressobj()
+        frame_start = pos
+        cut = pos + header_len
+        last = False
+        while not last:
+            need(cut, 3)
+            b0, b1, b2 = data[cut], data[cut + 1], data[cut + 2]
+            word = b0 | b1 << 8 | b2 << 16
+            last = bool(word & 1)
+            block_type = (word >> 1) & 3
+            block_size = word >> 3
+            if block_type == 3:
+                raise _codec_error(source, "zstd", cut, "reserved block type")
+            body = 1 if block_type == 1 else block_size
+            need(cut + 3, body)
+            block_end = cut + 3 + body + (4 if last and has_checksum else 0)
+            need(block_end, 0)
+            try:
+                out = d.decompress(bytes(data[pos:block_end]))
+            except zstandard.ZstdError as e:
+                raise _codec_error(
+                    source, "zstd", cut if cut > frame_start else frame_start, str(e)
+                ) from None
+            if out:
+                yield out
+            pos = block_end
+            cut = block_end
+        if not d.eof:
+            raise _codec_error(source, "zstd", frame_start, "frame did not end after its last block")
+
+
+def _lzop_stream(source: Source, data: memoryview) -> Iterator[bytes]:
+    """lzop files (lzop 1.04 ``x_header``/``x_decompress``): a header, then blocks of
+    ``be32 uncompressed length, be32 compressed length, checksums, data`` up to a zero length."""
+    try:
+        import lzo
+    except ImportError:
+        raise UnsupportedFeature(
+            source.name, source.start, feature="lzop compression (install python-lzo)"
+        ) from None
+    pos = source.start
+    end = len(data)
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > end:
+            raise _truncated(source, "lzop", end)
+        out = bytes(data[pos : pos + n])
+        pos += n
+        return out
+
+    def be16() -> int:
+        return int.from_bytes(take(2), "big")
+
+    def be32() -> int:
+        return int.from_bytes(take(4), "big")
+
+    while pos < end:
+        member = pos
+        if take(len(LZOP_MAGIC)) != LZOP_MAGIC:
+            raise source.error(
+                member, expected="the lzop magic", found=bytes(data[member : member + 9]).hex(" ")
+            )
+        header_start = pos
+        version = be16()
+        be16()  # lib_version
+        if version >= LZOP_VERSION_0940:
+            be16()  # version_needed_to_extract
+        method = take(1)[0]
+        if version >= LZOP_VERSION_0940:
+            take(1)  # level
+        flags = be32()
+        if flags & LZOP_F_H_FILTER:
+            raise UnsupportedFeature(source.name, pos, feature="lzop filter (lzop -F)")
+        if flags & LZOP_F_MULTIPART:
+            raise UnsupportedFeature(source.name, pos, feature="lzop multipart archive")
+        if method not in LZOP_LZO1X_METHODS:
+            raise UnsupportedFeature(source.name, header_start, feature=f"lzop method {method}")
+        be32()  # mode
+        be32()  # mtime_low
+        if version >= LZOP_VERSION_0940:
+            be32()  # mtime_high
+        name_len = take(1)[0]
+        take(name_len)
+        header_sum = _lzop_sum(flags & LZOP_F_H_CRC32, bytes(data[header_start:pos]))
+        where = pos
+        if be32() != header_sum:
+            raise _codec_error(source, "lzop", where, "header checksum mismatch")
+        if flags & LZOP_F_H_EXTRA_FIELD:
+            extra = be32()
+            take(extra)
+            be32()  # extra field checksum
+        while True:
+            block = pos
+            dst_len = be32()
+            if dst_len == 0:
+                break
+            if dst_len > LZOP_MAX_BLOCK:
+                raise source.error(
+                    block,
+                    expected=f"an lzop block of at most {LZOP_MAX_BLOCK} bytes",
+                    found=f"{dst_len} bytes",
+                )
+            src_len = be32()
+            if src_len > dst_len:
+                raise source.error(
+                    block + 4, expected=f"a compressed size of at most {dst_len}", found=f"{src_len}"
+                )
+            d_adler = be32() if flags & LZOP_F_ADLER32_D else None
+            d_crc = be32() if flags & LZOP_F_CRC32_D else None
+            c_adler = c_crc = None
+            if src_len < dst_len:
+                c_adler = be32() if flags & LZOP_F_ADLER32_C else None
+                c_crc = be32() if flags & LZOP_F_CRC32_C else None
+            payload_at = pos
+            payload = take(src_len)
+            if src_len == dst_len:
+                out = payload  # lzop stores incompressible blocks as they are
+            else:
+                if (c_adler is not None and zlib.adler32(payload) != c_adler) or (
+                    c_crc is not None and zlib.crc32(payload) != c_crc
+                ):
+                    raise _codec_error(source, "lzop", payload_at, "compressed block checksum mismatch")
+                try:
+                    out = lzo.decompress(payload, False, dst_len)
+                except lzo.error as e:
+                    raise _codec_error(source, "lzop", payload_at, str(e)) from None
+                if len(out) != dst_len:
+                    raise _codec_error(
+                        source, "lzop", payload_at, f"block decompressed to {len(out)} bytes, not {dst_len}"
+                    )
+            if (d_adler is not None and zlib.adler32(out) != d_adler) or (
+                d_crc is not None and zlib.crc32(out) != d_crc
+            ):
+                raise _codec_error(source, "lzop", payload_at, "block checksum mismatch")
+            yield out
+
+
+def _lzop_sum(crc: int, data: bytes) -> int:
+    return zlib.crc32(data) if crc else zlib.adler32(data)
+
+
+_STREAMS: dict[str, Callable[[Source, memoryview], Iterator[bytes]]] = {
+    "gzip": _gzip_stream,
+    "bzip2": _stdlib_stream("bzip2", bz2.BZ2Decompressor, BZIP2_MAGIC, allow_zero_padding=False),
+    "xz": _stdlib_stream(
+        "xz", lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), XZ_MAGIC, allow_zero_padding=True
+    ),
+    "zstd": _zstd_stream,
+    "lzop": _lzop_stream,
+}
