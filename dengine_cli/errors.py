@@ -19,6 +19,7 @@ Exit codes (documented in the README and ``man/dengine.1``):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -40,6 +41,18 @@ class DengineError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take their fields as keyword arguments, which default pickling cannot pass:
+        # rebuild from the fields, so an error raised in a worker process reaches the parent.
+        return (_rebuild_error, (type(self), dict(self.__dict__)))
+
+
+def _rebuild_error(cls: type[DengineError], fields: dict[str, Any]) -> DengineError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, fields.get("message", ""))
+    error.__dict__.update(fields)
+    return error
 
 
 class UnreadableFile(DengineError):

@@ -51,11 +51,16 @@ def kdumpfile_available() -> bool:
     return r.returncode == 0
 
 
-def oracle_pages(path: Path, zero_excluded: bool = False) -> tuple[str, dict[int, bytes]]:
-    """What libkdumpfile reads from ``path``: its format name and {pfn: blake2b-128 digest}."""
+def oracle_pages(
+    path: Path, zero_excluded: bool = False, scan_kphys: bool = False
+) -> tuple[str, dict[int, bytes]]:
+    """What libkdumpfile reads from ``path``: its format name and {pfn: blake2b-128 digest}.
+    ``scan_kphys``: probe every pfn through KPHYSADDR (xc_core: guest pfns, see the script)."""
     args = [SYSTEM_PYTHON, str(REPO / "tests" / "oracle_kdumpfile.py"), str(path)]
     if zero_excluded:
         args.append("zero_excluded")
+    if scan_kphys:
+        args.append("scan_kphys")
     r = subprocess.run(args, capture_output=True, check=True)
     fmt = r.stdout[:24].rstrip(b"\0").decode()
     body = r.stdout[24:]

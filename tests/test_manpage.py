@@ -51,7 +51,9 @@ def commands() -> dict[str, click.Command]:
 
 
 def test_every_command_has_its_section() -> None:
-    documented = {name.removeprefix("dengine ").split()[0] for name in sections() if name.startswith("dengine ")}
+    documented = {
+        name.removeprefix("dengine ").split()[0] for name in sections() if name.startswith("dengine ")
+    }
     assert documented == set(commands())
 
 
