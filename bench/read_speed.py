@@ -76,7 +76,8 @@ class Row:
         d["dengine_pages_per_s"] = round(self.pages / self.dengine_s)
         if self.oracle_s and self.oracle_pages:
             d["oracle_pages_per_s"] = round(self.oracle_pages / self.oracle_s)
-            d["dengine_vs_libkdumpfile"] = round((self.pages / self.dengine_s) / (self.oracle_pages / self.oracle_s), 2)
+            ours = self.pages / self.dengine_s
+            d["dengine_vs_libkdumpfile"] = round(ours / (self.oracle_pages / self.oracle_s), 2)
         return d
 
 
@@ -163,7 +164,7 @@ def main() -> None:
         cat_s = time_cat(path, args.repeat)
         dengine_s, pages, fmt = time_dengine(path, args.repeat)
         oracle_file = path
-        if fmt == "kdump" and open(path, "rb").read(12) == b"makedumpfile":
+        if fmt == "kdump" and path.read_bytes()[:12] == b"makedumpfile":
             oracle_file = work / (path.name + ".reassembled")
             reassemble_flattened(path, oracle_file)
         elif fmt == "qemu-stream":
@@ -186,14 +187,17 @@ def main() -> None:
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return
-    print(f"{'dump':<22} {'format':<12} {'MiB':>7} {'pages':>8} {'vs cat':>7} {'pages/s':>10} "
-          f"{'libkdumpfile':>12} {'vs libkdf':>9}  (libkdumpfile read)")
+    print(
+        f"{'dump':<22} {'format':<12} {'MiB':>7} {'pages':>8} {'vs cat':>7} {'pages/s':>10} "
+        f"{'libkdumpfile':>12} {'vs libkdf':>9}  (libkdumpfile read)"
+    )
     for r in rows:
         d = r.to_dict()
         print(
             f"{r.dump:<22} {r.fmt:<12} {r.file_bytes / 2**20:>7.1f} {r.pages:>8} "
             f"{d['dengine_vs_cat']:>7.2f} {d['dengine_pages_per_s']:>10} "
-            f"{d.get('oracle_pages_per_s', '-'):>12} {d.get('dengine_vs_libkdumpfile', '-'):>9}  ({r.oracle_file})"
+            f"{d.get('oracle_pages_per_s', '-'):>12} {d.get('dengine_vs_libkdumpfile', '-'):>9}"
+            f"  ({r.oracle_file})"
         )
 
 

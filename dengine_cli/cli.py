@@ -21,8 +21,10 @@ from dengine_cli import __version__
 from dengine_cli.errors import EXIT_INTERNAL, EXIT_USAGE, DengineError, UnreadableFile
 from dengine_cli.formats import FORMAT_NAMES, FORMATS, OpenOptions, open_dump
 from dengine_cli.formats.base import Dump
+from dengine_cli.index import build_indexes
 from dengine_cli.inspect import DumpInfo, describe, extract
-from dengine_cli.render import render_info
+from dengine_cli.render import render_info, render_matrix_csv, render_sharing, render_sharing_csv
+from dengine_cli.sharing import analyze
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -207,6 +209,137 @@ def extract_command(
         size = extract(d, output, tick)
         pages = d.page_count
     _note(f"{output}: {size} bytes, {pages} pages present")
+
+
+def index_options(f: F) -> F:
+    """Where page indexes are cached and how many processes build them."""
+    f = click.option(
+        "-j",
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Processes that build indexes (default: one per CPU).",
+    )(f)
+    f = click.option(
+        "--index-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        envvar="DENGINE_INDEX_DIR",
+        help="Where page indexes are cached (default: $XDG_CACHE_HOME/dengine/index).",
+    )(f)
+    return f
+
+
+class PageProgress:
+    """One progress bar over the pages of several dumps, fed ``(name, done, total)``."""
+
+    def __init__(self, desc: str) -> None:
+        ctx = click.get_current_context()
+        quiet = bool((ctx.find_root().obj or {}).get("quiet"))
+        self._bar: Any = None
+        self._done: dict[str, int] = {}
+        self._total: dict[str, int] = {}
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=0, desc=desc, unit="page", unit_scale=True, leave=False, file=sys.stderr)
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if self._bar is None:
+            return
+        if self._total.get(name) != total:
+            self._total[name] = total
+            self._bar.total = sum(self._total.values())
+        step = done - self._done.get(name, 0)
+        self._done[name] = done
+        self._bar.update(step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@cli.command("index")
+@click.argument("dumps", nargs=-1, required=True)
+@index_options
+@dump_options
+def index_command(
+    dumps: tuple[str, ...],
+    index_dir: Path | None,
+    jobs: int | None,
+    dump_format: str | None,
+    device_memory: bool,
+    tmp_dir: Path | None,
+) -> None:
+    """Build the page index of each dump ahead of time (later commands reuse it).
+
+    Prints one line per dump: path, pages present, zero pages, whether the index was built or
+    found in the cache, and the index file."""
+    options = open_options(dump_format, device_memory, tmp_dir)
+    paths = expand_dump_args(dumps)
+    bar = PageProgress("indexing")
+    try:
+        indexes = build_indexes(paths, options, index_dir, jobs, bar)
+    finally:
+        bar.close()
+    for path, index in zip(paths, indexes, strict=True):
+        state = "cached" if index.loaded else "built"
+        click.echo(f"{path}\t{index.page_count}\t{index.zero_pages}\t{state}\t{index.path or '-'}")
+
+
+@cli.command("analyze")
+@click.argument("dumps", nargs=-1, required=True)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="How to print the figures.",
+)
+@click.option(
+    "--no-cross-vm",
+    is_flag=True,
+    help="Share pages only within each VM (ESX with salting), not across VMs.",
+)
+@click.option(
+    "--matrix",
+    is_flag=True,
+    help="Also print pairwise sharing between VMs (with csv: only the matrix).",
+)
+@index_options
+@dump_options
+def analyze_command(
+    dumps: tuple[str, ...],
+    output_format: str,
+    no_cross_vm: bool,
+    matrix: bool,
+    index_dir: Path | None,
+    jobs: int | None,
+    dump_format: str | None,
+    device_memory: bool,
+    tmp_dir: Path | None,
+) -> None:
+    """Exact whole-page sharing within and across VMs: zero, shared, unique pages, footprint and
+    savings per VM and in total, and what KSM would report."""
+    options = open_options(dump_format, device_memory, tmp_dir)
+    paths = expand_dump_args(dumps)
+    bar = PageProgress("analyzing")
+    try:
+        report = analyze(
+            paths, options, index_dir=index_dir, jobs=jobs, cross_vm=not no_cross_vm, on_progress=bar
+        )
+    finally:
+        bar.close()
+    if output_format == "json":
+        doc = report.to_dict()
+        if not matrix:
+            doc.pop("matrix", None)
+        click.echo(json.dumps(doc, indent=2))
+    elif output_format == "csv":
+        click.echo(render_matrix_csv(report) if matrix else render_sharing_csv(report), nl=False)
+    else:
+        click.echo(render_sharing(report, matrix=matrix), nl=False)
 
 
 def _open(path: Path, options: OpenOptions) -> Dump:

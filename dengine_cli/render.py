@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich import box
 from rich.console import Console
@@ -12,6 +14,7 @@ from rich.table import Table
 
 from dengine_cli.formats.base import PAGE_SIZE
 from dengine_cli.inspect import DumpInfo
+from dengine_cli.sharing import KSM_RMAP_ITEM_BYTES, SharingReport
 
 #: How many physical ranges `info` lists in a table before saying "and N more".
 MAX_RANGES_SHOWN = 12
@@ -85,3 +88,113 @@ def _fact_text(value: object) -> str:
     if isinstance(value, list | tuple):
         return ", ".join(str(v) for v in value)
     return str(value)
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.1f}%"
+
+
+def render_sharing(report: SharingReport, *, matrix: bool = False, width: int | None = None) -> str:
+    """Per-VM and total sharing figures, the KSM view, and optionally the pairwise matrix."""
+    buf = io.StringIO()
+    con = console(buf, width)
+    title = "Whole-page sharing" + ("" if report.cross_vm else " within each VM only (no cross-VM sharing)")
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for header in ("vm", "present", "zero", "shared in vm", "shared across", "unique", "kept"):
+        table.add_column(header, justify="left" if header == "vm" else "right", no_wrap=True)
+    table.add_column("footprint", justify="right", no_wrap=True)
+    table.add_column("savings", justify="right", no_wrap=True)
+    rows = [*report.vms, report.total]
+    names = [*short_names([vm.name for vm in report.vms]), report.total.name]
+    for i, vm in enumerate(rows):
+        table.add_row(
+            names[i],
+            str(vm.present),
+            str(vm.zero),
+            str(vm.shared_within),
+            str(vm.shared_across),
+            str(vm.unique),
+            str(vm.kept),
+            size_text(vm.footprint_bytes),
+            _pct(vm.savings),
+            end_section=i == len(rows) - 2,
+        )
+    con.print(table)
+    ksm = report.ksm
+    profit = ksm.general_profit
+    con.print(
+        f"KSM view (all VMs on one host): pages_shared {ksm.pages_shared}, pages_sharing "
+        f"{ksm.pages_sharing}, general_profit {'-' if profit < 0 else ''}{size_text(abs(profit))} "
+        f"(after {size_text(ksm.rmap_items * KSM_RMAP_ITEM_BYTES)} of rmap_items)"
+    )
+    con.print(
+        f"{report.contents} distinct non-zero contents; {report.collisions} pages in hash collisions "
+        "(split by a byte-by-byte compare)"
+    )
+    if matrix:
+        con.print()
+        con.print("Pages saved by placing two VMs together (diagonal: saved within the VM):")
+        con.print(_matrix_table(report))
+    return buf.getvalue()
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Dump names as tables show them: base names when those are unique, else the names given."""
+    bases = [Path(n).name for n in names]
+    return bases if len(set(bases)) == len(bases) else list(names)
+
+
+def _matrix_table(report: SharingReport) -> Table:
+    names = short_names([vm.name for vm in report.vms])
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("vm")
+    for i in range(len(names)):
+        table.add_column(f"[{i}]", justify="right")
+    for i, name in enumerate(names):
+        table.add_row(f"[{i}] {name}", *(str(int(v)) for v in report.matrix[i]))
+    return table
+
+
+def render_sharing_csv(report: SharingReport) -> str:
+    """One CSV row per VM and a last row named ``total``; sizes in bytes, savings in percent."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(
+        [
+            "vm",
+            "pages_present",
+            "zero_pages",
+            "shared_within_vm",
+            "shared_across_vms",
+            "unique_pages",
+            "kept_pages",
+            "footprint_bytes",
+            "savings_percent",
+        ]
+    )
+    for vm in [*report.vms, report.total]:
+        out.writerow(
+            [
+                vm.name,
+                vm.present,
+                vm.zero,
+                vm.shared_within,
+                vm.shared_across,
+                vm.unique,
+                vm.kept,
+                vm.footprint_bytes,
+                f"{100.0 * vm.savings:.4f}",
+            ]
+        )
+    return buf.getvalue()
+
+
+def render_matrix_csv(report: SharingReport) -> str:
+    """The pairwise matrix as CSV: a header of VM names, then one row per VM."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    names = [vm.name for vm in report.vms]
+    out.writerow(["vm", *names])
+    for i, name in enumerate(names):
+        out.writerow([name, *(int(v) for v in report.matrix[i])])
+    return buf.getvalue()

@@ -28,8 +28,9 @@ def man_text() -> str:
 
 
 def sections() -> dict[str, str]:
-    """The man page split at its ``.SS`` subsection headings (one per command)."""
-    parts = re.split(r"^\.SS\s+(.*)$", man_text(), flags=re.M)
+    """The COMMANDS part of the man page split at its ``.SS`` headings (one per command)."""
+    commands_part = man_text().split(".SH COMMANDS")[1].split("\n.SH ")[0]
+    parts = re.split(r"^\.SS\s+(.*)$", commands_part, flags=re.M)
     return {parts[i].strip().strip('"'): parts[i + 1] for i in range(1, len(parts), 2)}
 
 
@@ -42,7 +43,10 @@ def long_options(command: click.Command) -> set[str]:
 
 
 def documented_options(text: str) -> set[str]:
-    return {m.replace("\\-", "-") for m in re.findall(r"\\-\\-[a-z][a-z0-9\\-]*[a-z0-9]", text)}
+    """The long options a part of the page defines: those on the tag line after each ``.TP``."""
+    tags = re.findall(r"^\.TP\n(.*)$", text, flags=re.M)
+    plain = re.sub(r"\\f[BIRP]", "", "\n".join(tags)).replace("\\-", "-")
+    return set(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", plain))
 
 
 def commands() -> dict[str, click.Command]:
@@ -64,7 +68,7 @@ def test_command_options_match(name: str) -> None:
 
 
 def test_global_options_documented() -> None:
-    head = man_text().split(".SH COMMANDS")[0]
+    head = man_text().split(".SH COMMANDS")[0].split(".SH GLOBAL OPTIONS")[1]
     assert documented_options(head) >= long_options(cli) - {"--version"} | {"--debug", "--quiet"}
 
 

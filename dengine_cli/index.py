@@ -1,0 +1,552 @@
+"""The page index of a dump: for every present page its gfn, its xxh3-64 hash and whether it is
+all zeros, in three numpy arrays (17 bytes per page), cached on disk.
+
+An index is what sharing analysis groups pages by: it is built once per dump with one pass over
+its pages and kept in a cache directory (``$XDG_CACHE_HOME/dengine/index``) so that analysing the
+same dumps again costs a read of 17 bytes per page instead of a read of 4096.
+
+On-disk form (little-endian), version :data:`INDEX_VERSION`::
+
+    0   8s   magic b"DENGIDX\\0"
+    8   u32  format version
+    12  u32  header length H
+    16  H    header: UTF-8 JSON (the cache key, page count, checksum, guest facts)
+    ... zero padding to a multiple of 64
+    D   u64[n] gfns, u64[n] hashes, u8[n] zero flags  (D = 16 + H rounded up to 64)
+
+The cache key names the dump as it is now: real path, device, inode, size, mtime and ctime (which
+no user can set back, so any rewrite of the file changes it), plus the index version and the
+reader options that change the page set.  The file is named by a digest of the key, and the key is
+stored in the header and compared on load; the arrays carry an xxh3-64 checksum.  A file that
+fails any check is ignored and rebuilt, never trusted.  Files are written to a temporary name in
+the cache directory, fsync'ed and renamed: a reader never sees half an index.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import queue
+import struct
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from dengine_cli.errors import UnreadableFile
+from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, GfnArray, OpenOptions, PageArray
+
+INDEX_MAGIC = b"DENGIDX\0"
+#: Bump whenever the layout, the hash function or what a page set means changes.
+INDEX_VERSION = 1
+#: magic, format version, header length.
+INDEX_PREFIX = struct.Struct("<8sII")
+#: Arrays start at a multiple of this, so that memory-mapped arrays are aligned.
+INDEX_ALIGN = 64
+#: A header longer than this is not ours (guest facts are a few hundred bytes).
+INDEX_HEADER_MAX = 1 << 20
+INDEX_SUFFIX = ".idx"
+#: What the hashes are: xxh3-64 (seed 0) of the 4096 bytes of a page.
+HASH_NAME = "xxh3_64"
+
+#: The hash of an all-zero page; zero pages carry it so the hash array needs no holes.
+ZERO_PAGE_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
+
+HashArray = npt.NDArray[np.uint64]
+ZeroArray = npt.NDArray[np.bool_]
+#: ``on_progress(dump_name, pages_done, pages_total)``; called from the calling process only.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, eq=False)
+class PageIndex:
+    """The index of one dump: per present page (ascending gfn) its gfn, hash and zero flag.
+
+    ``facts`` summarizes the dump (its :class:`~dengine_cli.formats.base.GuestFacts` as a dict).
+    ``loaded`` says the index was read from the cache rather than built; ``path`` is its cache
+    file (``None`` when it could not be written, e.g. a read-only cache directory).
+    """
+
+    name: str
+    gfns: GfnArray
+    hashes: HashArray
+    zero: ZeroArray
+    facts: dict[str, Any] = field(default_factory=dict)
+    loaded: bool = False
+    path: Path | None = None
+
+    @property
+    def page_count(self) -> int:
+        return len(self.gfns)
+
+    @property
+    def zero_pages(self) -> int:
+        return int(np.count_nonzero(self.zero))
+
+
+def hash_pages(pages: PageArray) -> tuple[HashArray, ZeroArray]:
+    """The xxh3-64 hashes and zero flags of a batch of pages (``(n, 4096) uint8``).
+
+    Zero pages are found with one vectorized pass and get :data:`ZERO_PAGE_HASH` without being
+    hashed; only the others go through xxh3.
+    """
+    n = len(pages)
+    if pages.flags.c_contiguous:
+        flat = pages.reshape(-1)
+    else:
+        flat = np.ascontiguousarray(pages).reshape(-1)
+        pages = flat.reshape(n, PAGE_SIZE)
+    zero: ZeroArray = np.logical_not(pages.view(np.uint64).any(axis=1))
+    hashes = np.full(n, ZERO_PAGE_HASH, dtype=np.uint64)
+    nonzero = np.flatnonzero(~zero)
+    if len(nonzero):
+        # Slicing a memoryview and hashing it costs one small object per page and no copy; this
+        # measured fastest (tobytes() slices copy, iterating ndarray rows is 2.5x slower).
+        view = flat.data
+        hash_of = xxhash.xxh3_64_intdigest
+        hashes[nonzero] = np.fromiter(
+            (hash_of(view[i : i + PAGE_SIZE]) for i in (nonzero * PAGE_SIZE).tolist()),
+            dtype=np.uint64,
+            count=len(nonzero),
+        )
+    return hashes, zero
+
+
+def hash_dump(
+    dump: Dump,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    batch_pages: int = BATCH_PAGES,
+    on_pages: Callable[[int], None] | None = None,
+) -> tuple[HashArray, ZeroArray]:
+    """Hashes and zero flags of the pages at positions ``start:stop`` of ``dump.gfns``, read in
+    batches of at most ``batch_pages``; ``on_pages(count)`` after each batch."""
+    stop = dump.page_count if stop is None else min(stop, dump.page_count)
+    n = max(stop - start, 0)
+    hashes = np.empty(n, dtype=np.uint64)
+    zero = np.empty(n, dtype=np.bool_)
+    at = 0
+    for batch in dump.batches(batch_pages, start=start, stop=stop):
+        k = len(batch)
+        hashes[at : at + k], zero[at : at + k] = hash_pages(batch.pages)
+        at += k
+        if on_pages is not None:
+            on_pages(k)
+    if at != n:
+        raise ValueError(f"{dump.name}: batches gave {at} pages, expected {n}")
+    return hashes, zero
+
+
+def index_dump(
+    dump: Dump, *, batch_pages: int = BATCH_PAGES, on_progress: Progress | None = None
+) -> PageIndex:
+    """Build the index of an open dump in memory (no cache)."""
+    total = dump.page_count
+    done = 0
+
+    def step(k: int) -> None:
+        nonlocal done
+        done += k
+        if on_progress is not None:
+            on_progress(dump.name, done, total)
+
+    hashes, zero = hash_dump(dump, batch_pages=batch_pages, on_pages=step)
+    return PageIndex(dump.name, dump.gfns, hashes, zero, _facts_of(dump))
+
+
+# --- the cache -------------------------------------------------------------------------------
+
+
+def default_index_dir() -> Path:
+    """``$XDG_CACHE_HOME/dengine/index``, or ``~/.cache/dengine/index``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dengine" / "index"
+
+
+def index_key(path: Path | str, options: OpenOptions) -> dict[str, Any]:
+    """What an index is valid for: the dump file as it is now and the options that change its
+    page set.  Raises :class:`UnreadableFile` when the dump cannot be stat'ed."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise UnreadableFile(str(path), e.strerror or str(e)) from e
+    return {
+        "path": real,
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "index_version": INDEX_VERSION,
+        "hash": HASH_NAME,
+        "format": options.format,
+        "device_memory": options.device_memory,
+    }
+
+
+def index_path_for(
+    path: Path | str, options: OpenOptions | None = None, index_dir: Path | str | None = None
+) -> Path:
+    """Where the index of the dump at ``path`` (as the file is now) is cached."""
+    return _file_for(index_key(path, options or OpenOptions()), index_dir)
+
+
+def _file_for(key: dict[str, Any], index_dir: Path | str | None) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return Path(index_dir if index_dir is not None else default_index_dir()) / (digest + INDEX_SUFFIX)
+
+
+def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
+    """The index stored in ``file`` if it is intact and made for ``key``; ``None`` otherwise
+    (missing, truncated, corrupt, another version, another dump)."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(INDEX_PREFIX.size)
+            if len(prefix) != INDEX_PREFIX.size:
+                return None
+            magic, version, header_len = INDEX_PREFIX.unpack(prefix)
+            if magic != INDEX_MAGIC or version != INDEX_VERSION or header_len > INDEX_HEADER_MAX:
+                return None
+            raw_header = f.read(header_len)
+        header = json.loads(raw_header)
+        if not isinstance(header, dict) or header.get("key") != key:
+            return None
+        n = header["page_count"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return None
+        data = _data_offset(header_len)
+        if size != data + 17 * n:
+            return None
+        if n == 0:
+            gfns = np.zeros(0, dtype=np.uint64)
+            hashes = np.zeros(0, dtype=np.uint64)
+            zero = np.zeros(0, dtype=np.bool_)
+        else:
+            arrays = np.memmap(file, dtype=np.uint8, mode="r", offset=data, shape=(17 * n,))
+            gfns = arrays[: 8 * n].view(np.uint64)
+            hashes = arrays[8 * n : 16 * n].view(np.uint64)
+            zero = arrays[16 * n :].view(np.bool_)
+        if header.get("checksum") != _checksum(gfns, hashes, zero):
+            return None
+        facts = header.get("facts")
+        return PageIndex(
+            str(header.get("name", key["path"])),
+            gfns,
+            hashes,
+            zero,
+            facts if isinstance(facts, dict) else {},
+            loaded=True,
+            path=file,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        # json errors are ValueErrors; anything unreadable is a cache miss, never a crash.
+        return None
+
+
+def write_index(index: PageIndex, key: dict[str, Any], file: Path) -> bool:
+    """Store ``index`` for ``key`` at ``file`` atomically; ``False`` when that is not possible
+    (the cache is an optimization: a read-only or full cache directory is not an error)."""
+    header = json.dumps(
+        {
+            "key": key,
+            "name": index.name,
+            "page_count": index.page_count,
+            "zero_pages": index.zero_pages,
+            "checksum": _checksum(index.gfns, index.hashes, index.zero),
+            "facts": index.facts,
+        },
+        sort_keys=True,
+        default=str,
+    ).encode()
+    tmp: str | None = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=INDEX_SUFFIX, dir=file.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(INDEX_PREFIX.pack(INDEX_MAGIC, INDEX_VERSION, len(header)))
+            f.write(header)
+            f.write(bytes(_data_offset(len(header)) - INDEX_PREFIX.size - len(header)))
+            for array in (index.gfns, index.hashes, index.zero):
+                f.write(np.ascontiguousarray(array).data.cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+        tmp = None
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(file.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def load_or_build(
+    path: Path | str,
+    options: OpenOptions | None = None,
+    index_dir: Path | str | None = None,
+    *,
+    batch_pages: int = BATCH_PAGES,
+    on_progress: Progress | None = None,
+    dump: Dump | None = None,
+) -> PageIndex:
+    """The index of the dump at ``path``: from the cache when a valid one is there, else built
+    (from ``dump`` when the caller has it open, else by opening ``path``) and cached."""
+    options = options or OpenOptions()
+    key = index_key(path, options)
+    file = _file_for(key, index_dir)
+    cached = read_index(file, key)
+    if cached is not None:
+        return cached
+    if dump is not None:
+        index = index_dump(dump, batch_pages=batch_pages, on_progress=on_progress)
+    else:
+        with _open(path, options) as opened:
+            index = index_dump(opened, batch_pages=batch_pages, on_progress=on_progress)
+    return _store(index, key, path, options, file)
+
+
+def build_indexes(
+    paths: Sequence[Path | str],
+    options: OpenOptions | None = None,
+    index_dir: Path | str | None = None,
+    jobs: int | None = None,
+    on_progress: Progress | None = None,
+    *,
+    batch_pages: int = BATCH_PAGES,
+) -> list[PageIndex]:
+    """The indexes of several dumps (in the order given), building the missing ones in up to
+    ``jobs`` worker processes (default: one per CPU).
+
+    When fewer dumps need building than there are workers, each is cut into page ranges hashed
+    by different workers (a dump is opened once per range, so compressed containers, which
+    would be decompressed once per open, are never cut).  Workers are started by a fork server
+    (``multiprocessing`` "forkserver"): a script calling this must guard its entry point with
+    ``if __name__ == "__main__"`` (``python -m dengine_cli`` and the ``dengine`` script do).
+    """
+    options = options or OpenOptions()
+    jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
+    # Resolved here: workers of a fork server may not see the caller's environment as it is now.
+    index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
+    keys = [index_key(p, options) for p in paths]
+    files = [_file_for(k, index_dir) for k in keys]
+    result: list[PageIndex | None] = [read_index(f, k) for f, k in zip(files, keys, strict=True)]
+    todo = [i for i, r in enumerate(result) if r is None]
+    if not todo:
+        return _all_built(result)
+    # What each worker task does: hash a page range of a dump, or (-1, -1) index a whole dump.
+    # Compressed containers are indexed whole by one worker, which decompresses them once.
+    tasks: list[tuple[int, int, int]] = []
+    plans: dict[int, int] = {}
+    for i in todo:
+        if jobs == 1 or _is_container(paths[i]):
+            tasks.append((i, -1, -1))
+            continue
+        with _open(paths[i], options) as dump:
+            ranges = _cut(dump.page_count, -(-jobs // len(todo)), batch_pages)
+        plans[i] = len(ranges)
+        tasks.extend((i, lo, hi) for lo, hi in ranges)
+    if jobs == 1 or len(tasks) == 1:
+        # One task: a pool would only add its start-up time.
+        for i in todo:
+            result[i] = load_or_build(
+                paths[i], options, index_dir, batch_pages=batch_pages, on_progress=on_progress
+            )
+        return _all_built(result)
+
+    # Workers come from a fork server: forking the caller itself could deadlock on a lock held
+    # by one of its threads (a progress bar's, the pool's own).  Progress travels from workers
+    # over a queue as (position in paths, pages hashed, total).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["dengine_cli.index", "dengine_cli.formats"])
+    progress_queue: Any = ctx.Queue()
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(jobs, len(tasks)),
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(progress_queue,),
+    ) as pool:
+        futures: dict[concurrent.futures.Future[Any], tuple[int, int]] = {}
+        parts = dict.fromkeys(todo, 0)
+        for i, lo, hi in tasks:
+            if lo < 0:
+                whole = pool.submit(_worker_build, str(paths[i]), options, index_dir, i, batch_pages)
+                futures[whole] = (i, -1)
+            else:
+                piece = pool.submit(_worker_hash, str(paths[i]), options, i, lo, hi, batch_pages)
+                futures[piece] = (i, parts[i])
+                parts[i] += 1
+        progress = _ProgressSum(paths, on_progress)
+        pieces: dict[int, dict[int, tuple[HashArray, ZeroArray]]] = {i: {} for i in plans}
+        pending = set(futures)
+        while pending:
+            finished, pending = concurrent.futures.wait(pending, timeout=0.2)
+            progress.drain(progress_queue)
+            for fut in finished:
+                i, part = futures[fut]
+                if part < 0:
+                    built: PageIndex | Path = fut.result()
+                    if isinstance(built, Path):
+                        # None only if the dump changed meanwhile: then index it as it is now.
+                        built = read_index(built, index_key(paths[i], options)) or load_or_build(
+                            paths[i], options, index_dir, batch_pages=batch_pages
+                        )
+                    result[i] = built
+                    continue
+                pieces[i][part] = fut.result()
+                if len(pieces[i]) == plans[i]:
+                    result[i] = _assemble(paths[i], options, keys[i], files[i], pieces.pop(i))
+        progress.drain(progress_queue)
+    return _all_built(result)
+
+
+# --- internals -----------------------------------------------------------------------------------
+
+
+def _open(path: Path | str, options: OpenOptions) -> Dump:
+    # Imported here: the registry imports every reader, which index users need only to build.
+    from dengine_cli.formats import open_dump
+
+    return open_dump(path, options)
+
+
+def _is_container(path: Path | str) -> bool:
+    from dengine_cli.formats import container
+    from dengine_cli.formats.base import read_head
+    from dengine_cli.formats.registry import PROBE_BYTES
+
+    return container.detect(read_head(Path(path), str(path), PROBE_BYTES)) is not None
+
+
+def _all_built(result: list[PageIndex | None]) -> list[PageIndex]:
+    done = [r for r in result if r is not None]
+    if len(done) != len(result):
+        raise RuntimeError("an index was neither loaded nor built")
+    return done
+
+
+def _cut(n: int, parts: int, batch_pages: int) -> list[tuple[int, int]]:
+    """``parts`` page ranges covering ``0:n``, none shorter than a few batches (below that the
+    cost of opening the dump again in a worker is not repaid)."""
+    parts = max(1, min(parts, n // (4 * batch_pages)))
+    bounds = [n * k // parts for k in range(parts + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _store(
+    index: PageIndex, key: dict[str, Any], path: Path | str, options: OpenOptions, file: Path
+) -> PageIndex:
+    # A dump rewritten while it was being read must not be cached under the old key.
+    if index_key(path, options) != key or not write_index(index, key, file):
+        return index
+    return PageIndex(index.name, index.gfns, index.hashes, index.zero, index.facts, path=file)
+
+
+def _assemble(
+    path: Path | str,
+    options: OpenOptions,
+    key: dict[str, Any],
+    file: Path,
+    pieces: dict[int, tuple[HashArray, ZeroArray]],
+) -> PageIndex:
+    with _open(path, options) as dump:
+        hashes = np.concatenate([pieces[k][0] for k in sorted(pieces)])
+        zero = np.concatenate([pieces[k][1] for k in sorted(pieces)])
+        if len(hashes) != dump.page_count:
+            raise ValueError(f"{dump.name}: hashed {len(hashes)} pages, dump has {dump.page_count}")
+        index = PageIndex(dump.name, dump.gfns, hashes, zero, _facts_of(dump))
+    return _store(index, key, path, options, file)
+
+
+def _facts_of(dump: Dump) -> dict[str, Any]:
+    facts: dict[str, Any] = json.loads(json.dumps(dump.facts.to_dict(), default=str))
+    return facts
+
+
+class _ProgressSum:
+    """Adds up the page counts workers report and passes the running totals on."""
+
+    def __init__(self, paths: Sequence[Path | str], on_progress: Progress | None) -> None:
+        self.paths = paths
+        self.on_progress = on_progress
+        self.done: dict[int, int] = {}
+
+    def drain(self, progress_queue: Any) -> None:
+        while True:
+            try:
+                i, k, total = progress_queue.get_nowait()
+            except queue.Empty:
+                return
+            self.done[i] = self.done.get(i, 0) + k
+            if self.on_progress is not None:
+                self.on_progress(str(self.paths[i]), self.done[i], total)
+
+
+_worker_queue: Any = None
+
+
+def _worker_init(progress_queue: Any) -> None:
+    global _worker_queue
+    _worker_queue = progress_queue
+
+
+def _worker_hash(
+    path: str, options: OpenOptions, position: int, lo: int, hi: int, batch_pages: int
+) -> tuple[HashArray, ZeroArray]:
+    with _open(path, options) as dump:
+        total = dump.page_count
+
+        def step(k: int) -> None:
+            if _worker_queue is not None:
+                _worker_queue.put((position, k, total))
+
+        return hash_dump(dump, lo, hi, batch_pages=batch_pages, on_pages=step)
+
+
+def _worker_build(
+    path: str, options: OpenOptions, index_dir: Path | str | None, position: int, batch_pages: int
+) -> PageIndex | Path:
+    """Build and cache one whole index; its cache file when written (the parent maps it rather
+    than receiving the arrays through a pipe), else the index itself."""
+
+    reported = 0
+
+    def step(name: str, done: int, total: int) -> None:
+        nonlocal reported
+        if _worker_queue is not None:
+            _worker_queue.put((position, done - reported, total))
+        reported = done
+
+    index = load_or_build(path, options, index_dir, batch_pages=batch_pages, on_progress=step)
+    return index.path if index.path is not None else index
+
+
+def _data_offset(header_len: int) -> int:
+    end = INDEX_PREFIX.size + header_len
+    return -(-end // INDEX_ALIGN) * INDEX_ALIGN
+
+
+def _checksum(gfns: GfnArray, hashes: HashArray, zero: ZeroArray) -> str:
+    h = xxhash.xxh3_64()
+    for array in (gfns, hashes, zero):
+        h.update(np.ascontiguousarray(array).data.cast("B"))
+    return h.hexdigest()

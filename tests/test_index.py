@@ -1,0 +1,338 @@
+"""The page index: hashes and zero flags per page, the on-disk cache (keyed on the dump as it is
+now, verified on load, written atomically) and building several indexes in worker processes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+
+from dengine_cli.errors import FormatError, UnreadableFile
+from dengine_cli.formats.base import PAGE_SIZE, OpenOptions, Source
+from dengine_cli.formats.raw import open_raw
+from dengine_cli.index import (
+    INDEX_MAGIC,
+    INDEX_VERSION,
+    ZERO_PAGE_HASH,
+    build_indexes,
+    default_index_dir,
+    hash_dump,
+    hash_pages,
+    index_dump,
+    index_path_for,
+    load_or_build,
+)
+
+
+def make_pages(seed: int, n: int) -> np.ndarray:
+    """Random pages, a third of them zero, some zero but for one byte at either end."""
+    rng = np.random.default_rng(seed)
+    pages = rng.integers(0, 256, (n, PAGE_SIZE), dtype=np.uint8)
+    pages[rng.random(n) < 0.33] = 0
+    if n > 4:
+        pages[1] = 0
+        pages[1, 0] = 1
+        pages[2] = 0
+        pages[2, PAGE_SIZE - 1] = 0x80
+    return pages
+
+
+def write_raw(path: Path, pages: np.ndarray) -> Path:
+    pages.tofile(path)
+    return path
+
+
+def expected_hashes(pages: np.ndarray) -> list[int]:
+    return [xxhash.xxh3_64_intdigest(p.tobytes()) for p in pages]
+
+
+# --- hashing -----------------------------------------------------------------------------------
+
+
+def test_hash_pages_equals_xxh3_of_each_page() -> None:
+    pages = make_pages(1, 200)
+    hashes, zero = hash_pages(pages)
+    assert hashes.tolist() == expected_hashes(pages)
+    assert zero.tolist() == [not p.any() for p in pages]
+    assert not zero[1] and not zero[2]
+    assert set(hashes[zero].tolist()) <= {ZERO_PAGE_HASH}
+    assert xxhash.xxh3_64_intdigest(bytes(4096)) == ZERO_PAGE_HASH
+
+
+def test_hash_pages_of_a_strided_batch() -> None:
+    pages = make_pages(2, 40)
+    every_other = pages[::2]
+    assert not every_other.flags.c_contiguous
+    hashes, zero = hash_pages(every_other)
+    assert hashes.tolist() == expected_hashes(every_other)
+    assert zero.tolist() == [not p.any() for p in every_other]
+
+
+def test_hash_dump_over_a_page_range(tmp_path: Path) -> None:
+    pages = make_pages(3, 300)
+    dump = open_raw(Source.of(write_raw(tmp_path / "a.raw", pages)), OpenOptions())
+    hashes, zero = hash_dump(dump, 50, 250, batch_pages=16)
+    assert hashes.tolist() == expected_hashes(pages[50:250])
+    assert zero.tolist() == [not p.any() for p in pages[50:250]]
+
+
+# --- the cache ---------------------------------------------------------------------------------
+
+
+def test_build_then_load_from_cache(tmp_path: Path) -> None:
+    pages = make_pages(4, 500)
+    dump_path = write_raw(tmp_path / "vm.raw", pages)
+    cache = tmp_path / "cache"
+    built = load_or_build(dump_path, index_dir=cache, batch_pages=64)
+    assert not built.loaded
+    assert built.path == index_path_for(dump_path, OpenOptions(), cache)
+    assert built.path is not None and built.path.exists()
+    mtime = built.path.stat().st_mtime_ns
+    loaded = load_or_build(dump_path, index_dir=cache)
+    assert loaded.loaded
+    assert built.path.stat().st_mtime_ns == mtime  # not rewritten
+    assert loaded.gfns.tolist() == list(range(500))
+    assert loaded.hashes.tolist() == expected_hashes(pages)
+    assert loaded.zero.tolist() == built.zero.tolist()
+    assert loaded.zero_pages == sum(1 for p in pages if not p.any())
+    assert loaded.name == str(dump_path)
+    assert loaded.facts["format"] == "raw"
+
+
+def test_on_disk_layout(tmp_path: Path) -> None:
+    dump_path = write_raw(tmp_path / "vm.raw", make_pages(5, 100))
+    index = load_or_build(dump_path, index_dir=tmp_path)
+    assert index.path is not None
+    data = index.path.read_bytes()
+    magic, version, header_len = struct.unpack_from("<8sII", data)
+    assert (magic, version) == (INDEX_MAGIC, INDEX_VERSION) == (b"DENGIDX\0", 1)
+    header = json.loads(data[16 : 16 + header_len])
+    assert header["page_count"] == 100
+    st = os.stat(dump_path)
+    assert header["key"]["ino"] == st.st_ino and header["key"]["ctime_ns"] == st.st_ctime_ns
+    start = -(-(16 + header_len) // 64) * 64
+    assert len(data) == start + 17 * 100
+    assert np.frombuffer(data, np.uint64, 100, start + 800).tolist() == index.hashes.tolist()
+    assert index.path.name == index.path.stem + ".idx" and len(index.path.stem) == 64
+
+
+def test_rewritten_dump_with_same_size_and_mtime_is_reindexed(tmp_path: Path) -> None:
+    dump_path = write_raw(tmp_path / "vm.raw", make_pages(6, 64))
+    first = load_or_build(dump_path, index_dir=tmp_path / "cache")
+    st = os.stat(dump_path)
+    time.sleep(0.05)  # past the coarse timestamp granularity of the kernel
+    changed = make_pages(7, 64)
+    with open(dump_path, "r+b") as f:  # same inode, same size
+        f.write(changed.tobytes())
+    os.utime(dump_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    st2 = os.stat(dump_path)
+    assert (st2.st_size, st2.st_mtime_ns, st2.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    again = load_or_build(dump_path, index_dir=tmp_path / "cache")
+    assert not again.loaded
+    assert again.path != first.path
+    assert again.hashes.tolist() == expected_hashes(changed)
+
+
+def test_options_that_change_the_page_set_are_part_of_the_key(tmp_path: Path) -> None:
+    dump_path = write_raw(tmp_path / "vm.raw", make_pages(8, 16))
+    plain = index_path_for(dump_path, OpenOptions(), tmp_path)
+    assert index_path_for(dump_path, OpenOptions(format="raw"), tmp_path) != plain
+    assert index_path_for(dump_path, OpenOptions(device_memory=True), tmp_path) != plain
+    assert index_path_for(dump_path, OpenOptions(tmp_dir=tmp_path), tmp_path) == plain
+
+
+def corrupt_truncate(data: bytes) -> bytes:
+    return data[:-5]
+
+
+def corrupt_array_byte(data: bytes) -> bytes:
+    b = bytearray(data)
+    b[-30] ^= 0x01
+    return bytes(b)
+
+
+def corrupt_magic(data: bytes) -> bytes:
+    return b"DENGIDY\0" + data[8:]
+
+
+def corrupt_version(data: bytes) -> bytes:
+    return data[:8] + struct.pack("<I", INDEX_VERSION + 1) + data[12:]
+
+
+def corrupt_header(data: bytes) -> bytes:
+    return data[:16] + b"{not json" + data[25:]
+
+
+def corrupt_huge_header(data: bytes) -> bytes:
+    return data[:12] + struct.pack("<I", 0xFFFFFFFF) + data[16:]
+
+
+def corrupt_empty(data: bytes) -> bytes:
+    return b""
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        corrupt_truncate,
+        corrupt_array_byte,
+        corrupt_magic,
+        corrupt_version,
+        corrupt_header,
+        corrupt_huge_header,
+        corrupt_empty,
+    ],
+)
+def test_corrupt_index_is_ignored_and_rebuilt(tmp_path: Path, corrupt: object) -> None:
+    pages = make_pages(9, 80)
+    dump_path = write_raw(tmp_path / "vm.raw", pages)
+    index = load_or_build(dump_path, index_dir=tmp_path / "cache")
+    assert index.path is not None
+    index.path.write_bytes(corrupt(index.path.read_bytes()))  # type: ignore[operator]
+    again = load_or_build(dump_path, index_dir=tmp_path / "cache")
+    assert not again.loaded
+    assert again.hashes.tolist() == expected_hashes(pages)
+    assert load_or_build(dump_path, index_dir=tmp_path / "cache").loaded  # repaired
+
+
+def test_index_of_another_dump_under_this_name_is_not_trusted(tmp_path: Path) -> None:
+    a = write_raw(tmp_path / "a.raw", make_pages(10, 32))
+    b = write_raw(tmp_path / "b.raw", make_pages(11, 32))
+    index_a = load_or_build(a, index_dir=tmp_path)
+    assert index_a.path is not None
+    os.replace(index_a.path, index_path_for(b, OpenOptions(), tmp_path))
+    index_b = load_or_build(b, index_dir=tmp_path)
+    assert not index_b.loaded
+    assert index_b.hashes.tolist() == expected_hashes(make_pages(11, 32))
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dump_path = write_raw(tmp_path / "vm.raw", make_pages(12, 40))
+    cache = tmp_path / "cache"
+    load_or_build(dump_path, index_dir=cache)
+    assert [p.suffix for p in cache.iterdir()] == [".idx"]
+
+    # A failure at the rename: nothing half-written stays behind, and the index still comes back.
+    other = write_raw(tmp_path / "other.raw", make_pages(13, 40))
+
+    def fail(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    index = load_or_build(other, index_dir=cache)
+    assert index.path is None and not index.loaded
+    assert index.hashes.tolist() == expected_hashes(make_pages(13, 40))
+    assert len(list(cache.iterdir())) == 1
+
+
+def test_unwritable_cache_directory_is_not_an_error(tmp_path: Path) -> None:
+    dump_path = write_raw(tmp_path / "vm.raw", make_pages(14, 24))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    index = load_or_build(dump_path, index_dir=blocker / "index")
+    assert index.path is None and index.page_count == 24
+
+
+def test_default_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_index_dir() == tmp_path / "xdg" / "dengine" / "index"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_index_dir() == tmp_path / "home" / ".cache" / "dengine" / "index"
+    dump_path = write_raw(tmp_path / "vm.raw", make_pages(15, 8))
+    assert index_path_for(dump_path).parent == default_index_dir()
+
+
+def test_missing_dump_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(UnreadableFile) as e:
+        load_or_build(tmp_path / "nope.raw", index_dir=tmp_path)
+    assert e.value.exit_code == 3
+    assert str(e.value) == f"{tmp_path / 'nope.raw'}: cannot read: No such file or directory"
+
+
+def test_index_dump_without_cache(tmp_path: Path) -> None:
+    pages = make_pages(16, 70)
+    dump = open_raw(Source.of(write_raw(tmp_path / "a.raw", pages)), OpenOptions())
+    seen: list[tuple[str, int, int]] = []
+    index = index_dump(dump, batch_pages=32, on_progress=lambda *a: seen.append(a))
+    assert index.hashes.tolist() == expected_hashes(pages)
+    assert [s[1] for s in seen] == [32, 64, 70] and seen[-1][2] == 70
+
+
+# --- several dumps, several processes ----------------------------------------------------------
+
+
+def test_build_indexes_in_worker_processes(tmp_path: Path) -> None:
+    sizes = [700, 90, 300]
+    all_pages = [make_pages(20 + k, n) for k, n in enumerate(sizes)]
+    paths = [write_raw(tmp_path / f"vm{k}.raw", p) for k, p in enumerate(all_pages)]
+    cache = tmp_path / "cache"
+    load_or_build(paths[1], index_dir=cache)  # one already cached
+    seen: dict[str, int] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        assert done <= total
+        seen[name] = done
+
+    # Batches of 16 pages with 4 jobs: the 700-page dump is cut between workers.
+    indexes = build_indexes(paths, None, cache, jobs=4, on_progress=progress, batch_pages=16)
+    assert [ix.loaded for ix in indexes] == [False, True, False]
+    for ix, pages, path in zip(indexes, all_pages, paths, strict=True):
+        assert ix.name == str(path)
+        assert ix.hashes.tolist() == expected_hashes(pages)
+        assert ix.zero.tolist() == [not p.any() for p in pages]
+    assert seen == {str(paths[0]): 700, str(paths[2]): 300}
+    assert [ix.loaded for ix in build_indexes(paths, None, cache, jobs=4)] == [True] * 3
+    assert len(list(cache.iterdir())) == 3
+
+
+def test_build_indexes_in_one_process(tmp_path: Path) -> None:
+    pages = make_pages(30, 100)
+    path = write_raw(tmp_path / "vm.raw", pages)
+    (index,) = build_indexes([path], index_dir=tmp_path / "c", jobs=1)
+    assert not index.loaded and index.hashes.tolist() == expected_hashes(pages)
+
+
+def test_whole_dumps_built_by_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Compressed containers are hashed whole by one worker, which writes the index itself.
+    monkeypatch.setattr("dengine_cli.index._is_container", lambda path: True)
+    all_pages = [make_pages(40 + k, 150) for k in range(3)]
+    paths = [write_raw(tmp_path / f"vm{k}.raw", p) for k, p in enumerate(all_pages)]
+    seen: dict[str, int] = {}
+    indexes = build_indexes(
+        paths, None, tmp_path / "c", jobs=2, batch_pages=32, on_progress=lambda n, d, t: seen.update({n: d})
+    )
+    assert [ix.loaded for ix in indexes] == [True] * 3  # mapped from the files workers wrote
+    for ix, pages in zip(indexes, all_pages, strict=True):
+        assert ix.hashes.tolist() == expected_hashes(pages)
+    assert seen == {str(p): 150 for p in paths}
+
+
+def test_error_in_a_worker_reaches_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dengine_cli.index._is_container", lambda path: True)
+    good = write_raw(tmp_path / "good.raw", make_pages(50, 20))
+    bad = tmp_path / "bad.raw"
+    bad.write_bytes(b"\1" * 100)
+    with pytest.raises(FormatError) as e:
+        build_indexes([good, bad], OpenOptions(format="raw"), tmp_path / "c", jobs=2)
+    assert e.value.exit_code == 4
+    assert str(e.value) == f"{bad}: at offset 0x0: expected at least one 4096-byte page, found 100 bytes"
+
+
+def test_compressed_dump_is_indexed_whole_by_one_worker(tmp_path: Path) -> None:
+    pages = make_pages(60, 200)
+    packed = tmp_path / "vm.raw.gz"
+    packed.write_bytes(gzip.compress(pages.tobytes(), compresslevel=1))
+    plain = write_raw(tmp_path / "plain.raw", pages)
+    options = OpenOptions(format="raw")
+    indexes = build_indexes([packed, plain], options, tmp_path / "c", jobs=2, batch_pages=16)
+    assert indexes[0].loaded  # written by the worker that decompressed it
+    assert indexes[0].name == f"{packed} (decompressed gzip)"
+    assert indexes[0].hashes.tolist() == indexes[1].hashes.tolist() == expected_hashes(pages)
