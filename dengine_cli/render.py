@@ -75,6 +75,8 @@ def render_info(infos: Sequence[DumpInfo], width: int | None = None) -> str:
             ranges.append(f"... and {len(info.ranges) - MAX_RANGES_SHOWN} more (--json lists all)")
         table.add_row("physical ranges", "\n".join(ranges) or "none")
         for key, value in sorted(facts.get("extra", {}).items()):
+            if value in ("", [], {}, None):
+                continue
             table.add_row(key.replace("_", " "), _fact_text(value))
         for note in facts.get("skipped", []):
             table.add_row("left out", note)

@@ -80,7 +80,7 @@ def open_dump(path: Path | str, options: OpenOptions | None = None) -> Dump:
     inner = container.decompress(source, kind, options)
     try:
         dump = _open_plain(inner, options)
-        dump.facts.extra.setdefault("container", kind)
+        dump.facts.extra["file_compression"] = kind
         if dump.facts.compression is None:
             dump.facts.compression = kind
         return dump
