@@ -6,6 +6,7 @@ DengineError: one line ``dengine: <message>`` and its exit code (see ``dengine_c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import click
 
@@ -23,7 +24,16 @@ from dengine_cli.formats import FORMAT_NAMES, FORMATS, OpenOptions, open_dump
 from dengine_cli.formats.base import Dump
 from dengine_cli.index import build_indexes
 from dengine_cli.inspect import DumpInfo, describe, extract
-from dengine_cli.render import render_info, render_matrix_csv, render_sharing, render_sharing_csv
+from dengine_cli.plan import PlanReport, share_and_plan, write_plan
+from dengine_cli.policies import named_policy, resolve_policy
+from dengine_cli.render import (
+    render_info,
+    render_matrix_csv,
+    render_plan,
+    render_plan_csv,
+    render_sharing,
+    render_sharing_csv,
+)
 from dengine_cli.sharing import analyze
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -158,6 +168,69 @@ def progress(total: int, desc: str) -> Iterator[Callable[[int], None]]:
 
     with tqdm(total=total, desc=desc, unit="page", unit_scale=True, leave=False, file=sys.stderr) as bar:
         yield bar.update
+
+
+class ByteSize(click.ParamType[int]):
+    """A memory size: bytes, or a number with K, M, G, T (powers of 1024; ``KiB``, ``GB``... all
+    read as binary units, as memory is sold)."""
+
+    name = "size"
+    UNITS: ClassVar[dict[str, int]] = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in self.UNITS and text[-1:] != "" else ""
+        number = text[: len(text) - len(unit)].strip()
+        try:
+            size = float(number) * self.UNITS[unit]
+        except ValueError:
+            self.fail(f"{value!r} is not a size (examples: 512G, 65536M, 1.5T)", param, ctx)
+        if size <= 0 or size != size:
+            self.fail(f"{value!r}: a size must be positive", param, ctx)
+        return int(size)
+
+
+class Fraction(click.ParamType[float]):
+    """A fraction within (0, 1]."""
+
+    name = "fraction"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            f = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not 0.0 < f <= 1.0:
+            self.fail(f"{value!r} is not within (0, 1]", param, ctx)
+        return f
+
+
+def parse_history(pairs: Sequence[str], dumps: Sequence[Path]) -> dict[str, str]:
+    """``CURRENT=EARLIER`` pairs, CURRENT being one of the dumps as given."""
+    history: dict[str, str] = {}
+    known = {str(d) for d in dumps}
+    for pair in pairs:
+        current, sep, earlier = pair.partition("=")
+        if not sep or not current or not earlier:
+            raise click.BadParameter(f"{pair!r} is not CURRENT=EARLIER", param_hint="--history")
+        if current not in known:
+            raise click.BadParameter(f"{current!r} is not one of the dumps given", param_hint="--history")
+        history[current] = earlier
+    return history
+
+
+def sample_options(f: F) -> F:
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")(f)
+    f = click.option(
+        "--sample",
+        type=Fraction(),
+        default=None,
+        help="Estimate patches and compression from this fraction of the pages (seeded); "
+        "prints a 95% confidence interval.",
+    )(f)
+    return f
 
 
 @cli.command("formats")
@@ -307,6 +380,12 @@ def index_command(
     is_flag=True,
     help="Also print pairwise sharing between VMs (with csv: only the matrix).",
 )
+@click.option(
+    "--sharing-only",
+    is_flag=True,
+    help="Leave out the Difference Engine figures (share + patch + compress) shown beside sharing.",
+)
+@sample_options
 @index_options
 @dump_options
 def analyze_command(
@@ -314,6 +393,9 @@ def analyze_command(
     output_format: str,
     no_cross_vm: bool,
     matrix: bool,
+    sharing_only: bool,
+    sample: float | None,
+    seed: int,
     index_dir: Path | None,
     jobs: int | None,
     dump_format: str | None,
@@ -325,21 +407,140 @@ def analyze_command(
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
     bar = PageProgress("analyzing")
+    de: PlanReport | None = None
     try:
-        report = analyze(
-            paths, options, index_dir=index_dir, jobs=jobs, cross_vm=not no_cross_vm, on_progress=bar
-        )
+        if sharing_only:
+            report = analyze(
+                paths, options, index_dir=index_dir, jobs=jobs, cross_vm=not no_cross_vm, on_progress=bar
+            )
+        else:
+            policy = dataclasses.replace(named_policy("de"), cross_vm=not no_cross_vm)
+            report, de = share_and_plan(
+                paths,
+                policy,
+                options=options,
+                index_dir=index_dir,
+                jobs=jobs,
+                sample=sample,
+                seed=seed,
+                on_progress=bar,
+            )
     finally:
         bar.close()
     if output_format == "json":
         doc = report.to_dict()
         if not matrix:
             doc.pop("matrix", None)
+        if de is not None:
+            doc["de"] = de.to_dict()
         click.echo(json.dumps(doc, indent=2))
     elif output_format == "csv":
-        click.echo(render_matrix_csv(report) if matrix else render_sharing_csv(report), nl=False)
+        click.echo(render_matrix_csv(report) if matrix else render_sharing_csv(report, de), nl=False)
     else:
-        click.echo(render_sharing(report, matrix=matrix), nl=False)
+        click.echo(render_sharing(report, matrix=matrix, de=de), nl=False)
+
+
+@cli.command("plan")
+@click.argument("dumps", nargs=-1, required=True)
+@click.option(
+    "--policy",
+    "policy_name",
+    default="de",
+    show_default=True,
+    help="ksm, esx, de, de-share-patch, de-share-compress, or a TOML policy file.",
+)
+@click.option(
+    "--baseline",
+    "baseline_name",
+    default="ksm",
+    show_default=True,
+    help="The policy shown beside it (a name or a TOML file; 'none' for no baseline).",
+)
+@click.option(
+    "--history",
+    "history_pairs",
+    multiple=True,
+    metavar="CURRENT=EARLIER",
+    help="An earlier snapshot of the VM in dump CURRENT: pages changed since are hot (repeatable).",
+)
+@click.option(
+    "--host-memory",
+    type=ByteSize(),
+    default=None,
+    help="Host memory (e.g. 512G): page out the coldest pages beyond it; how many VMs fit.",
+)
+@sample_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the whole plan, page by page, as JSON (schema dengine.plan/1).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="How to print the figures.",
+)
+@index_options
+@dump_options
+def plan_command(
+    dumps: tuple[str, ...],
+    policy_name: str,
+    baseline_name: str,
+    history_pairs: tuple[str, ...],
+    host_memory: int | None,
+    sample: float | None,
+    seed: int,
+    output: Path | None,
+    output_format: str,
+    index_dir: Path | None,
+    jobs: int | None,
+    dump_format: str | None,
+    device_memory: bool,
+    tmp_dir: Path | None,
+) -> None:
+    """The Difference Engine plan: per VM, what sharing, patching, compression and paging save
+    under a policy, beside a baseline policy."""
+    options = open_options(dump_format, device_memory, tmp_dir)
+    paths = expand_dump_args(dumps)
+    policy = resolve_policy(policy_name)
+    baseline = None if baseline_name == "none" else resolve_policy(baseline_name)
+    history = parse_history(history_pairs, paths)
+    if output is not None and sample is not None:
+        raise click.BadParameter("a plan file needs an exact plan: drop --sample", param_hint="-o")
+    bar = PageProgress("planning")
+    try:
+        _, report = share_and_plan(
+            paths,
+            policy,
+            options=options,
+            index_dir=index_dir,
+            jobs=jobs,
+            history=history,
+            host_memory=host_memory,
+            sample=sample,
+            seed=seed,
+            baseline=baseline,
+            on_progress=bar,
+        )
+    finally:
+        bar.close()
+    if output is not None:
+        write_plan(report, output)
+    _print_plan(report, output_format)
+
+
+def _print_plan(report: PlanReport, output_format: str) -> None:
+    if output_format == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif output_format == "csv":
+        click.echo(render_plan_csv(report), nl=False)
+    else:
+        click.echo(render_plan(report), nl=False)
 
 
 def _open(path: Path, options: OpenOptions) -> Dump:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from dengine_cli.formats.base import PAGE_SIZE
 from dengine_cli.inspect import DumpInfo
+from dengine_cli.plan import PlanReport, VmPlan
 from dengine_cli.sharing import KSM_RMAP_ITEM_BYTES, SharingReport
 
 #: How many physical ranges `info` lists in a table before saying "and N more".
@@ -23,7 +25,9 @@ MAX_RANGES_SHOWN = 12
 def console(buf: io.StringIO, width: int | None = None) -> Console:
     """A colourless console of fixed width writing to ``buf`` (golden tests pin the width)."""
     if width is None:
-        width = max(80, min(shutil.get_terminal_size((100, 24)).columns, 160))
+        # On a terminal, its width; in a pipe or file, wide enough that nothing is cut.
+        width = shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 240
+        width = max(80, width)
     return Console(file=buf, width=width, color_system=None, highlight=False, emoji=False)
 
 
@@ -96,8 +100,11 @@ def _pct(x: float) -> str:
     return f"{100.0 * x:.1f}%"
 
 
-def render_sharing(report: SharingReport, *, matrix: bool = False, width: int | None = None) -> str:
-    """Per-VM and total sharing figures, the KSM view, and optionally the pairwise matrix."""
+def render_sharing(
+    report: SharingReport, *, matrix: bool = False, de: PlanReport | None = None, width: int | None = None
+) -> str:
+    """Per-VM and total sharing figures (with the Difference Engine's footprint and savings
+    beside them when ``de`` is given), the KSM view, and optionally the pairwise matrix."""
     buf = io.StringIO()
     con = console(buf, width)
     title = "Whole-page sharing" + ("" if report.cross_vm else " within each VM only (no cross-VM sharing)")
@@ -106,9 +113,15 @@ def render_sharing(report: SharingReport, *, matrix: bool = False, width: int | 
         table.add_column(header, justify="left" if header == "vm" else "right", no_wrap=True)
     table.add_column("footprint", justify="right", no_wrap=True)
     table.add_column("savings", justify="right", no_wrap=True)
+    de_rows: list[VmPlan] = []
+    if de is not None:
+        table.add_column("de footprint", justify="right", no_wrap=True)
+        table.add_column("de savings", justify="right", no_wrap=True)
+        de_rows = [*de.vms, de.total]
     rows = [*report.vms, report.total]
     names = [*short_names([vm.name for vm in report.vms]), report.total.name]
     for i, vm in enumerate(rows):
+        extra = [size_text(de_rows[i].footprint_bytes), _savings_text(de_rows[i])] if de_rows else []
         table.add_row(
             names[i],
             str(vm.present),
@@ -119,9 +132,12 @@ def render_sharing(report: SharingReport, *, matrix: bool = False, width: int | 
             str(vm.kept),
             size_text(vm.footprint_bytes),
             _pct(vm.savings),
+            *extra,
             end_section=i == len(rows) - 2,
         )
     con.print(table)
+    if de is not None:
+        con.print(_plan_notes(de))
     ksm = report.ksm
     profit = ksm.general_profit
     con.print(
@@ -157,8 +173,9 @@ def _matrix_table(report: SharingReport) -> Table:
     return table
 
 
-def render_sharing_csv(report: SharingReport) -> str:
-    """One CSV row per VM and a last row named ``total``; sizes in bytes, savings in percent."""
+def render_sharing_csv(report: SharingReport, de: PlanReport | None = None) -> str:
+    """One CSV row per VM and a last row named ``total``; sizes in bytes, savings in percent;
+    with ``de``, the Difference Engine's footprint and savings in two more columns."""
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
     out.writerow(
@@ -172,9 +189,12 @@ def render_sharing_csv(report: SharingReport) -> str:
             "kept_pages",
             "footprint_bytes",
             "savings_percent",
+            *(["de_footprint_bytes", "de_savings_percent"] if de else []),
         ]
     )
-    for vm in [*report.vms, report.total]:
+    de_rows = [*de.vms, de.total] if de else []
+    for i, vm in enumerate([*report.vms, report.total]):
+        extra = [de_rows[i].footprint_bytes, f"{100.0 * de_rows[i].savings:.4f}"] if de_rows else []
         out.writerow(
             [
                 vm.name,
@@ -186,6 +206,7 @@ def render_sharing_csv(report: SharingReport) -> str:
                 vm.kept,
                 vm.footprint_bytes,
                 f"{100.0 * vm.savings:.4f}",
+                *extra,
             ]
         )
     return buf.getvalue()
@@ -199,4 +220,130 @@ def render_matrix_csv(report: SharingReport) -> str:
     out.writerow(["vm", *names])
     for i, name in enumerate(names):
         out.writerow([name, *(int(v) for v in report.matrix[i])])
+    return buf.getvalue()
+
+
+def _savings_text(vm: VmPlan) -> str:
+    """Savings, with the 95% interval of an estimate."""
+    text = _pct(vm.savings)
+    if vm.footprint_low is not None and vm.footprint_high is not None:
+        low, high = vm.savings_of(vm.footprint_high), vm.savings_of(vm.footprint_low)
+        text += f" [{100 * low:.1f}-{100 * high:.1f}]"
+    return text
+
+
+def _plan_notes(plan: PlanReport) -> str:
+    """What a reader must know to trust a plan's figures."""
+    notes = []
+    p = plan.policy
+    det = p.detector.to_dict()
+    notes.append(
+        f"policy {p.name}: "
+        + ("share across VMs" if p.cross_vm else "share within each VM")
+        + (f", patch with {p.patch_codec} under {p.patch_threshold} B" if p.patch else "")
+        + (f", compress with {p.compression_codec} under {p.compression_threshold} B" if p.compress else "")
+        + (
+            f"; similarity: {det.get('indexes')} indexes of {det.get('blocks_per_index')} blocks, "
+            f"{det.get('candidates_per_bucket')} candidate(s) per bucket, seed {det.get('seed')}"
+            if p.patch
+            else ""
+        )
+    )
+    if plan.upper_bound:
+        notes.append("upper bound: no --history, so every page counted cold (none in active use)")
+    if plan.sample is not None:
+        s = plan.sample
+        notes.append(
+            f"estimate: patches and compression computed for {s.pages_computed} of {s.candidates} "
+            f"candidate pages (--sample {s.fraction:g}, seed {s.seed}); [low-high] = "
+            f"{100 * s.confidence:.0f}% confidence interval of the savings"
+        )
+    return "\n".join(notes)
+
+
+def render_plan(plan: PlanReport, width: int | None = None) -> str:
+    """The plan per VM and in total, beside the baseline's footprint and savings."""
+    buf = io.StringIO()
+    con = console(buf, width)
+    table = Table(title=f"Plan: policy {plan.policy.name}", box=box.SIMPLE_HEAD, title_justify="left")
+    headers = [
+        "vm",
+        "present",
+        "zero",
+        "shared",
+        "patched",
+        "compressed",
+        "paged out",
+        "footprint",
+        "savings",
+    ]
+    base_rows: list[VmPlan] = []
+    if plan.baseline is not None:
+        name = plan.baseline.policy.name
+        headers += [f"{name} footprint", f"{name} savings"]
+        base_rows = [*plan.baseline.vms, plan.baseline.total]
+    if plan.host is not None:
+        headers.append("per host")
+    for header in headers:
+        table.add_column(header, justify="left" if header == "vm" else "right", no_wrap=True)
+    rows = [*plan.vms, plan.total]
+    names = [*short_names([vm.name for vm in plan.vms]), "total"]
+    for i, vm in enumerate(rows):
+        cells = [
+            names[i],
+            str(vm.present),
+            str(vm.zero),
+            str(vm.shared),
+            f"{vm.patched} ({size_text(vm.patch_bytes)})",
+            f"{vm.compressed} ({size_text(vm.compressed_bytes)})",
+            str(vm.paged_out),
+            size_text(vm.footprint_bytes),
+            _savings_text(vm),
+        ]
+        if base_rows:
+            cells += [size_text(base_rows[i].footprint_bytes), _savings_text(base_rows[i])]
+        if plan.host is not None:
+            cells.append("" if vm.per_host is None else str(vm.per_host))
+        table.add_row(*cells, end_section=i == len(rows) - 2)
+    con.print(table)
+    con.print(_plan_notes(plan))
+    host = plan.host
+    if host is not None:
+        paged = (
+            f"paged out {plan.total.paged_out} pages ({size_text(plan.total.paged_out_bytes)})"
+            if plan.total.paged_out
+            else "nothing paged out"
+        )
+        sets = f"; {host.sets_per_host} such set(s) of VMs fit" if host.sets_per_host is not None else ""
+        con.print(
+            f"host memory {size_text(host.host_memory)}: footprint before paging "
+            f"{size_text(host.footprint_before_paging)}; {paged}"
+            + ("" if host.fits else "; STILL DOES NOT FIT")
+            + sets
+        )
+    cost = plan.cost
+    con.print(
+        f"run-time cost: building the plan {cost.build_us / 1e6:.3f} s of CPU; touching every page "
+        f"once afterwards {cost.access_us / 1e6:.3f} s (unit costs in us: {_fact_text(cost.model.to_dict())})"
+    )
+    return buf.getvalue()
+
+
+def render_plan_csv(plan: PlanReport) -> str:
+    """One CSV row per VM and a ``total`` row: the plan's figures, bytes and percent."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    keys = [k for k in plan.total.to_dict() if k not in ("name",) and not k.endswith("_interval_bytes")]
+    keys = [k for k in keys if not k.endswith("interval_percent")]
+    base = [*plan.baseline.vms, plan.baseline.total] if plan.baseline else []
+    header = ["vm", *keys]
+    if base:
+        header += ["baseline_footprint_bytes", "baseline_savings_percent"]
+    out.writerow(header)
+    for i, vm in enumerate([*plan.vms, plan.total]):
+        d = vm.to_dict()
+        row = [vm.name, *(d.get(k, "") for k in keys)]
+        if base:
+            row += [base[i].footprint_bytes, f"{100.0 * base[i].savings:.4f}"]
+        out.writerow(row)
     return buf.getvalue()

@@ -491,7 +491,7 @@ class _Grouper:
     def report(self) -> SharingReport:
         vms = tuple(
             VmSharing(
-                name=ix.name,
+                name=self.dumps[k].name,
                 present=int(self.present[k]),
                 zero=int(self.zero[k]),
                 shared_within=int(self.within[k]),

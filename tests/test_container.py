@@ -169,7 +169,9 @@ def test_open_dump_reads_compressed_stream_and_unlinks_temp(
     out_dir.mkdir()
     with open_dump(plain) as ref, open_dump(packed, OpenOptions(tmp_dir=out_dir)) as d:
         assert list(out_dir.iterdir()) == []  # unlinked once mapped
-        assert d.name == f"{packed} (decompressed {kind})"
+        assert d.name == str(packed)
+        assert d.source.name == f"{packed} (decompressed {kind})"
+        assert d.facts.extra["file_compression"] == kind
         assert d.facts.format == "qemu-stream"
         assert np.array_equal(d.gfns, ref.gfns)
         for a, b in zip(d.batches(), ref.batches(), strict=True):

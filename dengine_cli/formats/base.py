@@ -68,6 +68,13 @@ class Source:
     path: Path
     name: str
     start: int = 0
+    #: The file the user named, when ``path`` holds its decompressed content.
+    origin: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What reports call the dump: the path the user gave."""
+        return self.origin or self.name
 
     @classmethod
     def of(cls, path: Path | str) -> Source:
@@ -138,7 +145,9 @@ class Dump(ABC):
 
     @property
     def name(self) -> str:
-        return self.source.name
+        """The path the user gave for this dump (errors use ``source.name``, which also says
+        when the bytes read are a decompressed copy)."""
+        return self.source.label
 
     @property
     def page_count(self) -> int:

@@ -175,7 +175,7 @@ def decompress(source: Source, kind: str, options: OpenOptions) -> Source:
         raise
     os.close(fd)
     mm.close()
-    return Source(path=Path(tmp), name=f"{source.name} (decompressed {kind})")
+    return Source(path=Path(tmp), name=f"{source.name} (decompressed {kind})", origin=source.label)
 
 
 def _discard(fd: int, tmp: str, mm: mmap.mmap | None) -> None:

@@ -1,0 +1,179 @@
+"""Finding similar pages, as the Difference Engine does (Gupta et al., OSDI 2008, section 4.2).
+
+A page is summarized by the hashes of ``k * s`` 64-byte blocks taken at fixed pseudo-random
+offsets of the page.  The blocks form ``k`` indexes of ``s`` blocks each: a page's key in index j
+is a hash of its ``s`` block hashes of that index.  Two pages with the same key in some index are
+*similar*: the later one (in scan order) may be stored as a patch against the earlier.  Each
+bucket of an index keeps ``c`` candidate reference pages.  The paper's choice, and our default,
+is ``(k, s) = (2, 1)``, ``c = 1``: two indexes of one block each, one candidate per bucket.
+
+Semantics (deterministic and vectorized):
+
+* Pages are taken in scan order: the VMs in the order given, then ascending gfn.
+* The pages of a bucket are the pages offered to the index (reference-able pages: kept whole or
+  patch candidates) that have that key; the bucket's candidates are the first ``c`` of them in
+  scan order, as if the index were filled by one scan in which a full bucket keeps what it has.
+* The candidates of a page are, over the ``k`` indexes, the candidates of its buckets that come
+  before it in scan order (a page is never its own reference, and a reference is always seen
+  before the page patched against it, so its fate is known when the page comes).
+
+Offsets are 64-byte *aligned* blocks (block numbers 0..63 of a 4 KiB page) chosen without
+repetition by a seeded :class:`numpy.random.Generator`.  The paper uses random offsets; aligned
+ones lose nothing for similarity (a change of a few bytes touches a given block with the same
+probability wherever the blocks lie) and let the block words be read as aligned ``uint64``
+columns of the page array, which is what makes the hashing run at millions of pages a second.
+The seed and the offsets are part of every plan's report.
+
+Block hash: multiply-xor over the 8 little-endian 64-bit words of a block (``h = (h ^ w) * P``
+with an odd 64-bit multiplier, then a final avalanche), computed as numpy column operations over
+a whole batch.  It is not a cryptographic hash; a false match only costs a patch attempt, which
+is measured and rejected when it does not pay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dengine_cli.formats.base import PAGE_SIZE, PageArray
+
+#: Bytes per hashed block (the paper's choice).
+BLOCK_SIZE = 64
+BLOCKS_PER_PAGE = PAGE_SIZE // BLOCK_SIZE
+WORDS_PER_BLOCK = BLOCK_SIZE // 8
+
+# Odd 64-bit multipliers (from xxh64's primes) and the murmur3 finalizer constants.
+_MUL = np.uint64(0x9E3779B185EBCA87)
+_MUL2 = np.uint64(0xC2B2AE3D27D4EB4F)
+_FMIX1 = np.uint64(0xFF51AFD7ED558CCD)
+_FMIX2 = np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
+
+KeyArray = npt.NDArray[np.uint64]
+
+
+def _avalanche(h: KeyArray) -> KeyArray:
+    h ^= h >> _S33
+    h *= _FMIX1
+    h ^= h >> _S33
+    h *= _FMIX2
+    h ^= h >> _S33
+    return h
+
+
+@dataclass(frozen=True)
+class HashSimilarityDetector:
+    """The paper's hash-based similarity detector: ``indexes`` (k) indexes of
+    ``blocks_per_index`` (s) 64-byte block hashes each, ``candidates`` (c) references kept per
+    bucket, block offsets drawn from ``seed``."""
+
+    indexes: int = 2
+    blocks_per_index: int = 1
+    candidates: int = 1
+    seed: int = 0
+    #: Byte offsets of the k * s blocks, index by index (derived from the seed).
+    offsets: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.indexes < 1 or self.blocks_per_index < 1 or self.candidates < 1:
+            raise ValueError("indexes, blocks_per_index and candidates must be at least 1")
+        blocks = self.indexes * self.blocks_per_index
+        if blocks > BLOCKS_PER_PAGE:
+            raise ValueError(f"at most {BLOCKS_PER_PAGE} blocks per page (k * s = {blocks})")
+        if self.seed < 0:
+            raise ValueError("the seed must not be negative")
+        rng = np.random.default_rng(self.seed)
+        chosen = rng.choice(BLOCKS_PER_PAGE, size=blocks, replace=False)
+        object.__setattr__(self, "offsets", tuple(int(b) * BLOCK_SIZE for b in chosen))
+
+    @property
+    def block_count(self) -> int:
+        return self.indexes * self.blocks_per_index
+
+    def keys(self, pages: PageArray, rows: npt.NDArray[np.integer[Any]] | None = None) -> KeyArray:
+        """The ``(n, k)`` keys of a batch of pages (``(m, 4096) uint8``), or of its ``rows``:
+        column j is the page's key in index j."""
+        words = np.ascontiguousarray(pages).reshape(len(pages), PAGE_SIZE).view(np.uint64)
+        cols = np.concatenate([np.arange(o // 8, o // 8 + WORDS_PER_BLOCK) for o in self.offsets]).astype(
+            np.intp
+        )
+        # Only the hashed words are copied (k * s * 64 bytes per page), not the pages.
+        sampled = words[:, cols] if rows is None else words[np.asarray(rows, dtype=np.intp)[:, None], cols]
+        n = len(sampled)
+        keys = np.empty((n, self.indexes), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(self.indexes):
+                key = np.full(n, np.uint64(j + 1) * _MUL2, dtype=np.uint64)
+                for b in range(self.blocks_per_index):
+                    first = (j * self.blocks_per_index + b) * WORDS_PER_BLOCK
+                    h = np.full(n, np.uint64(b + 1), dtype=np.uint64)
+                    for w in range(WORDS_PER_BLOCK):
+                        h ^= sampled[:, first + w]
+                        h *= _MUL
+                    key ^= _avalanche(h)
+                    key *= _MUL2
+                keys[:, j] = _avalanche(key)
+        return keys
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "hash",
+            "indexes": self.indexes,
+            "blocks_per_index": self.blocks_per_index,
+            "candidates_per_bucket": self.candidates,
+            "block_size": BLOCK_SIZE,
+            "seed": self.seed,
+            "offsets": list(self.offsets),
+        }
+
+
+def candidate_pairs(
+    keys: KeyArray,
+    offered: npt.NDArray[np.bool_],
+    wants: npt.NDArray[np.bool_],
+    candidates: int,
+    scope: npt.NDArray[np.integer[Any]] | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The (page, reference) pairs of a scan, as two arrays of positions in scan order.
+
+    ``keys`` is ``(n, k)`` for the n pages in scan order; ``offered[i]``: page i goes into the
+    indexes (it may be a reference); ``wants[i]``: page i looks for references (a subset of the
+    offered pages).  ``scope`` (one integer per page, e.g. its VM) keeps references within pages
+    of the same value.  Pairs come sorted by page then reference, without repetition.
+    """
+    n, k = keys.shape
+    pos = np.flatnonzero(offered)
+    pages_parts: list[npt.NDArray[np.int64]] = []
+    refs_parts: list[npt.NDArray[np.int64]] = []
+    if len(pos) < 2:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy()
+    for j in range(k):
+        key = keys[pos, j]
+        order = np.argsort(key, kind="stable") if scope is None else np.lexsort((key, scope[pos]))
+        sk = key[order]
+        start = np.empty(len(order), dtype=np.bool_)
+        start[0] = True
+        np.not_equal(sk[1:], sk[:-1], out=start[1:])
+        if scope is not None:
+            ss = scope[pos][order]
+            start[1:] |= ss[1:] != ss[:-1]
+        group_start = np.flatnonzero(start)
+        first = group_start[np.cumsum(start) - 1]
+        rank = np.arange(len(order)) - first
+        members = pos[order]
+        looking = wants[members]
+        for t in range(candidates):
+            sel = looking & (rank > t)
+            pages_parts.append(members[sel])
+            refs_parts.append(members[first[sel] + t])
+    page = np.concatenate(pages_parts)
+    ref = np.concatenate(refs_parts)
+    if not len(page):
+        return page, ref
+    # Dedupe (a reference may be found through several indexes) and sort by page, then ref.
+    combined = np.unique(page.astype(np.int64) * n + ref)
+    return combined // n, combined % n
