@@ -14,27 +14,20 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import click
 
 from dengine_cli import __version__
 from dengine_cli.errors import EXIT_INTERNAL, EXIT_USAGE, DengineError, UnreadableFile
 from dengine_cli.formats import FORMAT_NAMES, FORMATS, OpenOptions, open_dump
-from dengine_cli.formats.base import Dump
-from dengine_cli.index import build_indexes
-from dengine_cli.inspect import DumpInfo, describe, extract
-from dengine_cli.plan import PlanReport, share_and_plan, write_plan
-from dengine_cli.policies import named_policy, resolve_policy
-from dengine_cli.render import (
-    render_info,
-    render_matrix_csv,
-    render_plan,
-    render_plan_csv,
-    render_sharing,
-    render_sharing_csv,
-)
-from dengine_cli.sharing import analyze
+
+# The engine and the renderers are imported by the commands that use them: every command pays
+# for what it imports before it starts, and `dengine info` needs neither the planner nor rich.
+if TYPE_CHECKING:
+    from dengine_cli.formats.base import Dump
+    from dengine_cli.inspect import DumpInfo
+    from dengine_cli.plan import PlanReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -250,6 +243,9 @@ def info_command(
     dumps: tuple[str, ...], as_json: bool, dump_format: str | None, device_memory: bool, tmp_dir: Path | None
 ) -> None:
     """Show each dump's format, guest facts, physical ranges, pages present and zero pages."""
+    from dengine_cli.inspect import describe
+    from dengine_cli.render import render_info
+
     options = open_options(dump_format, device_memory, tmp_dir)
     infos: list[DumpInfo] = []
     for path in expand_dump_args(dumps):
@@ -276,6 +272,8 @@ def extract_command(
     dump: str, output: Path, dump_format: str | None, device_memory: bool, tmp_dir: Path | None
 ) -> None:
     """Write a dump's guest physical memory as a flat, sparse raw image."""
+    from dengine_cli.inspect import extract
+
     options = open_options(dump_format, device_memory, tmp_dir)
     path = Path(dump)
     with _open(path, options) as d, progress(d.page_count, path.name) as tick:
@@ -291,7 +289,8 @@ def index_options(f: F) -> F:
         "--jobs",
         type=click.IntRange(min=1),
         default=None,
-        help="Processes that build indexes (default: one per CPU).",
+        help="Processes that build indexes (default: one per CPU when over 8 GiB of dumps or several "
+        "compressed dumps need indexing, else 1).",
     )(f)
     f = click.option(
         "--index-dir",
@@ -348,6 +347,8 @@ def index_command(
 
     Prints one line per dump: path, pages present, zero pages, whether the index was built or
     found in the cache, and the index file."""
+    from dengine_cli.index import build_indexes
+
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
     bar = PageProgress("indexing")
@@ -404,6 +405,11 @@ def analyze_command(
 ) -> None:
     """Exact whole-page sharing within and across VMs: zero, shared, unique pages, footprint and
     savings per VM and in total, and what KSM would report."""
+    from dengine_cli.plan import share_and_plan
+    from dengine_cli.policies import named_policy
+    from dengine_cli.render import render_matrix_csv, render_sharing, render_sharing_csv
+    from dengine_cli.sharing import analyze
+
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
     bar = PageProgress("analyzing")
@@ -505,6 +511,9 @@ def plan_command(
 ) -> None:
     """The Difference Engine plan: per VM, what sharing, patching, compression and paging save
     under a policy, beside a baseline policy."""
+    from dengine_cli.plan import share_and_plan, write_plan
+    from dengine_cli.policies import resolve_policy
+
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
     policy = resolve_policy(policy_name)
@@ -535,6 +544,8 @@ def plan_command(
 
 
 def _print_plan(report: PlanReport, output_format: str) -> None:
+    from dengine_cli.render import render_plan, render_plan_csv
+
     if output_format == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif output_format == "csv":

@@ -59,6 +59,12 @@ INDEX_SUFFIX = ".idx"
 #: What the hashes are: xxh3-64 (seed 0) of the 4096 bytes of a page.
 HASH_NAME = "xxh3_64"
 
+#: With the default ``jobs``, uncompressed dumps are hashed in worker processes only when more than
+#: this many bytes need indexing.  One process hashes about 3.5 GB/s, and starting the fork server
+#: and its workers (each importing numpy and the readers) cost 0.7-1.3 s on a 2-core machine: below
+#: ~8 GiB the pool would finish later than the calling process alone.
+POOL_MIN_BYTES = 8 << 30
+
 #: The hash of an all-zero page; zero pages carry it so the hash array needs no holes.
 ZERO_PAGE_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
 
@@ -335,7 +341,8 @@ def build_indexes(
     batch_pages: int = BATCH_PAGES,
 ) -> list[PageIndex]:
     """The indexes of several dumps (in the order given), building the missing ones in up to
-    ``jobs`` worker processes (default: one per CPU).
+    ``jobs`` worker processes (default: one per CPU when there is enough to do, see
+    :data:`POOL_MIN_BYTES`, else none: the calling process builds them).
 
     When fewer dumps need building than there are workers, each is cut into page ranges hashed
     by different workers (a dump is opened once per range, so compressed containers, which
@@ -344,7 +351,6 @@ def build_indexes(
     ``if __name__ == "__main__"`` (``python -m dengine_cli`` and the ``dengine`` script do).
     """
     options = options or OpenOptions()
-    jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
     # Resolved here: workers of a fork server may not see the caller's environment as it is now.
     index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
     keys = [index_key(p, options) for p in paths]
@@ -353,6 +359,7 @@ def build_indexes(
     todo = [i for i, r in enumerate(result) if r is None]
     if not todo:
         return _all_built(result)
+    jobs = max(1, jobs if jobs is not None else _default_jobs([paths[i] for i in todo]))
     # What each worker task does: hash a page range of a dump, or (-1, -1) index a whole dump.
     # Compressed containers are indexed whole by one worker, which decompresses them once.
     tasks: list[tuple[int, int, int]] = []
@@ -427,6 +434,21 @@ def _open(path: Path | str, options: OpenOptions) -> Dump:
     from dengine_cli.formats import open_dump
 
     return open_dump(path, options)
+
+
+def _default_jobs(paths: Sequence[Path | str]) -> int:
+    """One worker per CPU when the pool pays for its start-up: several compressed containers
+    (each decompressed by one worker, far slower than hashing) or more than
+    :data:`POOL_MIN_BYTES` of dumps; else 1 (no pool)."""
+    cpus = os.cpu_count() or 1
+    if cpus == 1:
+        return 1
+    containers = sum(1 for p in paths if _is_container(p))
+    size = 0
+    for p in paths:
+        with contextlib.suppress(OSError):
+            size += os.stat(p).st_size
+    return cpus if containers >= 2 or size > POOL_MIN_BYTES else 1
 
 
 def _is_container(path: Path | str) -> bool:

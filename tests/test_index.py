@@ -300,6 +300,31 @@ def test_build_indexes_in_one_process(tmp_path: Path) -> None:
     assert not index.loaded and index.hashes.tolist() == expected_hashes(pages)
 
 
+def test_default_jobs_start_no_pool_for_little_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without -j, a pool's start-up (a fork server importing numpy and the readers) is paid only
+    # when there is enough to hash: small uncompressed dumps are built by the calling process.
+    from dengine_cli import index as index_module
+
+    monkeypatch.setattr(index_module.os, "cpu_count", lambda: 2)
+    all_pages = [make_pages(35 + k, 40) for k in range(2)]
+    paths = [write_raw(tmp_path / f"vm{k}.raw", p) for k, p in enumerate(all_pages)]
+    assert index_module._default_jobs(paths) == 1
+    monkeypatch.setattr(index_module, "POOL_MIN_BYTES", 40 * PAGE_SIZE)
+    assert index_module._default_jobs(paths) == 2
+    monkeypatch.setattr(index_module, "POOL_MIN_BYTES", 1 << 40)
+    monkeypatch.setattr(index_module, "_is_container", lambda path: True)
+    assert index_module._default_jobs(paths) == 2  # two compressed dumps: decompressed side by side
+    monkeypatch.undo()
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a worker pool was started")
+
+    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", no_pool)
+    indexes = build_indexes(paths, None, tmp_path / "c")
+    for ix, pages in zip(indexes, all_pages, strict=True):
+        assert not ix.loaded and ix.hashes.tolist() == expected_hashes(pages)
+
+
 def test_whole_dumps_built_by_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Compressed containers are hashed whole by one worker, which writes the index itself.
     monkeypatch.setattr("dengine_cli.index._is_container", lambda path: True)
