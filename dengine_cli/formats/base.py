@@ -33,6 +33,9 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 #: to keep the resident set bounded.
 BATCH_PAGES = 16384
 
+#: A run of at least this many pages stored at a constant stride is returned as a view.
+VIEW_MIN_PAGES = 64
+
 #: In a page table, an offset that means "this page is all zeros and stored nowhere".
 ZERO_PAGE = -1
 
@@ -324,26 +327,44 @@ class PageTableDump(Dump):
         self.offsets = offsets.astype(np.int64, copy=False)
         self._buf = buf
         self._side_pages = side_pages
-        # Where the next page is not stored right after this one: the runs that can be views.
-        self._run_breaks = np.flatnonzero((np.diff(self.offsets) != PAGE_SIZE) | (self.offsets[:-1] < 0)) + 1
+        # Runs of stored pages at a constant stride (4096 back to back; 4104 in a QEMU stream,
+        # where each page follows its 8-byte header) can be returned as views of the mapping.
+        # A run breaks where a page is not stored, or the stride changes (which may cut a run
+        # one page short of what it could be: that only costs a copy).
+        offs = self.offsets
+        d = np.diff(offs)
+        cut = (offs[1:] < 0) | (offs[:-1] < 0) | (d < PAGE_SIZE)
+        cut[1:] |= d[1:] != d[:-1]
+        first = [0] if len(offs) else []
+        self._run_starts = np.concatenate((first, np.flatnonzero(cut) + 1)).astype(np.int64)
+        run_ends = np.concatenate((self._run_starts[1:], [len(offs)]))
+        long_run = (run_ends - self._run_starts >= VIEW_MIN_PAGES) & (offs[self._run_starts] >= 0)
+        self._long_starts = self._run_starts[long_run]
+
+    def _run_end(self, lo: int) -> int:
+        k = int(np.searchsorted(self._run_starts, lo, side="right"))
+        return int(self._run_starts[k]) if k < len(self._run_starts) else len(self.gfns)
 
     def _batch_end(self, lo: int, limit: int) -> int:
-        if self.offsets[lo] < 0:
-            return limit
-        k = int(np.searchsorted(self._run_breaks, lo, side="right"))
-        run_end = int(self._run_breaks[k]) if k < len(self._run_breaks) else len(self.gfns)
-        # A long stored run becomes a view; short runs are gathered into one copied batch.
-        if run_end - lo >= 64 or run_end >= limit:
+        run_end = self._run_end(lo)
+        if self.offsets[lo] >= 0 and run_end - lo >= VIEW_MIN_PAGES:
             return min(run_end, limit)
-        return limit
+        # Short runs and zero pages are gathered into one copied batch, up to the next long run.
+        k = int(np.searchsorted(self._long_starts, lo, side="right"))
+        next_long = int(self._long_starts[k]) if k < len(self._long_starts) else len(self.gfns)
+        return max(lo + 1, min(next_long, limit))
 
     def _pages(self, lo: int, hi: int) -> PageArray:
         first = int(self.offsets[lo])
-        if first >= 0 and hi - lo >= 1:
-            k = int(np.searchsorted(self._run_breaks, lo, side="right"))
-            run_end = int(self._run_breaks[k]) if k < len(self._run_breaks) else len(self.gfns)
-            if run_end >= hi:
-                return self._buf[first : first + (hi - lo) * PAGE_SIZE].reshape(hi - lo, PAGE_SIZE)
+        n = hi - lo
+        if first >= 0 and n >= 1 and self._run_end(lo) >= hi:
+            stride = int(self.offsets[lo + 1] - first) if n > 1 else PAGE_SIZE
+            if stride == PAGE_SIZE:
+                return self._buf[first : first + n * PAGE_SIZE].reshape(n, PAGE_SIZE)
+            view: PageArray = np.lib.stride_tricks.as_strided(
+                self._buf[first:], shape=(n, PAGE_SIZE), strides=(stride, 1), writeable=False
+            )
+            return view
         return self._gather(self.offsets[lo:hi])
 
     def _pages_at(self, idx: OffsetArray) -> PageArray:

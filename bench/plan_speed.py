@@ -1,0 +1,168 @@
+"""How fast ``dengine plan`` (Difference Engine policy) goes through real dumps, against ``zstd -1``.
+
+Goals of the project, speeds in bytes of dump files per second, wall clock:
+
+* the exact plan (``dengine plan --policy de --baseline none``) is **at least as fast as**
+  ``zstd -1 -T1`` compressing the same files (a plan should cost no more than one fast
+  compression pass over the dumps);
+* the sampled plan (``--sample 0.05``) is **at least 5x as fast as** ``zstd -1 -T1``, and its
+  savings are **within 1 percentage point** of the exact plan's.
+
+In one run, with the files in the page cache (read once before timing), each timed as a
+subprocess, best of ``--repeat``:
+
+* ``zstd -1 -T1 FILES -o /dev/null`` (the same as ``-c FILES > /dev/null``): zstd compresses
+  each file as its own frame, one after the other into one stream (the same bytes as dengine
+  reads, one thread);
+* ``dengine plan --policy de --baseline none --format json FILES``, exact and ``--sample 0.05``,
+  each with a fresh, empty ``--index-dir`` (includes building the page indexes, dengine's default
+  ``--jobs``) and with the index already built (cached).
+
+Reported: wall seconds, GiB/s, dengine speed / zstd speed, CPU seconds (user + sys, with child
+processes), peak RSS (``ru_maxrss`` from ``os.wait4``, which covers waited-for descendants too,
+and counts touched pages of the mmap-ed dumps) and peak anonymous RSS (sampled, see
+analyze_speed.py),
+the total savings of the exact and sampled plans (with the sample's 95 % interval) and their
+difference in percentage points; the git commit measured, the time and the machine load.
+
+Usage: python3 bench/plan_speed.py [--repeat N] [--json] [DUMPS ...]
+(default dumps: /work/bench-data/bench-*.elf, made by bench/make_bench_dumps.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from analyze_speed import (
+    Timing,
+    best_of,
+    default_dumps,
+    dengine,
+    measured_at,
+    print_table,
+    run_child,
+    warm_cache,
+)
+
+SAMPLE = 0.05
+EXACT_GOAL = 1.0  # dengine exact / zstd speed
+SAMPLE_GOAL = 5.0  # dengine sampled / zstd speed
+SAMPLE_PP_GOAL = 1.0  # |sampled - exact| savings, percentage points
+PLAN = ("plan", "--policy", "de", "--baseline", "none", "--format", "json")
+
+
+def savings(t: Timing) -> dict[str, Any]:
+    """Total savings (percent) and, for a sampled plan, its interval, from the JSON plan."""
+    total = json.loads(t.best.stdout)["total"]
+    out: dict[str, Any] = {
+        "savings_percent": total["savings_percent"],
+        "footprint_bytes": total["footprint_bytes"],
+    }
+    if "savings_interval_percent" in total:
+        out["savings_interval_percent"] = total["savings_interval_percent"]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Time zstd and dengine plan (exact, sampled); print the table (or JSON) and the goals."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dumps", nargs="*", type=Path)
+    ap.add_argument("--repeat", type=int, default=3, help="best of N runs (default: %(default)s)")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args(argv)
+    dumps = default_dumps(args.dumps)
+    if shutil.which("zstd") is None:
+        raise SystemExit("zstd not found (apt-get install zstd)")
+    nbytes = sum(p.stat().st_size for p in dumps)
+    files = [str(p) for p in dumps]
+    warm_cache(dumps)
+    at = measured_at()
+
+    # Same as `zstd -1 -T1 -c FILES > /dev/null` (frames one after the other into one output)
+    # without a shell: run_child's stdout is a temp file, which would cost disk writes.
+    zstd = best_of(
+        args.repeat, "zstd -1 -T1", lambda: ["zstd", "-q", "-1", "-T1", "-f", *files, "-o", "/dev/null"]
+    )
+    with tempfile.TemporaryDirectory(prefix="dengine-plan-bench-") as tmp:
+        counter = iter(range(1_000_000))
+
+        def fresh(*extra: str) -> list[str]:
+            return dengine(*PLAN, *extra, "--index-dir", str(Path(tmp) / f"cold-{next(counter)}"), *files)
+
+        def drop_cold() -> None:  # keep the disk use to one index set
+            for d in Path(tmp).glob("cold-*"):
+                shutil.rmtree(d)
+
+        sample = ("--sample", str(SAMPLE))
+        exact_cold = best_of(args.repeat, "dengine plan exact (index built)", fresh, drop_cold)
+        sample_cold = best_of(
+            args.repeat, f"dengine plan --sample {SAMPLE} (index built)", lambda: fresh(*sample), drop_cold
+        )
+        cached_dir = str(Path(tmp) / "cached")
+        run_child(dengine("index", "--index-dir", cached_dir, *files))
+        exact = best_of(
+            args.repeat,
+            "dengine plan exact (index cached)",
+            lambda: dengine(*PLAN, "--index-dir", cached_dir, *files),
+        )
+        sampled = best_of(
+            args.repeat,
+            f"dengine plan --sample {SAMPLE} (index cached)",
+            lambda: dengine(*PLAN, *sample, "--index-dir", cached_dir, *files),
+        )
+    base = zstd.best.seconds
+    rows = [zstd, exact_cold, exact, sample_cold, sampled]
+    exact_sav, sample_sav = savings(exact), savings(sampled)
+    pp = sample_sav["savings_percent"] - exact_sav["savings_percent"]
+    ratios = {
+        "exact_index_built": base / exact_cold.best.seconds,
+        "exact_index_cached": base / exact.best.seconds,
+        "sample_index_built": base / sample_cold.best.seconds,
+        "sample_index_cached": base / sampled.best.seconds,
+    }
+    goals = {k: v >= (EXACT_GOAL if k.startswith("exact") else SAMPLE_GOAL) for k, v in ratios.items()}
+    goals["sample_within_1pp"] = abs(pp) <= SAMPLE_PP_GOAL
+    if args.json:
+        out = {
+            "goal": "exact plan >= zstd -1 -T1 speed; --sample 0.05 >= 5x zstd and within 1 pp of exact",
+            "measured_at": at,
+            "dumps": files,
+            "bytes": nbytes,
+            "repeat": args.repeat,
+            "zstd_mode": "each file its own frame, one stream to /dev/null, one thread",
+            "rows": [t.to_dict(nbytes, base) for t in rows],
+            "speed_ratio": {k: round(v, 3) for k, v in ratios.items()},
+            "savings": {"exact": exact_sav, "sample": sample_sav, "difference_pp": round(pp, 4)},
+            "goal_met": goals,
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        f"{len(dumps)} dumps, {nbytes / 2**30:.2f} GiB, best of {args.repeat}; commit {at['commit']}, "
+        f"{at['time']}, load {at['loadavg']} on {at['cpus']} CPUs"
+    )
+    print_table("plan speed (speed ratio = zstd seconds / command seconds)", nbytes, rows, base)
+    for k, v in ratios.items():
+        goal = EXACT_GOAL if k.startswith("exact") else SAMPLE_GOAL
+        verdict = "met" if goals[k] else "NOT met"
+        print(f"dengine/zstd speed, {k.replace('_', ' ')}: {v:.2f} (goal >= {goal:g}: {verdict})")
+    lo, hi = sample_sav["savings_interval_percent"]
+    print(
+        f"savings: exact {exact_sav['savings_percent']:.3f} %, sample {sample_sav['savings_percent']:.3f} % "
+        f"(95 % interval {lo:.3f}..{hi:.3f}), difference {pp:+.3f} pp "
+        f"(goal within {SAMPLE_PP_GOAL:g} pp: {'met' if goals['sample_within_1pp'] else 'NOT met'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
