@@ -214,6 +214,16 @@ def parse_history(pairs: Sequence[str], dumps: Sequence[Path]) -> dict[str, str]
     return history
 
 
+output_format_option = click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="How to print the figures.",
+)
+
+
 def sample_options(f: F) -> F:
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")(f)
     f = click.option(
@@ -363,14 +373,7 @@ def index_command(
 
 @cli.command("analyze")
 @click.argument("dumps", nargs=-1, required=True)
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    show_default=True,
-    help="How to print the figures.",
-)
+@output_format_option
 @click.option(
     "--no-cross-vm",
     is_flag=True,
@@ -483,14 +486,7 @@ def analyze_command(
     default=None,
     help="Also write the whole plan, page by page, as JSON (schema dengine.plan/1).",
 )
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    show_default=True,
-    help="How to print the figures.",
-)
+@output_format_option
 @index_options
 @dump_options
 def plan_command(
