@@ -60,9 +60,11 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli import codec_pool
+from dengine_cli.codec_pool import CodecWorker
 from dengine_cli.costs import OperationCounts, PlanCost
 from dengine_cli.errors import OutputError, UsageError
-from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions, PageArray
+from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions
 from dengine_cli.index import PageIndex, Progress, build_indexes
 from dengine_cli.paging import SwapClass, choose_swap, vms_per_host
 from dengine_cli.policies import Policy
@@ -81,8 +83,6 @@ TAKE_ALL_UNIT = 64
 TAKE_ALL_SHARE = 200
 #: z for a two-sided 95% normal interval.
 Z95 = 1.959963984540054
-#: (page, reference) pairs whose patches are computed per codec call.
-PAIR_CHUNK = 4096
 
 _I64 = npt.NDArray[np.int64]
 _Bool = npt.NDArray[np.bool_]
@@ -322,24 +322,6 @@ def _scope(sharing: SharingReport, policy: Policy, hot: Sequence[_Bool | None], 
     )
 
 
-def _read_pages(
-    dumps: Sequence[Dump], indexes: Sequence[PageIndex], vm: _I64, pos: _I64
-) -> tuple[PageArray, _I64]:
-    """The pages at (vm, position) pairs: ``(pages, row)`` with ``pages[row[i]]`` the page of
-    pair i; each distinct page is read once, into one array (no second copy)."""
-    key = vm * (1 << 40) + pos
-    uniq, row = np.unique(key, return_inverse=True)
-    out = np.empty((len(uniq), PAGE_SIZE), dtype=np.uint8)
-    u_vm = uniq >> 40
-    cuts = np.searchsorted(u_vm, np.arange(len(dumps) + 1))
-    for v in np.unique(u_vm).tolist():
-        a, b = int(cuts[v]), int(cuts[v + 1])
-        out[a:b] = dumps[v].pages_at(
-            np.asarray(indexes[v].gfns[uniq[a:b] & ((1 << 40) - 1)], dtype=np.uint64)
-        )
-    return out, row.astype(np.int64)
-
-
 def _keys(dumps: Sequence[Dump], policy: Policy, scope: _Scope, batch_pages: int) -> npt.NDArray[np.uint64]:
     """Similarity keys ``(|E|, k)`` of the offered pages, one pass over each dump's batches."""
     det = policy.detector
@@ -430,28 +412,25 @@ def _patch(
     scope: _Scope,
     pages: _I64,
     refs: _I64,
+    worker: CodecWorker | None,
     on_progress: Progress | None,
 ) -> tuple[_I64, npt.NDArray[np.int32], _Bool]:
-    """Measure every pair's patch, then choose in scan order.  Returns, over E: the chosen
-    reference (-1: not patched), the patch size, and whether the page is a reference."""
-    from dengine_cli.codecs import patch_codec
-
-    codec = patch_codec(policy.patch_codec)
+    """Measure every pair's patch (sharing the work with ``worker`` if given), then choose in
+    scan order.  Returns, over E: the chosen reference (-1: not patched), the patch size, and
+    whether the page is a reference."""
     n = len(scope.e_vm)
-    sizes = np.empty(len(pages), dtype=np.int64)
-    for lo in range(0, len(pages), PAIR_CHUNK):
-        p, r = pages[lo : lo + PAIR_CHUNK], refs[lo : lo + PAIR_CHUNK]
-        both, row = _read_pages(
-            dumps,
-            indexes,
-            np.concatenate((scope.e_vm[p], scope.e_vm[r])),
-            np.concatenate((scope.e_pos[p], scope.e_pos[r])),
-        )
-        sizes[lo : lo + len(p)] = codec.patch_sizes(
-            both[row[len(p) :]], both[row[: len(p)]], limit=policy.patch_threshold
-        )
-        if on_progress is not None:
-            on_progress("patching", lo + len(p), len(pages))
+    sizes = codec_pool.patch_sizes(
+        dumps,
+        indexes,
+        policy.patch_codec,
+        policy.patch_threshold,
+        scope.e_vm[pages],
+        scope.e_pos[pages],
+        scope.e_vm[refs],
+        scope.e_pos[refs],
+        worker,
+        _progress(on_progress, "patching", len(pages)),
+    )
     good = sizes < policy.patch_threshold
     ref_of = np.full(n, -1, dtype=np.int64)
     patch_size = np.zeros(n, dtype=np.int32)
@@ -484,36 +463,30 @@ def _compress(
     policy: Policy,
     scope: _Scope,
     todo: _Bool,
-    batch_pages: int,
+    worker: CodecWorker | None,
     on_progress: Progress | None,
 ) -> npt.NDArray[np.int32]:
-    """Compressed sizes of the E pages marked ``todo`` (0 elsewhere), one pass per dump."""
-    from dengine_cli.codecs import compression_codec
-
-    codec = compression_codec(policy.compression_codec)
-    n = len(scope.e_vm)
-    sizes = np.zeros(n, dtype=np.int32)
+    """Compressed sizes of the E pages marked ``todo`` (0 elsewhere), sharing the work with
+    ``worker`` if given."""
+    sizes = np.zeros(len(scope.e_vm), dtype=np.int32)
     where = np.flatnonzero(todo)
-    total = len(where)
-    done = 0
-    bounds = np.searchsorted(scope.e_vm[where], np.arange(len(dumps) + 1))
-    for v, dump in enumerate(dumps):
-        e = where[bounds[v] : bounds[v + 1]]
-        if not len(e):
-            continue
-        pos = scope.e_pos[e]
-        start = 0
-        for batch in dump.batches(batch_pages):
-            end = start + len(batch)
-            a, b = np.searchsorted(pos, [start, end])
-            if b > a:
-                rows = pos[a:b] - start
-                sizes[e[a:b]] = codec.compressed_sizes(batch.pages[rows])
-                done += int(b - a)
-                if on_progress is not None:
-                    on_progress("compressing", done, total)
-            start = end
+    sizes[where] = codec_pool.compressed_sizes(
+        dumps,
+        indexes,
+        policy.compression_codec,
+        scope.e_vm[where],
+        scope.e_pos[where],
+        worker,
+        _progress(on_progress, "compressing", len(where)),
+    )
     return sizes
+
+
+def _progress(on_progress: Progress | None, what: str, total: int) -> Callable[[int], None] | None:
+    if on_progress is None:
+        return None
+    report = on_progress
+    return lambda done: report(what, done, total)
 
 
 def plan_dumps(
@@ -529,11 +502,14 @@ def plan_dumps(
     baseline: Policy | None = None,
     batch_pages: int = BATCH_PAGES,
     on_progress: Progress | None = None,
+    codec_worker: CodecWorker | None = None,
 ) -> PlanReport:
     """The plan of VMs given open dumps, their indexes and their exact sharing (any
     ``cross_vm``: the plan uses only the content ids).  ``hot[v]``: per page of VM v, whether it
     changed since an earlier snapshot (``None``: no history for that VM, or for any when ``hot``
-    is ``None``: every page cold, and the plan is an upper bound)."""
+    is ``None``: every page cold, and the plan is an upper bound).  ``codec_worker``: a worker
+    process over the same dumps that measures part of the patches and compressed pages when
+    there are enough of them (:mod:`dengine_cli.codec_pool`)."""
     if len(dumps) != len(indexes) or len(sharing.content_ids) != len(dumps):
         raise ValueError("one dump, index and content id array per VM is needed")
     if sample is not None and not 0.0 < sample <= 1.0:
@@ -564,18 +540,20 @@ def plan_dumps(
     if sampling is not None:
         keep = active[pages]
         pages, refs = pages[keep], refs[keep]
+    # Every active candidate is measured at least once (patched, compressed or both).
+    worker = codec_worker if codec_worker is not None and codec_worker.takes(int(active.sum())) else None
 
     ref_of = np.full(n_e, -1, dtype=np.int64)
     patch_size = np.zeros(n_e, dtype=np.int32)
     is_ref = np.zeros(n_e, dtype=np.bool_)
     if len(pages):
-        ref_of, patch_size, is_ref = _patch(dumps, indexes, policy, scope, pages, refs, on_progress)
+        ref_of, patch_size, is_ref = _patch(dumps, indexes, policy, scope, pages, refs, worker, on_progress)
     patched = ref_of >= 0
     comp_size = np.zeros(n_e, dtype=np.int32)
     compressed = np.zeros(n_e, dtype=np.bool_)
     if policy.compress:
         todo = active & ~patched & ~is_ref
-        comp_size = _compress(dumps, indexes, policy, scope, todo, batch_pages, on_progress)
+        comp_size = _compress(dumps, indexes, policy, scope, todo, worker, on_progress)
         compressed = todo & (comp_size < policy.compression_threshold)
 
     # Per-page plan.
@@ -696,6 +674,7 @@ def plan_dumps(
             seed=seed,
             batch_pages=batch_pages,
             on_progress=on_progress,
+            codec_worker=codec_worker,
         )
     return PlanReport(
         policy=policy,
@@ -894,6 +873,7 @@ def share_and_plan(
     baseline: Policy | None = None,
     batch_pages: int = BATCH_PAGES,
     on_progress: Progress | None = None,
+    codec_worker: bool | None = None,
 ) -> tuple[SharingReport, PlanReport]:
     """Index the dumps at ``paths`` (cached), share them exactly and plan them with ``policy``.
 
@@ -901,6 +881,9 @@ def share_and_plan(
     ``history`` maps a dump's path (as given in ``paths``) to an earlier snapshot of the same VM:
     that VM's changed pages are hot.  VMs without history count as all cold, and the plan is
     then an upper bound.  ``baseline``: a second policy planned on the same VMs for comparison.
+    ``codec_worker``: measure patches and compressed pages in two processes (``None``: when
+    ``jobs`` allows it and there is enough to measure, see :mod:`dengine_cli.codec_pool`;
+    ``True``: always, for any amount, waiting for the worker to start; ``False``: never).
     """
     from dengine_cli.formats import open_dump
     from dengine_cli.temperature import hot_pages
@@ -916,9 +899,11 @@ def share_and_plan(
     )
     current, earlier = indexes[: len(paths)], indexes[len(paths) :]
     dumps: list[Dump] = []
+    worker: CodecWorker | None = None
     try:
         for path in paths:
             dumps.append(open_dump(path, options))
+        worker = _start_worker(paths, options, dumps, current, (policy, baseline), jobs, codec_worker)
         hot: list[_Bool | None] = []
         k = 0
         for v, path in enumerate(paths):
@@ -943,10 +928,36 @@ def share_and_plan(
             baseline=baseline,
             batch_pages=batch_pages,
             on_progress=on_progress,
+            codec_worker=worker,
         )
     finally:
+        if worker is not None:
+            worker.close()
         for dump in dumps:
             dump.close()
+
+
+def _start_worker(
+    paths: Sequence[Path | str],
+    options: OpenOptions,
+    dumps: Sequence[Dump],
+    indexes: Sequence[PageIndex],
+    policies: Sequence[Policy | None],
+    jobs: int | None,
+    wanted: bool | None,
+) -> CodecWorker | None:
+    """A codec worker, started now (before sharing: it takes about half a second to be ready),
+    when it may be needed; :func:`plan_dumps` decides whether it is used."""
+    counts = [d.page_count for d in dumps]
+    if wanted:
+        return CodecWorker(paths, options, counts, min_pages=0, wait=True)
+    if wanted is False or not any(p is not None and (p.patch or p.compress) for p in policies):
+        return None
+    # The non-zero pages bound the pages that will be measured (distinct contents only).
+    nonzero = sum(ix.page_count - ix.zero_pages for ix in indexes)
+    if nonzero < codec_pool.MIN_PAGES or not codec_pool.worker_pays(dumps, jobs):
+        return None
+    return CodecWorker(paths, options, counts)
 
 
 # --- the plan file -------------------------------------------------------------------------------
