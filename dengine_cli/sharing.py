@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions
+from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions, PageArray
 from dengine_cli.index import PageIndex, Progress, build_indexes
 
 #: Version of the ``to_dict()`` form (the ``--json`` output of ``dengine analyze``).
@@ -245,6 +245,7 @@ class _Grouper:
     ) -> None:
         self.indexes = indexes
         self.dumps = dumps
+        self._windows = [d.page_windows() for d in dumps]
         self.cross_vm = cross_vm
         self.batch_pages = max(batch_pages, 2)
         self.group_pages = group_pages
@@ -394,6 +395,9 @@ class _Grouper:
 
     def _differs(self, members: _I64, reps: _I64, vm: npt.NDArray[np.uint32], pos: _I64) -> _Bool:
         """Whether each member's page differs from its representative's, reading both."""
+        in_place = self._differs_in_place(members, reps, vm, pos)
+        if in_place is not None:
+            return in_place
         needed = np.unique(np.concatenate((members, reps)))
         # Read VM by VM in gfn order, the dumps' fastest way; row k of ``pages`` holds the page
         # of member ``needed[by_place[k]]``.
@@ -419,6 +423,42 @@ class _Grouper:
         for lo in range(0, len(members), step):
             hi = lo + step
             differs[lo:hi] = (words[a[lo:hi]] != words[r[lo:hi]]).any(axis=1)
+        return differs
+
+    def _differs_in_place(
+        self, members: _I64, reps: _I64, vm: npt.NDArray[np.uint32], pos: _I64
+    ) -> _Bool | None:
+        """:meth:`_differs` for pages that all lie uncompressed in the dumps' mappings: compared
+        where they are, with no copy of the pages gathered first (``None``: not the case)."""
+        vm_m, vm_r = vm[members].astype(np.int64), vm[reps].astype(np.int64)
+        off_m = np.empty(len(members), dtype=np.int64)
+        off_r = np.empty(len(members), dtype=np.int64)
+        windows: dict[int, PageArray] = {}
+        for v in np.unique(np.concatenate((vm_m, vm_r))).tolist():
+            found = self._windows[v]
+            if found is None:
+                return None
+            windows[v], offsets = found
+            sel = vm_m == v
+            off_m[sel] = offsets[pos[members[sel]]]
+            sel = vm_r == v
+            off_r[sel] = offsets[pos[reps[sel]]]
+        if len(members) and (int(off_m.min()) < 0 or int(off_r.min()) < 0):
+            return None  # a page assembled in memory or stored nowhere: compare copies instead
+        differs = np.empty(len(members), dtype=np.bool_)
+        # Pairs of the same two dumps together, then a few hundred at a time: the row copies
+        # fancy indexing makes stay in the CPU cache.
+        pair = vm_m * self.n_vms + vm_r
+        order = np.argsort(pair, kind="stable")
+        cuts = np.flatnonzero(np.diff(pair[order])) + 1
+        step = 128
+        for seg in np.split(order, cuts):
+            wm, wr = windows[int(vm_m[seg[0]])], windows[int(vm_r[seg[0]])]
+            for lo in range(0, len(seg), step):
+                rows = seg[lo : lo + step]
+                a = wm[off_m[rows]].view(np.uint64)
+                b = wr[off_r[rows]].view(np.uint64)
+                differs[rows] = (a != b).any(axis=1)
         return differs
 
     # --- counting ------------------------------------------------------------------------------

@@ -400,3 +400,21 @@ def test_real_dumps_equal_dict_count(
         sum(1 for v, _ in where.get(zero, []) if v == k) for k in range(2)
     ]
     assert report.collisions == 0
+
+
+def test_forced_collisions_with_compressed_pages_and_a_raw_image(tmp_path: Path) -> None:
+    """Pages that do not lie uncompressed in a mapping (a kdump's zlib pages) are compared from
+    copies, pages of a raw image in place: both ways must split every collision."""
+    from dengine_cli.formats import open_dump
+    from tests.builders.kdump import build_kdump
+
+    vms = design_vms(8, [150, 150])
+    (tmp_path / "vm0.kdump").write_bytes(build_kdump({g: p.tobytes() for g, p in enumerate(vms[0])}).data)
+    (tmp_path / "vm1.raw").write_bytes(vms[1].tobytes())
+    dumps = [open_dump(tmp_path / "vm0.kdump"), open_dump(tmp_path / "vm1.raw")]
+    assert dumps[0].page_windows() is None and dumps[1].page_windows() is not None
+    indexes = [index_dump(d, batch_pages=64) for d in dumps]
+    report = share(indexes, dumps, batch_pages=64, hash_bits=2)
+    expected = dict_count(vms, hash_bits=2)
+    assert_figures(report, vms, expected)
+    assert report.collisions == expected["collisions"] > 50

@@ -205,6 +205,13 @@ class Dump(ABC):
             out[s:e] = self._pages(lo, lo + (e - s))
         return out
 
+    def page_windows(self) -> tuple[PageArray, OffsetArray] | None:
+        """For dumps whose pages lie uncompressed in one mapping: every 4096-byte window of it
+        (row k = the page at byte k, a view) and the byte offset of each present page (negative:
+        not stored there).  Lets callers compare pages in place without copying them out first;
+        ``None`` for other dumps."""
+        return None
+
     def ranges(self) -> list[tuple[int, int]]:
         """Runs of consecutive present gfns as ``(first_gfn, page_count)``."""
         return gfn_runs(self.gfns)
@@ -369,6 +376,14 @@ class PageTableDump(Dump):
 
     def _pages_at(self, idx: OffsetArray) -> PageArray:
         return self._gather(self.offsets[idx])
+
+    def page_windows(self) -> tuple[PageArray, OffsetArray] | None:
+        if len(self._buf) < PAGE_SIZE:
+            return None
+        windows: PageArray = np.lib.stride_tricks.as_strided(
+            self._buf, shape=(len(self._buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
+        )
+        return windows, self.offsets
 
     def _gather(self, offsets: OffsetArray) -> PageArray:
         side = offsets <= SIDE_PAGE
