@@ -849,16 +849,6 @@ def _total(vms: Sequence[VmPlan], host_memory: int | None, half: float | None) -
 # --- from paths ----------------------------------------------------------------------------------
 
 
-def make_plan(
-    paths: Sequence[Path | str],
-    policy: Policy,
-    **kwargs: Any,
-) -> PlanReport:
-    """Index the dumps at ``paths`` (cached), share them exactly and plan them with ``policy``;
-    see :func:`share_and_plan` for the keywords."""
-    return share_and_plan(paths, policy, **kwargs)[1]
-
-
 def share_and_plan(
     paths: Sequence[Path | str],
     policy: Policy,

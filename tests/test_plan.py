@@ -8,6 +8,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,8 +29,8 @@ from dengine_cli.plan import (
     WHOLE,
     ZERO,
     PlanReport,
-    make_plan,
     plan_dumps,
+    share_and_plan,
     write_plan,
 )
 from dengine_cli.policies import POLICIES, Policy
@@ -44,6 +45,11 @@ DE = POLICIES["de"]
 #: Workload files in the order the raw test images lay them out (after ZERO_LEAD zero pages).
 LAYOUT = ("identical.bin", "base.bin", "similar.bin", "text.txt", "random.bin")
 ZERO_LEAD = 8
+
+
+def plan_of(*args: Any, **kwargs: Any) -> PlanReport:
+    """The plan alone, without the sharing report beside it."""
+    return share_and_plan(*args, **kwargs)[1]
 
 
 def workload_image(guest: str) -> tuple[bytes, dict[str, range]]:
@@ -201,7 +207,7 @@ def test_history_makes_changed_pages_hot(tmp_path: Path) -> None:
     later[where["similar.bin"].start * PAGE_SIZE + 5] ^= 0x01
     earlier_path, later_path = write_images(tmp_path, [image, bytes(later)])
     options = OpenOptions(format="raw")
-    report = make_plan(
+    report = plan_of(
         [later_path],
         DE,
         options=options,
@@ -215,11 +221,11 @@ def test_history_makes_changed_pages_hot(tmp_path: Path) -> None:
     assert vm.compressed == 64 - 8 and vm.patched == 63
     actions = report.pages[0].actions
     assert (actions[text.start : text.start + 8] == WHOLE).all()
-    no_history = make_plan([later_path], DE, options=options, index_dir=tmp_path / "idx", jobs=1)
+    no_history = plan_of([later_path], DE, options=options, index_dir=tmp_path / "idx", jobs=1)
     assert no_history.upper_bound and no_history.vms[0].hot == 0
     assert no_history.vms[0].footprint_bytes < vm.footprint_bytes
     with pytest.raises(UsageError, match="not one of the dumps"):
-        make_plan(
+        plan_of(
             [later_path], DE, options=options, index_dir=tmp_path / "idx", history={"x.raw": earlier_path}
         )
 
@@ -233,7 +239,7 @@ def test_real_qemu_fixture(real_dump: Callable[[str], Path], guest: str, tmp_pat
         path = real_dump(f"{guest}.elf")
     except FileNotFoundError:
         pytest.skip("QEMU fixtures not generated")
-    report = make_plan([path], DE, index_dir=tmp_path / "idx", jobs=1)
+    report = plan_of([path], DE, index_dir=tmp_path / "idx", jobs=1)
     dump = open_dump(path)
     index = index_dump(dump)
     files = workload_files(guest)
