@@ -342,11 +342,17 @@ class PageProgress:
 
 
 @cli.command("index")
-@click.argument("dumps", nargs=-1, required=True)
+@click.argument("dumps", nargs=-1)
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="First remove cached indexes of dumps that are gone or have changed (DUMPS may be omitted).",
+)
 @index_options
 @dump_options
 def index_command(
     dumps: tuple[str, ...],
+    prune: bool,
     index_dir: Path | None,
     jobs: int | None,
     dump_format: str | None,
@@ -357,8 +363,16 @@ def index_command(
 
     Prints one line per dump: path, pages present, zero pages, whether the index was built or
     found in the cache, and the index file."""
-    from dengine_cli.index import build_indexes
+    from dengine_cli.index import build_indexes, default_index_dir, prune_indexes
 
+    if prune:
+        kept, removed, freed = prune_indexes(index_dir)
+        _note(
+            f"{index_dir or default_index_dir()}: removed {removed} stale index files "
+            f"({freed} bytes), kept {kept}"
+        )
+        if not dumps:
+            return
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
     bar = PageProgress("indexing")

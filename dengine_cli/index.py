@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from dengine_cli.errors import UnreadableFile
+from dengine_cli.errors import OutputError, UnreadableFile
 from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, GfnArray, OpenOptions, PageArray
 
 INDEX_MAGIC = b"DENGIDX\0"
@@ -260,6 +260,51 @@ def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
     except (OSError, ValueError, KeyError, TypeError):
         # json errors are ValueErrors; anything unreadable is a cache miss, never a crash.
         return None
+
+
+def prune_indexes(index_dir: Path | str | None = None) -> tuple[int, int, int]:
+    """Remove the cache files that can never be used again: indexes of dumps that are gone or
+    have changed since, files of another index version, unreadable files, and temporary files
+    left by an interrupted write.  Returns ``(kept, removed, bytes_freed)``.
+
+    Only files named like ours (``*.idx``, ``.tmp-*.idx``) in ``index_dir`` are looked at."""
+    folder = Path(index_dir if index_dir is not None else default_index_dir())
+    kept = removed = freed = 0
+    if not folder.is_dir():
+        return 0, 0, 0
+    for file in sorted(folder.glob("*" + INDEX_SUFFIX)) + sorted(folder.glob(".tmp-*" + INDEX_SUFFIX)):
+        if _still_valid(file):
+            kept += 1
+            continue
+        try:
+            size = file.stat().st_size
+            file.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OutputError(file, e.strerror or str(e)) from e
+        removed += 1
+        freed += size
+    return kept, removed, freed
+
+
+def _still_valid(file: Path) -> bool:
+    """Whether ``file`` is an index whose dump is still as it was when it was built."""
+    if file.name.startswith(".tmp-"):
+        return False
+    try:
+        with open(file, "rb") as f:
+            prefix = f.read(INDEX_PREFIX.size)
+            if len(prefix) != INDEX_PREFIX.size:
+                return False
+            magic, version, header_len = INDEX_PREFIX.unpack(prefix)
+            if magic != INDEX_MAGIC or version != INDEX_VERSION or header_len > INDEX_HEADER_MAX:
+                return False
+            key = json.loads(f.read(header_len))["key"]
+        options = OpenOptions(format=key["format"], device_memory=bool(key["device_memory"]))
+        return bool(index_key(key["path"], options) == key and _file_for(key, file.parent) == file)
+    except (OSError, ValueError, KeyError, TypeError, UnreadableFile):
+        return False
 
 
 def write_index(index: PageIndex, key: dict[str, Any], file: Path) -> bool:

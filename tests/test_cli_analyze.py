@@ -164,3 +164,29 @@ def test_sharing_table_golden(tmp_path: Path) -> None:
     if not golden.exists():
         golden.write_text(text)
     assert text == golden.read_text()
+
+
+def test_index_prune_removes_only_stale_indexes(tmp_path: Path) -> None:
+    paths = make_vms(tmp_path)
+    idx = tmp_path / "idx"
+    code, out, _ = invoke("index", "--index-dir", str(idx), *map(str, paths))
+    assert code == 0
+    files = {Path(line.split("\t")[0]).name: Path(line.split("\t")[4]) for line in out.splitlines()}
+    paths[1].write_bytes(paths[1].read_bytes())  # rewritten: same bytes, new ctime
+    paths[2].unlink()
+    (idx / ".tmp-interrupted.idx").write_bytes(b"half")
+    (idx / "notes.txt").write_text("not ours")
+    code, out, err = invoke("index", "--prune", "--index-dir", str(idx))
+    assert code == 0
+    assert out == ""
+    assert "removed 3 stale index files" in err and "kept 1" in err
+    assert sorted(p.name for p in idx.iterdir()) == sorted([files["a.raw"].name, "notes.txt"])
+    # The kept index is still used.
+    code, out, _ = invoke("index", "--index-dir", str(idx), str(paths[0]))
+    assert out.split("\t")[3] == "cached"
+
+
+def test_index_needs_dumps_unless_pruning(tmp_path: Path) -> None:
+    code, _, err = invoke("index", "--index-dir", str(tmp_path))
+    assert code == 2
+    assert "no dumps given" in err
