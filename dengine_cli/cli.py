@@ -422,10 +422,7 @@ def analyze_command(
 ) -> None:
     """Exact whole-page sharing within and across VMs: zero, shared, unique pages, footprint and
     savings per VM and in total, and what KSM would report."""
-    from dengine_cli.plan import share_and_plan
-    from dengine_cli.policies import named_policy
     from dengine_cli.render import render_matrix_csv, render_sharing, render_sharing_csv
-    from dengine_cli.sharing import analyze
 
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
@@ -433,10 +430,15 @@ def analyze_command(
     de: PlanReport | None = None
     try:
         if sharing_only:
+            from dengine_cli.sharing import analyze
+
             report = analyze(
                 paths, options, index_dir=index_dir, jobs=jobs, cross_vm=not no_cross_vm, on_progress=bar
             )
         else:
+            from dengine_cli.plan import share_and_plan
+            from dengine_cli.policies import named_policy
+
             policy = dataclasses.replace(named_policy("de"), cross_vm=not no_cross_vm)
             report, de = share_and_plan(
                 paths,

@@ -8,15 +8,18 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from dengine_cli.formats.base import PAGE_SIZE
-from dengine_cli.inspect import DumpInfo
-from dengine_cli.plan import PlanReport, VmPlan
 from dengine_cli.sharing import KSM_RMAP_ITEM_BYTES, SharingReport
+
+if TYPE_CHECKING:  # for annotations only: rendering sharing needs no planner
+    from dengine_cli.inspect import DumpInfo
+    from dengine_cli.plan import PlanReport, VmPlan
 
 #: How many physical ranges `info` lists in a table before saying "and N more".
 MAX_RANGES_SHOWN = 12
