@@ -65,6 +65,8 @@ HASH_NAME = "xxh3_64"
 #: and its workers (each importing numpy and the readers) cost 0.7-1.3 s on a 2-core machine: below
 #: ~8 GiB the pool would finish later than the calling process alone.
 POOL_MIN_BYTES = 8 << 30
+#: Threads that index several dumps at once in this process when no worker pool is started.
+INDEX_THREADS = 2
 
 #: The hash of an all-zero page; zero pages carry it so the hash array needs no holes.
 ZERO_PAGE_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
@@ -400,6 +402,7 @@ def build_indexes(
     todo = [i for i, r in enumerate(result) if r is None]
     if not todo:
         return _all_built(result)
+    threads = 1 if jobs is not None else min(len(todo), os.cpu_count() or 1, INDEX_THREADS)
     jobs = max(1, jobs if jobs is not None else _default_jobs([paths[i] for i in todo]))
     # What each worker task does: hash a page range of a dump, or (-1, -1) index a whole dump.
     # Compressed containers are indexed whole by one worker, which decompresses them once.
@@ -414,11 +417,21 @@ def build_indexes(
         plans[i] = len(ranges)
         tasks.extend((i, lo, hi) for lo, hi in ranges)
     if jobs == 1 or len(tasks) == 1:
-        # One task: a pool would only add its start-up time.
-        for i in todo:
-            result[i] = load_or_build(
+        # In this process: a pool would cost more to start than it saves.  Several dumps are
+        # indexed by threads: the zero check and the page faults of reading the mapping run
+        # without the GIL and overlap (0.63 -> 0.34 s for four 400 MiB dumps on 2 cores).
+        def build(i: int) -> PageIndex:
+            return load_or_build(
                 paths[i], options, index_dir, batch_pages=batch_pages, on_progress=on_progress
             )
+
+        if threads > 1 and not any(_is_container(paths[i]) for i in todo):
+            with concurrent.futures.ThreadPoolExecutor(threads) as threader:
+                for i, index in zip(todo, threader.map(build, todo), strict=True):
+                    result[i] = index
+        else:
+            for i in todo:
+                result[i] = build(i)
         return _all_built(result)
 
     # Workers come from a fork server: forking the caller itself could deadlock on a lock held

@@ -361,3 +361,20 @@ def test_compressed_dump_is_indexed_whole_by_one_worker(tmp_path: Path) -> None:
     assert indexes[0].loaded  # written by the worker that decompressed it
     assert indexes[0].name == str(packed)
     assert indexes[0].hashes.tolist() == indexes[1].hashes.tolist() == expected_hashes(pages)
+
+
+def test_several_dumps_indexed_by_threads_equal_one_at_a_time(tmp_path: Path) -> None:
+    """Without -j, several dumps are indexed by threads of this process: the same indexes as
+    building them one by one."""
+    rng = np.random.default_rng(11)
+    paths = []
+    for k in range(3):
+        image = np.zeros((300, PAGE_SIZE), dtype=np.uint8)
+        image[:: k + 2] = rng.integers(0, 256, (len(image[:: k + 2]), PAGE_SIZE), dtype=np.uint8)
+        paths.append(tmp_path / f"t{k}.raw")
+        paths[-1].write_bytes(image.tobytes())
+    threaded = build_indexes(paths, index_dir=tmp_path / "a")
+    single = build_indexes(paths, index_dir=tmp_path / "b", jobs=1)
+    for x, y in zip(threaded, single, strict=True):
+        assert np.array_equal(x.hashes, y.hashes) and np.array_equal(x.zero, y.zero)
+        assert np.array_equal(x.gfns, y.gfns)
