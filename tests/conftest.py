@@ -8,6 +8,7 @@ import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,3 +75,14 @@ def oracle_pages(
 def page_digests(gfns: np.ndarray, pages: np.ndarray) -> dict[int, bytes]:  # type: ignore[type-arg]
     """The same digests as :func:`oracle_pages`, for pages read by dengine."""
     return {int(g): hashlib.blake2b(pages[i].tobytes(), digest_size=16).digest() for i, g in enumerate(gfns)}
+
+
+def read_pages(dump: Any, batch: int) -> dict[int, bytes]:
+    """Every page a dump yields, {gfn: bytes}, read in batches of ``batch`` pages (small sizes
+    exercise batch boundaries); each batch must come in strictly ascending gfn order."""
+    out: dict[int, bytes] = {}
+    for b in dump.batches(batch):
+        assert np.all(np.diff(b.gfns.astype(np.int64)) > 0)
+        for g, p in zip(b.gfns.tolist(), b.pages, strict=True):
+            out[g] = p.tobytes()
+    return out

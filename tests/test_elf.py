@@ -31,7 +31,7 @@ from tests.builders.elf import (
     vmcoreinfo_note,
 )
 from tests.builders.xc_core import build_xc_core
-from tests.conftest import oracle_pages, page_digests
+from tests.conftest import oracle_pages, page_digests, read_pages
 
 PAGE = 4096
 
@@ -52,11 +52,7 @@ def write(tmp_path: Path, data: bytes, name: str = "dump.elf") -> Path:
 
 
 def read_all(dump: Dump, batch: int = 7) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    for b in dump.batches(batch):
-        for g, p in zip(b.gfns.tolist(), b.pages, strict=True):
-            out[g] = p.tobytes()
-    return out
+    return read_pages(dump, batch)
 
 
 def qemu_pc_segments() -> list[Segment]:

@@ -24,7 +24,7 @@ from tests.builders.kdump import (
     reassemble,
     record,
 )
-from tests.conftest import FIXTURES, oracle_pages, page_digests
+from tests.conftest import FIXTURES, oracle_pages, page_digests, read_pages
 
 CODECS = ["zlib", "lzo", "snappy", "zstd", "none"]
 ZERO = bytes(4096)
@@ -59,13 +59,8 @@ def open_path(path: Path, **opts: Any) -> Dump:
     return kdump.open_kdump(Source.of(path), OpenOptions(**opts))
 
 
-def read_all(d: Dump, batch: int = 97) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    for b in d.batches(batch):
-        assert np.all(np.diff(b.gfns.astype(np.int64)) > 0)
-        for g, p in zip(b.gfns.tolist(), b.pages, strict=True):
-            out[g] = p.tobytes()
-    return out
+def read_all(dump: Dump, batch: int = 97) -> dict[int, bytes]:
+    return read_pages(dump, batch)
 
 
 def fails(path: Path, **opts: Any) -> FormatError:

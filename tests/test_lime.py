@@ -14,6 +14,7 @@ from dengine_cli.errors import FormatError, UnsupportedFeature
 from dengine_cli.formats import lime, open_dump
 from dengine_cli.formats.base import Dump, OpenOptions
 from tests.builders.lime import HEADER_SIZE, build_lime, lime_range
+from tests.conftest import read_pages
 
 PAGE = 4096
 
@@ -32,11 +33,7 @@ def write(tmp_path: Path, data: bytes) -> Path:
 
 
 def read_all(dump: Dump, batch: int = 7) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    for b in dump.batches(batch):
-        for g, p in zip(b.gfns.tolist(), b.pages, strict=True):
-            out[g] = p.tobytes()
-    return out
+    return read_pages(dump, batch)
 
 
 def model(ranges: list[tuple[int, bytes]]) -> dict[int, bytes]:

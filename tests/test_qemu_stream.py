@@ -22,6 +22,7 @@ from tests.builders.qemu_stream import (
     build_mapped_ram,
     build_stream,
 )
+from tests.conftest import read_pages
 
 BLOCKS = {"pc.ram": 4 << 20, "vga.vram": 1 << 20, "pc.bios": 256 << 10, "/rom@etc/acpi/tables": 128 << 10}
 UUID = "6c0ffee0-0000-4000-8000-00000000a1fa"
@@ -38,12 +39,8 @@ def write(tmp_path: Path, data: bytes, name: str = "s.qevm") -> Path:
     return p
 
 
-def read_all(d: Dump) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    for b in d.batches(max_pages=300):
-        for g, page in zip(b.gfns.tolist(), b.pages, strict=True):
-            out[g] = page.tobytes()
-    return out
+def read_all(dump: Dump, batch: int = 300) -> dict[int, bytes]:
+    return read_pages(dump, batch)
 
 
 def opened(tmp_path: Path, data: bytes, **options: Any) -> Dump:

@@ -13,7 +13,7 @@ from dengine_cli.errors import FormatError, UnsupportedFeature
 from dengine_cli.formats import open_dump, xc_core
 from dengine_cli.formats.base import Dump
 from tests.builders.xc_core import build_xc_core, pre_elf_xc_core, xen_version_desc
-from tests.conftest import kdumpfile_available, oracle_pages, page_digests
+from tests.conftest import kdumpfile_available, oracle_pages, page_digests, read_pages
 
 PAGE = 4096
 
@@ -29,11 +29,7 @@ def write(tmp_path: Path, data: bytes, name: str = "guest.core") -> Path:
 
 
 def read_all(dump: Dump, batch: int = 5) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    for b in dump.batches(batch):
-        for g, p in zip(b.gfns.tolist(), b.pages, strict=True):
-            out[g] = p.tobytes()
-    return out
+    return read_pages(dump, batch)
 
 
 HVM_PFNS = [0, 1, 2, 0x9F, 0x100, 0x101, 0x102, 0x7000A, 0x7000E]
