@@ -215,13 +215,18 @@ def print_table(title: str, nbytes: int, rows: Sequence[Timing], baseline: float
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Time xxhsum and dengine analyze; print the table (or JSON) and whether the goal is met."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_bench_args(doc: str | None, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments every benchmark here takes: dumps, --repeat, --json."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dumps", nargs="*", type=Path)
     ap.add_argument("--repeat", type=int, default=3, help="best of N runs (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Time xxhsum and dengine analyze; print the table (or JSON) and whether the goal is met."""
+    args = parse_bench_args(__doc__, argv)
     dumps = default_dumps(args.dumps)
     if shutil.which("xxhsum") is None:
         raise SystemExit("xxhsum not found (apt-get install xxhash)")

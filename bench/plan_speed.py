@@ -31,7 +31,6 @@ Usage: python3 bench/plan_speed.py [--repeat N] [--json] [DUMPS ...]
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -48,6 +47,7 @@ from analyze_speed import (
     default_dumps,
     dengine,
     measured_at,
+    parse_bench_args,
     print_table,
     run_child,
     warm_cache,
@@ -74,11 +74,7 @@ def savings(t: Timing) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Time zstd and dengine plan (exact, sampled); print the table (or JSON) and the goals."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dumps", nargs="*", type=Path)
-    ap.add_argument("--repeat", type=int, default=3, help="best of N runs (default: %(default)s)")
-    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(__doc__, argv)
     dumps = default_dumps(args.dumps)
     if shutil.which("zstd") is None:
         raise SystemExit("zstd not found (apt-get install zstd)")
