@@ -884,15 +884,25 @@ def share_and_plan(
     if unknown:
         raise UsageError(f"history given for {unknown[0]}, which is not one of the dumps planned")
     earlier_paths = [history[str(p)] for p in paths if str(p) in history]
-    indexes = build_indexes(
-        [*paths, *earlier_paths], options, index_dir, jobs, on_progress, batch_pages=batch_pages
-    )
-    current, earlier = indexes[: len(paths)], indexes[len(paths) :]
+    opened: dict[int, Dump] = {}
     dumps: list[Dump] = []
     worker: CodecWorker | None = None
     try:
-        for path in paths:
-            dumps.append(open_dump(path, options))
+        indexes = build_indexes(
+            [*paths, *earlier_paths],
+            options,
+            index_dir,
+            jobs,
+            on_progress,
+            batch_pages=batch_pages,
+            keep_open=opened,
+        )
+        current, earlier = indexes[: len(paths)], indexes[len(paths) :]
+        # Earlier snapshots are opened again below, one at a time.
+        for i in [i for i in opened if i >= len(paths)]:
+            opened.pop(i).close()
+        for i, path in enumerate(paths):
+            dumps.append(opened.pop(i) if i in opened else open_dump(path, options))
         worker = _start_worker(paths, options, dumps, current, (policy, baseline), jobs, codec_worker)
         hot: list[_Bool | None] = []
         k = 0
@@ -923,7 +933,7 @@ def share_and_plan(
     finally:
         if worker is not None:
             worker.close()
-        for dump in dumps:
+        for dump in [*dumps, *opened.values()]:
             dump.close()
 
 

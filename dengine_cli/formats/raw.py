@@ -46,7 +46,7 @@ def open_raw(source: Source, options: OpenOptions) -> Dump:
     facts = GuestFacts(format="raw", memory_bytes=usable)
     if len(buf) != usable:
         facts.skipped.append(f"{len(buf) - usable} trailing bytes past the last whole page")
-    return PageTableDump(source, facts, buf[:usable], gfns, offsets)
+    return PageTableDump(source, facts, buf[:usable], gfns, offsets, file_offset=source.start)
 
 
 FORMAT = FormatSpec(

@@ -1,0 +1,115 @@
+"""``Dump.scan``: the one-pass read of every page (into a reused buffer where the pages lie back to
+back in the file) gives exactly what ``Dump.batches`` gives, and never reads a file that is not
+the one mapped; and the small thread helper it is used with."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dengine_cli.formats import open_dump
+from dengine_cli.formats.base import PAGE_SIZE, SCAN_PAGES, Dump, OpenOptions, PageBatch, Source
+from dengine_cli.formats.raw import open_raw
+from dengine_cli.threads import map_in_threads
+
+
+def collect(batches: Iterator[PageBatch]) -> tuple[np.ndarray, np.ndarray]:
+    """(gfns, pages) of every batch, copied as they come (scan reuses its buffer)."""
+    gfns, pages = [], []
+    for b in batches:
+        gfns.append(np.array(b.gfns))
+        pages.append(np.array(b.pages))
+    return np.concatenate(gfns), np.concatenate(pages)
+
+
+def same_as_batches(dump: Dump, max_pages: int, start: int = 0, stop: int | None = None) -> None:
+    g1, p1 = collect(dump.scan(max_pages, start=start, stop=stop))
+    g2, p2 = collect(dump.batches(max_pages, start=start, stop=stop))
+    assert g1.tolist() == g2.tolist()
+    assert np.array_equal(p1, p2)
+
+
+@pytest.mark.parametrize("name", ["alpha.elf", "beta.elf"])
+def test_scan_reads_what_batches_read_on_real_dumps(real_dump: Callable[[str], Path], name: str) -> None:
+    with open_dump(real_dump(name)) as dump:
+        # Whole, in small batches (more than one buffer per run), and a range cut mid-run.
+        same_as_batches(dump, 16384)
+        same_as_batches(dump, SCAN_PAGES + 7)
+        n = dump.page_count
+        same_as_batches(dump, 300, start=n // 3 + 5, stop=n - 17)
+        # It really reads the file: consecutive batches of a long run are one reused buffer,
+        # not views of the mapping at different addresses.
+        addresses = [b.pages.ctypes.data for b in dump.scan(64)][:2]
+        assert len(addresses) == 2 and addresses[0] == addresses[1]
+        views = [b.pages.ctypes.data for b in dump.batches(64)][:2]
+        assert views[0] != views[1]
+
+
+def test_scan_of_raw_image_starting_inside_the_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    pages = rng.integers(0, 256, (40, PAGE_SIZE), dtype=np.uint8)
+    path = tmp_path / "vm.raw"
+    path.write_bytes(b"\xaa" * 3 * PAGE_SIZE + pages.tobytes())
+    with open_raw(Source(path, str(path), 3 * PAGE_SIZE), OpenOptions()) as dump:
+        _, got = collect(dump.scan(16))
+        assert np.array_equal(got, pages)
+
+
+def test_scan_never_reads_a_file_put_in_place_of_the_mapped_one(tmp_path: Path) -> None:
+    old = np.full((20, PAGE_SIZE), 1, dtype=np.uint8)
+    new = np.full((20, PAGE_SIZE), 2, dtype=np.uint8)
+    path = tmp_path / "vm.raw"
+    path.write_bytes(old.tobytes())
+    with open_dump(path) as dump:
+        replacement = tmp_path / "other.raw"
+        replacement.write_bytes(new.tobytes())
+        os.replace(replacement, path)  # same path and size, another file
+        _, got = collect(dump.scan(8))
+        assert np.array_equal(got, old)  # what the mapping holds, as batches() reads it
+
+
+def test_scan_after_the_file_is_gone_reads_the_mapping(tmp_path: Path) -> None:
+    old = np.arange(20 * PAGE_SIZE, dtype=np.uint64).astype(np.uint8).reshape(20, PAGE_SIZE)
+    path = tmp_path / "vm.raw"
+    path.write_bytes(old.tobytes())
+    with open_dump(path) as dump:
+        path.unlink()
+        _, got = collect(dump.scan(8))
+        assert np.array_equal(got, old)
+
+
+# --- threads -------------------------------------------------------------------------------------
+
+
+def test_map_in_threads_keeps_order_and_uses_several_threads() -> None:
+    seen: set[str] = set()
+    barrier = threading.Barrier(2, timeout=10)
+
+    def work(x: int) -> int:
+        seen.add(threading.current_thread().name)
+        if x < 2:
+            barrier.wait()  # both first items run at once, or this times out
+        return x * x
+
+    assert map_in_threads(work, list(range(50)), 2) == [x * x for x in range(50)]
+    assert len(seen) == 2
+    assert map_in_threads(work, [], 4) == []
+
+
+def test_map_in_threads_raises_the_error_and_stops_taking_items() -> None:
+    started: list[int] = []
+
+    def work(x: int) -> int:
+        started.append(x)
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x
+
+    with pytest.raises(ValueError, match="bad item 3"):
+        map_in_threads(work, list(range(1000)), 2)
+    assert 3 in started and len(started) < 1000
