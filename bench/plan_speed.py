@@ -8,8 +8,9 @@ Goals of the project, speeds in bytes of dump files per second, wall clock:
 * the sampled plan (``--sample 0.05``) is **at least 5x as fast as** ``zstd -1 -T1``, and its
   savings are **within 1 percentage point** of the exact plan's.
 
-In one run, with the files in the page cache (read once before timing), each timed as a
-subprocess, best of ``--repeat``:
+In one run, with the files in the page cache (read once before timing) and dengine's bytecode
+written, each timed as a subprocess, best of ``--repeat`` runs made in rounds (see
+``analyze_speed.py``):
 
 * ``zstd -1 -T1 FILES -o /dev/null`` (the same as ``-c FILES > /dev/null``): zstd compresses
   each file as its own frame, one after the other into one stream (the same bytes as dengine
@@ -42,12 +43,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from analyze_speed import (
+    Command,
     Timing,
-    best_of,
     default_dumps,
     dengine,
+    interleaved,
     measured_at,
     parse_bench_args,
+    precompile,
     print_table,
     run_child,
     warm_cache,
@@ -85,9 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Same as `zstd -1 -T1 -c FILES > /dev/null` (frames one after the other into one output)
     # without a shell: run_child's stdout is a temp file, which would cost disk writes.
-    zstd = best_of(
-        args.repeat, "zstd -1 -T1", lambda: ["zstd", "-q", "-1", "-T1", "-f", *files, "-o", "/dev/null"]
-    )
+    precompile()
     with tempfile.TemporaryDirectory(prefix="dengine-plan-bench-") as tmp:
         counter = iter(range(1_000_000))
 
@@ -99,21 +100,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shutil.rmtree(d)
 
         sample = ("--sample", str(SAMPLE))
-        exact_cold = best_of(args.repeat, "dengine plan exact (index built)", fresh, drop_cold)
-        sample_cold = best_of(
-            args.repeat, f"dengine plan --sample {SAMPLE} (index built)", lambda: fresh(*sample), drop_cold
-        )
         cached_dir = str(Path(tmp) / "cached")
         run_child(dengine("index", "--index-dir", cached_dir, *files))
-        exact = best_of(
+        zstd, exact_cold, exact, sample_cold, sampled = interleaved(
             args.repeat,
-            "dengine plan exact (index cached)",
-            lambda: dengine(*PLAN, "--index-dir", cached_dir, *files),
-        )
-        sampled = best_of(
-            args.repeat,
-            f"dengine plan --sample {SAMPLE} (index cached)",
-            lambda: dengine(*PLAN, *sample, "--index-dir", cached_dir, *files),
+            [
+                Command("zstd -1 -T1", lambda: ["zstd", "-q", "-1", "-T1", "-f", *files, "-o", "/dev/null"]),
+                Command("dengine plan exact (index built)", fresh, drop_cold),
+                Command(
+                    "dengine plan exact (index cached)",
+                    lambda: dengine(*PLAN, "--index-dir", cached_dir, *files),
+                ),
+                Command(f"dengine plan --sample {SAMPLE} (index built)", lambda: fresh(*sample), drop_cold),
+                Command(
+                    f"dengine plan --sample {SAMPLE} (index cached)",
+                    lambda: dengine(*PLAN, *sample, "--index-dir", cached_dir, *files),
+                ),
+            ],
         )
     base = zstd.best.seconds
     rows = [zstd, exact_cold, exact, sample_cold, sampled]

@@ -159,6 +159,7 @@ def progress(total: int, desc: str) -> Iterator[Callable[[int], None]]:
         return
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no monitor thread: see PageProgress
     with tqdm(total=total, desc=desc, unit="page", unit_scale=True, leave=False, file=sys.stderr) as bar:
         yield bar.update
 
@@ -324,6 +325,8 @@ class PageProgress:
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
+            # No monitor thread: index building forks workers only from a single-threaded process.
+            tqdm.monitor_interval = 0
             self._bar = tqdm(total=0, desc=desc, unit="page", unit_scale=True, leave=False, file=sys.stderr)
 
     def __call__(self, name: str, done: int, total: int) -> None:

