@@ -6,10 +6,12 @@ DengineError: one line ``dengine: <message>`` and its exit code (see ``dengine_c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ import click
 
 from dengine_cli import __version__
 from dengine_cli.errors import EXIT_INTERNAL, EXIT_USAGE, DengineError, UnreadableFile
-from dengine_cli.formats import FORMAT_NAMES, FORMATS, OpenOptions, open_dump
+from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dump
 
 # The engine and the renderers are imported by the commands that use them: every command pays
 # for what it imports before it starts, and `dengine info` needs neither the planner nor rich.
@@ -240,8 +242,9 @@ def sample_options(f: F) -> F:
 @cli.command("formats")
 def formats_command() -> None:
     """List the dump formats dengine reads."""
-    width = max(len(f.name) for f in FORMATS)
-    for spec in FORMATS:
+    formats = all_formats()
+    width = max(len(f.name) for f in formats)
+    for spec in formats:
         click.echo(f"{spec.name:<{width}}  {spec.description}")
     click.echo(f"{'':<{width}}  (any of these may also be gzip, bzip2, xz, lzop or zstd compressed)")
 
@@ -580,8 +583,28 @@ def _note(text: str) -> None:
 
 
 def main() -> None:
-    """Entry point of the `dengine` script."""
-    cli.main(prog_name="dengine")
+    """Entry point of the `dengine` script (and of ``python -m dengine_cli``).
+
+    Once the command is done and its output flushed, the process leaves with ``os._exit``:
+    tearing down the interpreter (every module, every array) measured 20-30 ms, up to 5% of a
+    whole ``dengine analyze``, and nothing is left to do then (files are closed, temporary
+    files removed, worker processes reaped).  Not when another thread still runs, which a
+    normal exit would wait for."""
+    try:
+        cli.main(prog_name="dengine")
+    except SystemExit as e:
+        if e.code is not None and not isinstance(e.code, int):
+            raise
+        code = e.code or 0
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = code or EXIT_PIPE
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
+    if threading.active_count() > 1:
+        sys.exit(code)
+    os._exit(code)
 
 
 __all__ = ["EXIT_USAGE", "cli", "main"]

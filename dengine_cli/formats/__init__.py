@@ -8,44 +8,67 @@ Readers therefore must not reopen their file by path after ``open`` returns.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from pathlib import Path
 
 from dengine_cli.errors import FormatError, UnreadableFile, UsageError
-from dengine_cli.formats import container, elf, kdump, libvirt_save, lime, qemu_stream, raw, xc_core
+from dengine_cli.formats import container
 from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, PageBatch, Source, read_head
 from dengine_cli.formats.registry import PROBE_BYTES, FormatSpec
 
-#: Probe order matters: xc_core before the generic ELF reader (both start with the ELF magic).
-FORMATS: tuple[FormatSpec, ...] = (
-    xc_core.FORMAT,
-    elf.FORMAT,
-    kdump.FORMAT,
-    qemu_stream.FORMAT,
-    libvirt_save.FORMAT,
-    lime.FORMAT,
-    raw.FORMAT,
+#: The readers in probe order: format name, module, and the bytes a file of that format starts
+#: with.  A reader is imported only when a file starts with one of its magics or its format is
+#: asked for by name: a command reading ELF dumps does not pay for importing the other six (and
+#: the XML parser libvirt's reader needs).  Probe order matters: xc_core before the generic ELF
+#: reader (both start with the ELF magic); raw images have no magic (taken by file name, see
+#: :func:`dengine_cli.formats.raw.claims_name`).  tests/test_formats.py checks these magics
+#: against the readers' own probes.
+READERS: tuple[tuple[str, str, tuple[bytes, ...]], ...] = (
+    (
+        "xc-core",
+        "xc_core",
+        (b"\x7fELF", b"\xed\xeb\x0f\xf0", b"\xf0\x0f\xeb\xed", b"\xee\xeb\x0f\xf0", b"\xf0\x0f\xeb\xee"),
+    ),
+    ("elf", "elf", (b"\x7fELF",)),
+    ("kdump", "kdump", (b"KDUMP   ", b"DISKDUMP", b"makedumpfile")),
+    ("qemu-stream", "qemu_stream", (b"QEVM",)),
+    ("libvirt-save", "libvirt_save", (b"LibvirtQemudSave", b"LibvirtQemudPart")),
+    ("lime", "lime", (b"EMiL",)),
+    ("raw", "raw", ()),
 )
-FORMAT_NAMES = tuple(f.name for f in FORMATS)
+FORMAT_NAMES = tuple(name for name, _, _ in READERS)
 
 __all__ = [
-    "FORMATS",
     "FORMAT_NAMES",
+    "READERS",
     "Dump",
     "FormatSpec",
     "GuestFacts",
     "OpenOptions",
     "PageBatch",
     "Source",
+    "all_formats",
     "detect",
+    "format_named",
     "open_dump",
 ]
 
 
+def _load(module: str) -> FormatSpec:
+    spec: FormatSpec = importlib.import_module(f"dengine_cli.formats.{module}").FORMAT
+    return spec
+
+
+def all_formats() -> tuple[FormatSpec, ...]:
+    """Every reader's :class:`FormatSpec`, in probe order (imports them all)."""
+    return tuple(_load(module) for _, module, _ in READERS)
+
+
 def format_named(name: str) -> FormatSpec:
-    for spec in FORMATS:
-        if spec.name == name:
-            return spec
+    for known, module, _ in READERS:
+        if known == name:
+            return _load(module)
     raise UsageError(f"unknown format {name!r} (known: {', '.join(FORMAT_NAMES)})")
 
 
@@ -53,9 +76,13 @@ def detect(source: Source) -> FormatSpec:
     """The format whose probe claims the file; a FormatError naming the magic found otherwise."""
     head = read_head(source.path, source.name, PROBE_BYTES, source.start)
     size = _size(source)
-    for spec in FORMATS:
-        if spec.probe(head, size):
-            return spec
+    for _, module, magics in READERS:
+        if magics and head.startswith(magics):
+            spec = _load(module)
+            if spec.probe(head, size):
+                return spec
+    from dengine_cli.formats import raw
+
     if raw.claims_name(source.name, size):
         return raw.FORMAT
     shown = head[:16].hex(" ") if head else "an empty file"

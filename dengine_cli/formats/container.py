@@ -15,20 +15,16 @@ chunks that are all zero are seeked over, so a mostly-zero raw image takes littl
 
 from __future__ import annotations
 
-import bz2
 import contextlib
-import lzma
 import mmap
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import zstandard
 
 from dengine_cli.errors import FormatError, OutputError, UnreadableFile, UnsupportedFeature
 from dengine_cli.formats.base import PAGE_SIZE, OpenOptions, Source
@@ -152,6 +148,10 @@ def decompress(source: Source, kind: str, options: OpenOptions) -> Source:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
     except OSError as e:
         raise UnreadableFile(source.name, e.strerror or str(e)) from e
+    # The codecs and tempfile are imported only here: every dump is checked for compression,
+    # few are compressed.
+    import tempfile
+
     tmp_dir = str(options.tmp_dir) if options.tmp_dir else None
     try:
         fd, tmp = tempfile.mkstemp(prefix="dengine-", suffix=f".{kind}.raw", dir=tmp_dir)
@@ -235,6 +235,8 @@ def _stdlib_stream(
     """bzip2 and xz: streams one after another, as ``bzip2 -c``/``xz -c`` of several inputs."""
 
     def stream(source: Source, data: memoryview) -> Iterator[bytes]:
+        import lzma
+
         pos = source.start
         end = len(data)
         while pos < end:
@@ -276,6 +278,8 @@ def _zstd_stream(source: Source, data: memoryview) -> Iterator[bytes]:
     block (at most 128 KiB) and locates truncation exactly; ``zstandard``'s stream reader would
     end silently on a truncated frame.
     """
+    import zstandard
+
     dctx = zstandard.ZstdDecompressor()
     pos = source.start
     end = len(data)
@@ -448,12 +452,22 @@ def _lzop_sum(crc: int, data: bytes) -> int:
     return zlib.crc32(data) if crc else zlib.adler32(data)
 
 
+def _bzip2_decompressor() -> _Decompressor:
+    import bz2
+
+    return bz2.BZ2Decompressor()
+
+
+def _xz_decompressor() -> _Decompressor:
+    import lzma
+
+    return lzma.LZMADecompressor(lzma.FORMAT_XZ)
+
+
 _STREAMS: dict[str, Callable[[Source, memoryview], Iterator[bytes]]] = {
     "gzip": _gzip_stream,
-    "bzip2": _stdlib_stream("bzip2", bz2.BZ2Decompressor, BZIP2_MAGIC, allow_zero_padding=False),
-    "xz": _stdlib_stream(
-        "xz", lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), XZ_MAGIC, allow_zero_padding=True
-    ),
+    "bzip2": _stdlib_stream("bzip2", _bzip2_decompressor, BZIP2_MAGIC, allow_zero_padding=False),
+    "xz": _stdlib_stream("xz", _xz_decompressor, XZ_MAGIC, allow_zero_padding=True),
     "zstd": _zstd_stream,
     "lzop": _lzop_stream,
 }
