@@ -428,8 +428,6 @@ def analyze_command(
 ) -> None:
     """Exact whole-page sharing within and across VMs: zero, shared, unique pages, footprint and
     savings per VM and in total, and what KSM would report."""
-    from dengine_cli.render import render_matrix_csv, render_sharing, render_sharing_csv
-
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
     bar = PageProgress("analyzing")
@@ -466,8 +464,13 @@ def analyze_command(
             doc["de"] = de.to_dict()
         click.echo(json.dumps(doc, indent=2))
     elif output_format == "csv":
+        from dengine_cli.render import render_matrix_csv, render_sharing_csv
+
         click.echo(render_matrix_csv(report) if matrix else render_sharing_csv(report, de), nl=False)
     else:
+        # Imported only here: the renderer imports rich (40 ms), which JSON does not need.
+        from dengine_cli.render import render_sharing
+
         click.echo(render_sharing(report, matrix=matrix, de=de), nl=False)
 
 
@@ -562,13 +565,16 @@ def plan_command(
 
 
 def _print_plan(report: PlanReport, output_format: str) -> None:
-    from dengine_cli.render import render_plan, render_plan_csv
-
     if output_format == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif output_format == "csv":
+        from dengine_cli.render import render_plan_csv
+
         click.echo(render_plan_csv(report), nl=False)
     else:
+        # Imported only here: the renderer imports rich (40 ms), which JSON does not need.
+        from dengine_cli.render import render_plan
+
         click.echo(render_plan(report), nl=False)
 
 

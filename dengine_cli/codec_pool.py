@@ -14,11 +14,15 @@ of the pages it must read; it opens the dumps itself (once) and reads the pages 
 (a second open would decompress the whole file again).  Errors in the worker (a
 :class:`~dengine_cli.errors.DengineError` pickles) are raised in the caller as they are.
 
-Start-up, measured on the 2-core test machine (1.5 GiB of dumps, load 1-2): the "spawn" method
-returns at once and the worker is ready (numpy, the codecs and the readers imported, four dumps
-opened) 0.5 s later; "forkserver" first blocks the caller 0.4-0.56 s to start its server.  So
-the worker is spawned, as early as possible (before sharing), and the plan decides later, when
-it knows how many pages it will measure, whether to give it any work (:data:`MIN_PAGES`).
+The worker is a fork of the plan's process when that process runs a single thread (as the CLI
+does): made when the plan first has work for it, it inherits the open dumps and the imported
+codecs and is ready in about 10 ms.  Elsewhere (a caller running other threads, where a fork
+could copy a lock another thread holds) it is spawned.  Start-up of a spawned worker, measured
+on the 2-core test machine (1.5 GiB of dumps, load 1-2): the "spawn" method returns at once and
+the worker is ready (numpy, the codecs and the readers imported, four dumps opened) 0.5 s later;
+"forkserver" first blocks the caller 0.4-0.56 s to start its server.  So a spawned worker is
+started as early as possible (before sharing), and the plan decides later, when it knows how
+many pages it will measure, whether to give it any work (:data:`MIN_PAGES`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from dengine_cli.formats.base import PAGE_SIZE, Dump, GfnArray, OpenOptions, Pag
 #: chunks it would take do not repay its start-up (about 0.5 s of CPU) and the slow-down of the
 #: plan's process while it starts (the two CPUs of the test machine slow each other by 10-30 %).
 MIN_PAGES = 16384
+#: The same for a forked worker, ready in about 10 ms: enough for it to take a few chunks.
+FORK_MIN_PAGES = 4096
 #: Pages (or page pairs) measured per chunk, by either process.
 CHUNK = 1024
 #: Chunks queued for the worker at a time: one being measured and one waiting, so that it never
@@ -108,8 +114,14 @@ def measure_compression(
 
 
 class CodecWorker:
-    """One worker process measuring chunks of the plan's patches and compressed pages; started
-    at once, ready about half a second later.  Close it (or use it as a context manager)."""
+    """One worker process measuring chunks of the plan's patches and compressed pages.  Close it
+    (or use it as a context manager).
+
+    Given the caller's open ``dumps`` while the caller runs a single thread, the worker is a
+    fork of the caller made when first needed (:meth:`usable`): it inherits the open dumps and
+    the imported codecs and is ready in about 10 ms, so it pays for little work
+    (:data:`FORK_MIN_PAGES`).  Otherwise it is spawned at once and ready about half a second
+    later, having opened the dumps itself; a fork could copy a lock held by another thread."""
 
     def __init__(
         self,
@@ -117,25 +129,58 @@ class CodecWorker:
         options: OpenOptions,
         page_counts: Sequence[int],
         *,
-        min_pages: int = MIN_PAGES,
+        min_pages: int | None = None,
         wait: bool = False,
+        dumps: Sequence[Dump] | None = None,
     ) -> None:
+        from dengine_cli.workers import fork_usable
+
+        self._fork_dumps = list(dumps) if dumps is not None and fork_usable() else None
         #: Fewer pages to measure than this: the worker is not used (:meth:`takes`).
+        if min_pages is None:
+            min_pages = FORK_MIN_PAGES if self._fork_dumps is not None else MIN_PAGES
         self.min_pages = min_pages
         #: Measurements wait for the worker to be ready rather than start without it (tests).
         self.wait = wait
         self._lost = False
-        # "spawn": starting returns at once (see the module docstring); "fork" could copy a lock
-        # held by another thread of the caller.
-        ctx = multiprocessing.get_context("spawn")
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._opened: concurrent.futures.Future[None] | None = None
+        if self._fork_dumps is None:
+            # "spawn": starting returns at once (see the module docstring).
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+            self._opened = self._pool.submit(
+                _worker_open, [str(p) for p in paths], options, list(page_counts)
+            )
+
+    @property
+    def forks(self) -> bool:
+        """Whether this worker is (or will be) a fork of the caller."""
+        return self._fork_dumps is not None
+
+    def _fork(self) -> bool:
+        """Fork the worker now, if this process still runs a single thread."""
+        from dengine_cli.workers import fork_usable
+
+        if self._fork_dumps is None or not fork_usable():
+            return False
+        _dumps[:] = self._fork_dumps  # what the child inherits
+        ctx = multiprocessing.get_context("fork")
         self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx)
-        self._opened = self._pool.submit(_worker_open, [str(p) for p in paths], options, list(page_counts))
+        self._opened = self._pool.submit(_worker_forked)
+        return True
 
     def usable(self) -> bool:
         """Whether chunks can be handed to the worker now: it has opened the dumps (with
         :attr:`wait`, this waits for it).  Raises the error the worker met opening them; a worker
         that died is never usable again (its chunks are measured by the caller)."""
-        if self._lost or not (self.wait or self._opened.done()):
+        if self._lost:
+            return False
+        if self._opened is None and not self._fork():
+            self._lost = True
+            return False
+        assert self._opened is not None
+        if not (self.wait or self.forks or self._opened.done()):
             return False
         try:
             self._opened.result()
@@ -153,7 +198,10 @@ class CodecWorker:
 
     def close(self) -> None:
         """Stop the worker without waiting for it to exit (it has nothing left to do)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._fork_dumps is not None:
+            _dumps.clear()
 
     def __enter__(self) -> CodecWorker:
         return self
@@ -162,7 +210,10 @@ class CodecWorker:
         self.close()
 
     def submit(self, fn: Callable[..., SizeArray], *args: Any) -> concurrent.futures.Future[SizeArray]:
-        """Run ``fn(*args)`` in the worker (a function of this module's worker side)."""
+        """Run ``fn(*args)`` in the worker (a function of this module's worker side); only once
+        :meth:`usable` said so."""
+        if self._pool is None:
+            raise RuntimeError("the codec worker is not started: ask usable() first")
         return self._pool.submit(fn, *args)
 
 
@@ -291,6 +342,10 @@ def _worker_open(paths: list[str], options: OpenOptions, page_counts: list[int])
         _dumps.append(dump)
         if dump.page_count != count:
             raise UnreadableFile(path, f"changed while being planned ({count} pages, now {dump.page_count})")
+
+
+def _worker_forked() -> None:
+    """Nothing to do: a forked worker has the caller's open dumps in ``_dumps`` already."""
 
 
 def _worker_patches(

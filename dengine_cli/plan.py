@@ -903,7 +903,7 @@ def share_and_plan(
             opened.pop(i).close()
         for i, path in enumerate(paths):
             dumps.append(opened.pop(i) if i in opened else open_dump(path, options))
-        worker = _start_worker(paths, options, dumps, current, (policy, baseline), jobs, codec_worker)
+        worker = _start_worker(paths, options, dumps, current, (policy, baseline), jobs, codec_worker, sample)
         hot: list[_Bool | None] = []
         k = 0
         for v, path in enumerate(paths):
@@ -945,17 +945,31 @@ def _start_worker(
     policies: Sequence[Policy | None],
     jobs: int | None,
     wanted: bool | None,
+    sample: float | None = None,
 ) -> CodecWorker | None:
-    """A codec worker, started now (before sharing: it takes about half a second to be ready),
-    when it may be needed; :func:`plan_dumps` decides whether it is used."""
+    """A codec worker when one may be needed (:func:`plan_dumps` decides whether it is used): a
+    fork of this process made when first used, or, where forking is not safe, a spawned one
+    started now (before sharing: it takes about half a second to be ready)."""
+    from dengine_cli.workers import fork_usable
+
     counts = [d.page_count for d in dumps]
     if wanted:
-        return CodecWorker(paths, options, counts, min_pages=0, wait=True)
+        return CodecWorker(paths, options, counts, min_pages=0, wait=True, dumps=dumps)
     if wanted is False or not any(p is not None and (p.patch or p.compress) for p in policies):
         return None
-    # The non-zero pages bound the pages that will be measured (distinct contents only).
+    if not codec_pool.worker_pays(dumps, jobs):
+        return None
+    if fork_usable():
+        # Forked only if plan_dumps gives it work (see CodecWorker): costs nothing meanwhile.
+        return CodecWorker(paths, options, counts, dumps=dumps)
+    # A spawned worker starts now.  The non-zero pages bound the pages that will be measured
+    # (distinct contents only); a sampled plan measures about that fraction of them.  A worker
+    # that is not needed costs twice: its start-up (0.5 s of CPU) slows the sharing that runs
+    # meanwhile on both CPUs.
     nonzero = sum(ix.page_count - ix.zero_pages for ix in indexes)
-    if nonzero < codec_pool.MIN_PAGES or not codec_pool.worker_pays(dumps, jobs):
+    if sample is not None:
+        nonzero = int(nonzero * sample)
+    if nonzero < codec_pool.MIN_PAGES:
         return None
     return CodecWorker(paths, options, counts)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from dengine_cli import codec_pool
+from dengine_cli import codec_pool, workers
 from dengine_cli import plan as plan_module
 from dengine_cli.codec_pool import CodecWorker, compressed_sizes, patch_sizes
 from dengine_cli.codecs import compression_codec, patch_codec
@@ -44,6 +44,7 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return handed
 
 
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "spawned"])
 @pytest.mark.parametrize(
     ("policy", "sample"),
     [
@@ -54,14 +55,30 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     ids=["de", "within-vm", "sampled"],
 )
 def test_plan_with_worker_equals_plan_without(
-    tmp_path: Path, small_chunks: list[tuple[str, int]], policy: Policy, sample: float | None
+    tmp_path: Path,
+    small_chunks: list[tuple[str, int]],
+    monkeypatch: pytest.MonkeyPatch,
+    policy: Policy,
+    sample: float | None,
+    forked: bool,
 ) -> None:
+    started: list[bool] = []
+    init = CodecWorker.__init__
+
+    def recording(self: CodecWorker, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        started.append(self.forks)
+
+    monkeypatch.setattr(CodecWorker, "__init__", recording)
+    if not forked:
+        monkeypatch.setattr(workers, "fork_usable", lambda: False)
     paths = write_images(tmp_path, mixed_vms(11, [300, 250, 200]))
     kwargs: dict[str, Any] = {"options": RAW, "index_dir": tmp_path / "idx", "sample": sample}
     _, alone = share_and_plan(paths, policy, codec_worker=False, **kwargs)
     assert small_chunks == []
     _, shared = share_and_plan(paths, policy, codec_worker=True, **kwargs)
-    # The worker really measured patches and compressed pages.
+    # The worker really measured patches and compressed pages, forked or spawned as asked.
+    assert started == [forked]
     assert {name for name, _ in small_chunks} == {"_worker_patches", "_worker_compression"}
     assert alone.total.patched > 0 and alone.total.compressed > 0
     assert shared.to_dict() == alone.to_dict()
