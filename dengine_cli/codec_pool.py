@@ -27,18 +27,21 @@ many pages it will measure, whether to give it any work (:data:`MIN_PAGES`).
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from dengine_cli.errors import UnreadableFile
 from dengine_cli.formats.base import PAGE_SIZE, Dump, GfnArray, OpenOptions, PageArray
+
+if TYPE_CHECKING:
+    # Imported at run time only where a worker is made or used: with multiprocessing they cost
+    # 16 ms, which a plan that measures everything itself need not pay.
+    import concurrent.futures
 
 #: Below this many pages to measure (about 0.5 s of zstd-1), the worker is not given any: the
 #: chunks it would take do not repay its start-up (about 0.5 s of CPU) and the slow-down of the
@@ -146,6 +149,9 @@ class CodecWorker:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._opened: concurrent.futures.Future[None] | None = None
         if self._fork_dumps is None:
+            import concurrent.futures
+            import multiprocessing
+
             # "spawn": starting returns at once (see the module docstring).
             ctx = multiprocessing.get_context("spawn")
             self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx)
@@ -164,6 +170,9 @@ class CodecWorker:
 
         if self._fork_dumps is None or not fork_usable():
             return False
+        import concurrent.futures
+        import multiprocessing
+
         _dumps[:] = self._fork_dumps  # what the child inherits
         ctx = multiprocessing.get_context("fork")
         self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx)
@@ -182,6 +191,8 @@ class CodecWorker:
         assert self._opened is not None
         if not (self.wait or self.forks or self._opened.done()):
             return False
+        import concurrent.futures
+
         try:
             self._opened.result()
         except concurrent.futures.BrokenExecutor:
@@ -227,6 +238,8 @@ def share_out(
     """Sizes of items ``0:n``: ``local(lo, hi)`` measures ``lo:hi`` here, from the front;
     ``remote(lo, hi)`` hands ``lo:hi`` to ``worker``, from the back, once it is ready.
     ``on_done(k)``: k items were measured so far."""
+    if worker is not None:
+        import concurrent.futures
     sizes = np.empty(n, dtype=np.int32)
     lo, hi = 0, n
     queued: dict[concurrent.futures.Future[SizeArray], tuple[int, int]] = {}

@@ -51,7 +51,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1003,6 +1002,8 @@ def write_plan(plan: PlanReport, path: Path | str) -> None:
     path = Path(path)
     tmp: str | None = None
     try:
+        import tempfile
+
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".plan.json", dir=path.parent or Path("."))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             head = plan.to_dict()

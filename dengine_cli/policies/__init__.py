@@ -52,7 +52,6 @@ Any error in a file is a :class:`~dengine_cli.errors.UsageError` naming the file
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +205,8 @@ class _File:
 def load_policy_file(path: Path) -> Policy:
     """Read a TOML policy file (format in the module docstring); every problem is a
     :class:`UsageError` naming the file and the key."""
+    import tomllib  # here: only policy files need it
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
