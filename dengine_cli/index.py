@@ -92,6 +92,9 @@ class PageIndex:
     facts: dict[str, Any] = field(default_factory=dict)
     loaded: bool = False
     path: Path | None = None
+    #: The cache key it was stored or loaded under (the dump as it was): what names this exact
+    #: dump content for caches built on indexes (:mod:`dengine_cli.sharing_cache`).
+    key: dict[str, Any] | None = None
 
     @property
     def page_count(self) -> int:
@@ -284,6 +287,7 @@ def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
             facts if isinstance(facts, dict) else {},
             loaded=True,
             path=file,
+            key=key,
         )
     except (OSError, ValueError, KeyError, TypeError):
         # json errors are ValueErrors; anything unreadable is a cache miss, never a crash.
@@ -295,13 +299,22 @@ def prune_indexes(index_dir: Path | str | None = None) -> tuple[int, int, int]:
     have changed since, files of another index version, unreadable files, and temporary files
     left by an interrupted write.  Returns ``(kept, removed, bytes_freed)``.
 
-    Only files named like ours (``*.idx``, ``.tmp-*.idx``) in ``index_dir`` are looked at."""
+    Sharing results stored beside the indexes (:mod:`dengine_cli.sharing_cache`) go when any
+    of their dumps is gone or has changed.  Only files named like ours (``*.idx``, ``*.shr``
+    and their ``.tmp-*`` forms) in ``index_dir`` are looked at."""
+    from dengine_cli import sharing_cache
+
     folder = Path(index_dir if index_dir is not None else default_index_dir())
     kept = removed = freed = 0
     if not folder.is_dir():
         return 0, 0, 0
-    for file in sorted(folder.glob("*" + INDEX_SUFFIX)) + sorted(folder.glob(".tmp-*" + INDEX_SUFFIX)):
-        if _still_valid(file):
+    checks = ((INDEX_SUFFIX, _still_valid), (sharing_cache.SHARING_SUFFIX, sharing_cache.still_valid))
+    for file, valid in (
+        (file, valid)
+        for suffix, valid in checks
+        for file in sorted(folder.glob("*" + suffix)) + sorted(folder.glob(".tmp-*" + suffix))
+    ):
+        if valid(file):
             kept += 1
             continue
         try:
@@ -641,7 +654,7 @@ def _store(
     # A dump rewritten while it was being read must not be cached under the old key.
     if index_key(path, options) != key or not write_index(index, key, file):
         return index
-    return PageIndex(index.name, index.gfns, index.hashes, index.zero, index.facts, path=file)
+    return PageIndex(index.name, index.gfns, index.hashes, index.zero, index.facts, path=file, key=key)
 
 
 def _assemble(

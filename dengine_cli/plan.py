@@ -67,7 +67,8 @@ from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions
 from dengine_cli.index import PageIndex, Progress, build_indexes
 from dengine_cli.paging import SwapClass, choose_swap, vms_per_host
 from dengine_cli.policies import Policy
-from dengine_cli.sharing import SharingReport, share
+from dengine_cli.sharing import SharingReport
+from dengine_cli.sharing_cache import cached_share
 from dengine_cli.similarity import candidate_pairs
 
 SCHEMA = "dengine.plan/1"
@@ -912,8 +913,13 @@ def share_and_plan(
             with open_dump(history[str(path)], options) as before:
                 hot.append(hot_pages(dumps[v], current[v], before, earlier[k], batch_pages=batch_pages))
             k += 1
-        sharing = share(
-            current, dumps, cross_vm=policy.cross_vm, batch_pages=batch_pages, on_progress=on_progress
+        sharing = cached_share(
+            current,
+            dumps,
+            index_dir,
+            cross_vm=policy.cross_vm,
+            batch_pages=batch_pages,
+            on_progress=on_progress,
         )
         return sharing, plan_dumps(
             dumps,

@@ -193,7 +193,8 @@ def analyze(
     on_progress: Progress | None = None,
 ) -> SharingReport:
     """Index the dumps at ``paths`` (from the cache where possible, building the others in
-    ``jobs`` processes) and compute their exact sharing."""
+    ``jobs`` processes) and compute their exact sharing (or read it from the cache, where an
+    earlier command stored it for these very dumps: :mod:`dengine_cli.sharing_cache`)."""
     from dengine_cli.formats import open_dump
 
     options = options or OpenOptions()
@@ -206,7 +207,11 @@ def analyze(
             if i not in opened:
                 opened[i] = open_dump(path, options)
         dumps = [opened[i] for i in range(len(paths))]
-        return share(indexes, dumps, cross_vm=cross_vm, batch_pages=batch_pages, on_progress=on_progress)
+        from dengine_cli.sharing_cache import cached_share
+
+        return cached_share(
+            indexes, dumps, index_dir, cross_vm=cross_vm, batch_pages=batch_pages, on_progress=on_progress
+        )
     finally:
         for dump in opened.values():
             dump.close()

@@ -1,0 +1,164 @@
+"""The sharing cache: a later command over the same dumps reads the exact sharing instead of
+computing it again, gets the very same report, and never a stale or damaged one."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dengine_cli import sharing_cache
+from dengine_cli.formats import open_dump
+from dengine_cli.formats.base import OpenOptions
+from dengine_cli.index import build_indexes, index_dump, prune_indexes
+from dengine_cli.plan import share_and_plan
+from dengine_cli.policies import POLICIES
+from dengine_cli.sharing import SharingReport, analyze, share
+from tests.test_sharing import design_vms
+
+RAW = OpenOptions(format="raw")
+
+
+def write(tmp_path: Path, vms: list[np.ndarray]) -> list[Path]:
+    paths = []
+    for k, pages in enumerate(vms):
+        path = tmp_path / f"vm{k}.raw"
+        pages.tofile(path)
+        paths.append(path)
+    return paths
+
+
+def computed(paths: list[Path], cross_vm: bool = True) -> SharingReport:
+    """The sharing of the dumps computed directly, no cache involved."""
+    dumps = [open_dump(p, RAW) for p in paths]
+    try:
+        return share([index_dump(d) for d in dumps], dumps, cross_vm=cross_vm)
+    finally:
+        for d in dumps:
+            d.close()
+
+
+def same(a: SharingReport, b: SharingReport) -> None:
+    assert a.to_dict() == b.to_dict()
+    assert len(a.content_ids) == len(b.content_ids)
+    for x, y in zip(a.content_ids, b.content_ids, strict=True):
+        assert np.array_equal(x, y)
+
+
+@pytest.fixture
+def no_sharing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the sharing computations made through the cache (the real share() still runs)."""
+    calls: list[int] = []
+    real = sharing_cache.share
+
+    def counting(*args: Any, **kwargs: Any) -> SharingReport:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sharing_cache, "share", counting)
+    return calls
+
+
+def test_second_analyze_reads_the_stored_sharing(tmp_path: Path, no_sharing: list[int]) -> None:
+    paths = write(tmp_path, design_vms(1, [300, 200, 250]))
+    first = analyze(paths, RAW, index_dir=tmp_path / "idx")
+    assert no_sharing == [1]
+    again = analyze(paths, RAW, index_dir=tmp_path / "idx")
+    assert no_sharing == [1]  # not computed again
+    same(first, again)
+    same(again, computed(paths))
+    assert len(list((tmp_path / "idx").glob("*.shr"))) == 1
+
+
+def test_order_and_cross_vm_are_part_of_the_key(tmp_path: Path, no_sharing: list[int]) -> None:
+    paths = write(tmp_path, design_vms(2, [200, 200, 150]))
+    idx = tmp_path / "idx"
+    analyze(paths, RAW, index_dir=idx)
+    backwards = analyze(paths[::-1], RAW, index_dir=idx)
+    salted = analyze(paths, RAW, index_dir=idx, cross_vm=False)
+    assert len(no_sharing) == 3
+    same(backwards, computed(paths[::-1]))
+    same(salted, computed(paths, cross_vm=False))
+    same(analyze(paths[::-1], RAW, index_dir=idx), backwards)
+    assert len(no_sharing) == 3
+
+
+def test_a_rewritten_dump_is_shared_again(tmp_path: Path, no_sharing: list[int]) -> None:
+    vms = design_vms(3, [200, 200])
+    paths = write(tmp_path, vms)
+    idx = tmp_path / "idx"
+    before = analyze(paths, RAW, index_dir=idx)
+    st = os.stat(paths[1])
+    time.sleep(0.05)
+    changed = vms[1].copy()
+    changed[:50] = vms[0][:50]  # now shares 50 more pages with vm0
+    with open(paths[1], "r+b") as f:  # same inode, size and (restored) mtime
+        f.write(changed.tobytes())
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = analyze(paths, RAW, index_dir=idx)
+    assert len(no_sharing) == 2
+    same(after, computed(paths))
+    assert after.total.kept < before.total.kept
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_a_damaged_file_is_never_trusted(tmp_path: Path, no_sharing: list[int], damage: str) -> None:
+    paths = write(tmp_path, design_vms(4, [300, 300]))
+    idx = tmp_path / "idx"
+    analyze(paths, RAW, index_dir=idx)
+    (file,) = idx.glob("*.shr")
+    data = bytearray(file.read_bytes())
+    if damage == "flip":
+        data[-7] ^= 0x40  # a content id
+    elif damage == "truncate":
+        del data[-4:]
+    else:
+        data[:8] = b"NOTOURS\0"
+    file.write_bytes(bytes(data))
+    again = analyze(paths, RAW, index_dir=idx)
+    assert len(no_sharing) == 2
+    same(again, computed(paths))
+
+
+def test_sharing_that_cannot_be_stored_is_computed(tmp_path: Path, no_sharing: list[int]) -> None:
+    paths = write(tmp_path, design_vms(5, [100, 120]))
+    idx = tmp_path / "idx"
+    indexes = build_indexes(paths, RAW, idx)
+    key = sharing_cache.sharing_key(indexes, True, 64)
+    assert key is not None
+    sharing_cache.file_for(key, idx).mkdir()  # where the result would go: the rename fails
+    same(analyze(paths, RAW, index_dir=idx), computed(paths))
+    same(analyze(paths, RAW, index_dir=idx), computed(paths))
+    assert len(no_sharing) == 2
+    assert list(idx.glob(".tmp-*")) == []  # no temporary file left behind
+
+
+def test_plan_reads_what_analyze_stored(tmp_path: Path, no_sharing: list[int]) -> None:
+    paths = write(tmp_path, design_vms(6, [250, 250]))
+    idx = tmp_path / "idx"
+    plan_cold = share_and_plan(paths, POLICIES["de"], options=RAW, index_dir=tmp_path / "other")[1]
+    analyze(paths, RAW, index_dir=idx)
+    calls = len(no_sharing)
+    sharing, plan = share_and_plan(paths, POLICIES["de"], options=RAW, index_dir=idx)
+    assert len(no_sharing) == calls
+    same(sharing, computed(paths))
+    assert plan.to_dict() == plan_cold.to_dict()
+    for a, b in zip(plan.pages, plan_cold.pages, strict=True):
+        assert np.array_equal(a.actions, b.actions) and np.array_equal(a.sizes, b.sizes)
+
+
+def test_prune_removes_sharing_of_changed_dumps(tmp_path: Path) -> None:
+    paths = write(tmp_path, design_vms(7, [100, 100, 100]))
+    idx = tmp_path / "idx"
+    analyze(paths[:2], RAW, index_dir=idx)
+    analyze(paths[1:], RAW, index_dir=idx)
+    assert len(list(idx.glob("*.shr"))) == 2
+    paths[0].write_bytes(paths[0].read_bytes()[: 4096 * 50])  # vm0 changes
+    kept, removed, _ = prune_indexes(idx)
+    assert (kept, removed) == (3, 2)  # vm1, vm2 indexes and the (vm1, vm2) sharing stay
+    assert len(list(idx.glob("*.shr"))) == 1
+    assert len(list(idx.glob("*.idx"))) == 2
