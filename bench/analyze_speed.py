@@ -244,14 +244,15 @@ def default_dumps(args_dumps: Sequence[Path]) -> list[Path]:
 def print_table(title: str, nbytes: int, rows: Sequence[Timing], baseline: float) -> None:
     """A small fixed-width table: seconds, GiB/s, speed vs the baseline, CPU, peak RSS, anon."""
     print(title)
+    w = max(len(t.label) for t in rows)
     print(
-        f"  {'command':<42} {'seconds':>8} {'GiB/s':>7} {'speed ratio':>11} {'CPU s':>7} "
+        f"  {'command':<{w}} {'seconds':>8} {'GiB/s':>7} {'speed ratio':>11} {'CPU s':>7} "
         f"{'peak RSS MiB':>12} {'anon MiB':>8}"
     )
     for t in rows:
         d = t.to_dict(nbytes, baseline)
         print(
-            f"  {t.label:<42} {d['seconds']:>8.2f} {d['gib_per_s']:>7.2f} {d['speed_ratio']:>11.2f} "
+            f"  {t.label:<{w}} {d['seconds']:>8.2f} {d['gib_per_s']:>7.2f} {d['speed_ratio']:>11.2f} "
             f"{d['cpu_seconds']:>7.2f} {d['peak_rss_mib']:>12.1f} {d['peak_anon_mib']:>8.1f}"
         )
 

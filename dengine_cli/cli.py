@@ -303,15 +303,15 @@ def index_options(f: F) -> F:
         "--jobs",
         type=click.IntRange(min=1),
         default=None,
-        help="Processes that build indexes (default: one per CPU when over 8 GiB of dumps or several "
-        "compressed dumps need indexing, else 1).",
+        help="Processes that build indexes and measure a plan's codecs (default: one per CPU; 1 for "
+        "less than 64 MiB of dumps to index).",
     )(f)
     f = click.option(
         "--index-dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
         envvar="DENGINE_INDEX_DIR",
-        help="Where page indexes are cached (default: $XDG_CACHE_HOME/dengine/index).",
+        help="Where page indexes and sharing results are cached (default: $XDG_CACHE_HOME/dengine/index).",
     )(f)
     return f
 
