@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.arrays import unique
 from dengine_cli.errors import UnreadableFile
 from dengine_cli.formats.base import PAGE_SIZE, Dump, GfnArray, OpenOptions, PageArray
 
@@ -78,7 +79,7 @@ def read_pages(
     out = np.empty((len(uniq), PAGE_SIZE), dtype=np.uint8)
     u_vm = uniq >> 40
     cuts = np.searchsorted(u_vm, np.arange(len(dumps) + 1))
-    for v in np.unique(u_vm).tolist():
+    for v in unique(u_vm).tolist():
         a, b = int(cuts[v]), int(cuts[v + 1])
         out[a:b] = dumps[v].pages_at(np.asarray(tables[v].gfns[uniq[a:b] & ((1 << 40) - 1)], dtype=np.uint64))
     return out, row.astype(np.int64)

@@ -60,6 +60,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dengine_cli import codec_pool
+from dengine_cli.arrays import unique
 from dengine_cli.codec_pool import CodecWorker
 from dengine_cli.costs import OperationCounts, PlanCost
 from dengine_cli.errors import OutputError, UsageError
@@ -1087,7 +1088,7 @@ def _write_vm(f: TextIO, plan: PlanReport, v: int, pp: PagePlan, share_refs: tup
 
 def _gfns_of(plan: PlanReport, vm: _I64, pos: _I64) -> _I64:
     out = np.empty(len(vm), dtype=np.int64)
-    for v in np.unique(vm).tolist():
+    for v in unique(vm).tolist():
         sel = vm == v
         out[sel] = plan.pages[v].gfns[pos[sel]].astype(np.int64)
     return out

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.arrays import unique
 from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions, PageArray
 from dengine_cli.index import PageIndex, Progress, build_indexes
 from dengine_cli.threads import map_in_threads
@@ -424,7 +425,7 @@ class _Grouper:
     def _differs(self, members: _I64, reps: _I64, vm: npt.NDArray[np.uint32], pos: _I64) -> _Bool:
         """Whether each member's page differs from its representative's, reading both (a copy
         of each page, gathered dump by dump in gfn order)."""
-        needed = np.unique(np.concatenate((members, reps)))
+        needed = unique(np.concatenate((members, reps)))
         # Read VM by VM in gfn order, the dumps' fastest way; row k of ``pages`` holds the page
         # of member ``needed[by_place[k]]``.
         by_place = np.lexsort((pos[needed], vm[needed]))

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.arrays import unique
 from dengine_cli.formats.base import PAGE_SIZE, PageArray
 
 #: Bytes per hashed block (the paper's choice).
@@ -175,5 +176,5 @@ def candidate_pairs(
     if not len(page):
         return page, ref
     # Dedupe (a reference may be found through several indexes) and sort by page, then ref.
-    combined = np.unique(page.astype(np.int64) * n + ref)
+    combined = unique(page.astype(np.int64) * n + ref)
     return combined // n, combined % n

@@ -18,20 +18,35 @@ from dengine_cli.formats.base import Dump
 from dengine_cli.index import build_indexes, hash_dump, index_dump
 from dengine_cli.workers import Hashed, hash_forked
 
+FORKED: list[int] = []
+
 
 def no_children_left() -> bool:
-    try:
-        os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return False
+    """Every worker forked during the test has been reaped (waiting for it again fails)."""
+    for pid in FORKED:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        return False
+    return bool(FORKED)
 
 
 @pytest.fixture
 def forking(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fork for any amount of work, in small ranges (several per dump)."""
+    """Fork for any amount of work, in small ranges (several per dump); record the forks."""
     monkeypatch.setattr(index, "FORK_MIN_BYTES", 0)
     monkeypatch.setattr(workers, "MIN_RANGE_PAGES", 500)
+    FORKED.clear()
+    fork = os.fork
+
+    def recording() -> int:
+        pid = fork()
+        if pid:
+            FORKED.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", recording)
 
 
 @pytest.mark.parametrize("jobs", [2, 3])

@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from dengine_cli.arrays import unique
 from dengine_cli.errors import FormatError, UnsupportedFeature
 from dengine_cli.formats import x86
 from dengine_cli.formats.base import (
@@ -309,7 +310,7 @@ def _resolve_overlaps(
 ) -> tuple[OffsetArray, OffsetArray, OffsetArray]:
     """Segments of the reassembled file when records overlap: a later record overwrites an earlier
     one, as replaying the stream into a file does (makedumpfile rewrites its sub-header at the end)."""
-    bounds = np.unique(np.concatenate((dst, dst + length)))
+    bounds = unique(np.concatenate((dst, dst + length)))
     winner = np.full(len(bounds) - 1, -1, dtype=np.int64)
     first = np.searchsorted(bounds, dst)
     last = np.searchsorted(bounds, dst + length)
@@ -631,7 +632,7 @@ class KdumpDump(Dump):
         todo = first if dedup else np.arange(len(rows))
         flat = out.reshape(-1).data
         mv = self._buf.data
-        for c in np.unique(codec[todo]).tolist():
+        for c in unique(codec[todo]).tolist():
             sel = todo[codec[todo] == c]
             decode = self._decoder(int(c), int(foff[sel[0]]))
             try:
@@ -886,7 +887,7 @@ def open_kdump(source: Source, options: OpenOptions) -> Dump:
                 image.file_offset(int(desc_file[i])),
                 feature="LZO-compressed pages (install python-lzo)",
             ) from None
-    used = sorted({CODEC_NAMES[int(c)] for c in np.unique(codec) if c != RAW})
+    used = sorted({CODEC_NAMES[int(c)] for c in unique(codec) if c != RAW})
     facts.compression = "none" if not used else used[0] if len(used) == 1 else "mixed"
 
     file_off = image.translate(offsets, sizes64)
