@@ -303,8 +303,8 @@ def index_options(f: F) -> F:
         "--jobs",
         type=click.IntRange(min=1),
         default=None,
-        help="Processes that build indexes and measure a plan's codecs (default: one per CPU; 1 for "
-        "less than 64 MiB of dumps to index).",
+        help="Processes that build indexes and measure a plan's codecs (default: one per CPU, at most "
+        "8; 1 for less than 64 MiB of dumps to index).",
     )(f)
     f = click.option(
         "--index-dir",

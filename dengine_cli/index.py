@@ -64,6 +64,9 @@ HASH_NAME = "xxh3_64"
 POOL_MIN_BYTES = 8 << 30
 #: Below this many bytes of dumps to index, forked workers cost more than they save.
 FORK_MIN_BYTES = 64 << 20
+#: Forked workers by default, however many CPUs: this process forks them one after the other
+#: (5-10 ms each), and reading page cache is bound by memory bandwidth long before 8 CPUs.
+FORK_MAX_WORKERS = 8
 #: Threads that index several dumps at once in this process when no worker pool is started.
 INDEX_THREADS = 2
 
@@ -553,11 +556,12 @@ def _open(path: Path | str, options: OpenOptions) -> Dump:
 
 def _fork_workers(paths: Sequence[Path | str], todo: Sequence[int], jobs: int | None) -> int:
     """How many processes (this one and forked ones) should hash the dumps at ``todo``: ``jobs``
-    (default: one per CPU) when forking is safe here and pays, else 0.  Compressed containers
+    (default: one per CPU, at most :data:`FORK_MAX_WORKERS`) when forking is safe here and pays,
+    else 0.  Compressed containers
     are left to the other ways (each is decompressed by the process that opens it)."""
     from dengine_cli.workers import fork_usable
 
-    workers = jobs if jobs is not None else (os.cpu_count() or 1)
+    workers = jobs if jobs is not None else min(os.cpu_count() or 1, FORK_MAX_WORKERS)
     if workers < 2 or not fork_usable() or any(_is_container(paths[i]) for i in todo):
         return 0
     size = 0
