@@ -329,11 +329,12 @@ class PageTableDump(Dump):
         file_offset: int = 0,
     ) -> None:
         """``buf`` is the mapped file from byte ``file_offset`` on; ``offsets`` index ``buf``."""
-        order = np.argsort(gfns, kind="stable")
-        if not np.all(order == np.arange(len(gfns))):
-            gfns, offsets = gfns[order], offsets[order]
         if len(gfns) > 1 and not np.all(gfns[1:] > gfns[:-1]):
-            raise ValueError("duplicate gfns in a page table")
+            # Readers mostly list pages in order already; sort only when not.
+            order = np.argsort(gfns, kind="stable")
+            gfns, offsets = gfns[order], offsets[order]
+            if not np.all(gfns[1:] > gfns[:-1]):
+                raise ValueError("duplicate gfns in a page table")
         stored = offsets[offsets >= 0]
         if len(stored) and int(stored.max()) + PAGE_SIZE > len(buf):
             raise ValueError("page offset beyond the file")
