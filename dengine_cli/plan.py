@@ -71,6 +71,7 @@ from dengine_cli.policies import Policy
 from dengine_cli.sharing import SharingReport
 from dengine_cli.sharing_cache import cached_share
 from dengine_cli.similarity import candidate_pairs
+from dengine_cli.threads import map_in_threads
 
 SCHEMA = "dengine.plan/1"
 
@@ -328,18 +329,23 @@ def _keys(dumps: Sequence[Dump], policy: Policy, scope: _Scope, batch_pages: int
     det = policy.detector
     keys = np.empty((len(scope.e_vm), det.indexes), dtype=np.uint64)
     bounds = np.searchsorted(scope.e_vm, np.arange(len(dumps) + 1))
-    for v, dump in enumerate(dumps):
+
+    def dump_keys(v: int) -> None:
         lo_e, hi_e = int(bounds[v]), int(bounds[v + 1])
         if lo_e == hi_e:
-            continue
+            return
         pos = scope.e_pos[lo_e:hi_e]
         start = 0
-        for batch in dump.batches(batch_pages):
+        for batch in dumps[v].batches(batch_pages):
             end = start + len(batch)
             a, b = np.searchsorted(pos, [start, end])
             if b > a:
                 keys[lo_e + a : lo_e + b] = det.keys(batch.pages, pos[a:b] - start)
             start = end
+
+    # Dumps in threads: gathering the blocks (page faults) and hashing them run in numpy without
+    # the GIL.  Each thread writes its own rows.
+    map_in_threads(dump_keys, range(len(dumps)), KEY_THREADS)
     return keys
 
 
@@ -981,6 +987,9 @@ def _start_worker(
 
 
 # --- the plan file -------------------------------------------------------------------------------
+
+#: Threads that compute similarity keys (one dump each at a time).
+KEY_THREADS = min(2, os.cpu_count() or 1)
 
 #: Pages written per JSON chunk.
 _WRITE_CHUNK = 1 << 16

@@ -86,12 +86,15 @@ def zero_rows(pages: PageArray) -> npt.NDArray[np.bool_]:
 
 
 class CompressionCodec(ABC):
-    """A codec that stores one page on its own."""
+    """A codec that stores one page on its own.  Every codec may be used by several threads at
+    once (codecs with state keep it per thread)."""
 
     #: The name users give, with the parameters in it (``zstd-3``).
     name: str
     #: The one-byte id a store records with each page.
     id: int
+    #: Whether encoding a page lets go of the GIL (so that threads measure pages in parallel).
+    releases_gil: bool = True
 
     @abstractmethod
     def compress(self, page: PageLike) -> bytes:
@@ -129,10 +132,13 @@ class CompressionCodec(ABC):
 
 
 class PatchCodec(ABC):
-    """A codec that stores a page as a patch against a reference page."""
+    """A codec that stores a page as a patch against a reference page (usable by several
+    threads at once, as compression codecs are)."""
 
     name: str
     id: int
+    #: Whether making a patch lets go of the GIL (so that threads measure pages in parallel).
+    releases_gil: bool = True
 
     @abstractmethod
     def diff(self, ref: PageLike, page: PageLike) -> bytes:

@@ -38,6 +38,7 @@ zlib with an 8 KiB window were no faster.
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 import cramjam
@@ -54,8 +55,22 @@ class ZstdCodec(CompressionCodec):
         self.id = codec_id
         self.level = level
         self.name = f"zstd-{level}"
-        self._compressor = zstandard.ZstdCompressor(level=level)
-        self._decompressor = zstandard.ZstdDecompressor()
+        # zstd contexts are not for two threads at once: one per thread.
+        self._local = threading.local()
+
+    @property
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        compressor: zstandard.ZstdCompressor | None = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
+        return compressor
+
+    @property
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        decompressor: zstandard.ZstdDecompressor | None = getattr(self._local, "decompressor", None)
+        if decompressor is None:
+            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
+        return decompressor
 
     def compress(self, page: PageLike) -> bytes:
         return self._compressor.compress(page_bytes(page))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -531,12 +532,21 @@ def _decoders() -> dict[int, Callable[[memoryview], bytes]]:
     import cramjam
 
     zdec = zlib.decompress
-    zstd_dec = zstandard.ZstdDecompressor().decompress
     snappy_dec = cramjam.snappy.decompress_raw
+    # A zstd context per thread: pages may be read by several threads at once (a plan measuring
+    # its codecs), and a context is not for two at a time.
+    local = threading.local()
+
+    def zstd_dec(d: memoryview) -> bytes:
+        dctx: zstandard.ZstdDecompressor | None = getattr(local, "dctx", None)
+        if dctx is None:
+            dctx = local.dctx = zstandard.ZstdDecompressor()
+        return dctx.decompress(d, max_output_size=PAGE_SIZE)
+
     out: dict[int, Callable[[memoryview], bytes]] = {
         ZLIB: lambda d: zdec(d, 15, PAGE_SIZE),
         SNAPPY: lambda d: bytes(snappy_dec(d)),
-        ZSTD: lambda d: zstd_dec(d, max_output_size=PAGE_SIZE),
+        ZSTD: zstd_dec,
     }
     try:
         lzo_dec = _lzo_decoder()
