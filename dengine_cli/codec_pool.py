@@ -1,9 +1,14 @@
-"""The plan's codec work (patch and compressed sizes) shared with one worker process.
+"""The plan's codec work (patch and compressed sizes), shared by threads or with one worker
+process.
 
 Measuring every patch and compressed page is most of an exact plan's time (about 30 us of zstd
-per page), and the codecs hold the GIL for a whole 4 KiB call, so threads do not help; a second
-process does.  The plan's process and one :class:`CodecWorker` share each list of pages from
-both ends: the plan's process measures chunks from the front, the worker from the back (at most
+per page).  zstd, zlib and lz4 let go of the GIL while they encode, so threads of the plan's
+process share that work (:func:`share_out` with ``threads``; measured faster than a worker
+process: nothing forked, no page read twice, nothing pickled).  bsdiff4 keeps the GIL; a plan
+using it shares the work with a second process instead.
+
+The plan's process and one :class:`CodecWorker` share each list of pages from both ends: the
+plan's process measures chunks from the front, the worker from the back (at most
 :data:`IN_FLIGHT` chunks queued for it), until they meet.  A slow worker (a loaded machine, a
 late start) just takes fewer chunks: nobody waits for it except for its last chunks.  The sizes
 are the codec's exact sizes either way (the same codec, the same library, the same pages).

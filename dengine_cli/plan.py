@@ -971,6 +971,11 @@ def _start_worker(
         return None
     if not codec_pool.worker_pays(dumps, jobs):
         return None
+    if codec_pool.CODEC_THREADS > 1 and all(_codecs_release_gil(p) for p in policies if p is not None):
+        # Threads of this process measure instead: faster than a worker process here (exact
+        # plan of 1.5 GiB: 0.59-0.69 s against 0.75-0.78 s), with no fork, no pages read
+        # twice, no results pickled.
+        return None
     if fork_usable():
         # Forked only if plan_dumps gives it work (see CodecWorker): costs nothing meanwhile.
         return CodecWorker(paths, options, counts, dumps=dumps)
@@ -984,6 +989,15 @@ def _start_worker(
     if nonzero < codec_pool.MIN_PAGES:
         return None
     return CodecWorker(paths, options, counts)
+
+
+def _codecs_release_gil(policy: Policy) -> bool:
+    """Whether the codecs ``policy`` measures with let go of the GIL (threads can share them)."""
+    from dengine_cli.codecs import compression_codec, patch_codec
+
+    return (not policy.patch or patch_codec(policy.patch_codec).releases_gil) and (
+        not policy.compress or compression_codec(policy.compression_codec).releases_gil
+    )
 
 
 # --- the plan file -------------------------------------------------------------------------------

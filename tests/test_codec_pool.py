@@ -178,3 +178,25 @@ def test_no_worker_for_compressed_containers(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(codec_pool, "MIN_PAGES", 0)
     _, report = share_and_plan([plain, packed], POLICIES["de"], options=RAW, index_dir=tmp_path / "idx")
     assert report.total.compressed > 0
+
+
+def test_worker_only_for_codecs_that_keep_the_gil(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """zstd, zlib, lz4 are measured by threads of the plan's process; bsdiff4, which keeps the
+    GIL, gets the worker process."""
+    paths = write_images(tmp_path, mixed_vms(4, [150, 150]))
+    monkeypatch.setattr(codec_pool, "MIN_PAGES", 0)
+    monkeypatch.setattr(codec_pool, "FORK_MIN_PAGES", 0)
+    monkeypatch.setattr(codec_pool, "CODEC_THREADS", 2)
+    made: list[CodecWorker] = []
+    init = CodecWorker.__init__
+
+    def recording(self: CodecWorker, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(CodecWorker, "__init__", recording)
+    share_and_plan(paths, POLICIES["de"], options=RAW, index_dir=tmp_path / "idx")
+    assert made == []
+    bsdiff = Policy("de-bsdiff", cross_vm=True, patch=True, compress=True, patch_codec="bsdiff4")
+    _, report = share_and_plan(paths, bsdiff, options=RAW, index_dir=tmp_path / "idx")
+    assert len(made) == 1 and report.total.patched > 0
