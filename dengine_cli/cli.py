@@ -374,7 +374,7 @@ def index_command(
     if prune:
         kept, removed, freed = prune_indexes(index_dir)
         _note(
-            f"{index_dir or default_index_dir()}: removed {removed} stale index files "
+            f"{index_dir or default_index_dir()}: removed {removed} stale cache files "
             f"({freed} bytes), kept {kept}"
         )
         if not dumps:

@@ -179,7 +179,7 @@ def test_index_prune_removes_only_stale_indexes(tmp_path: Path) -> None:
     code, out, err = invoke("index", "--prune", "--index-dir", str(idx))
     assert code == 0
     assert out == ""
-    assert "removed 3 stale index files" in err and "kept 1" in err
+    assert "removed 3 stale cache files" in err and "kept 1" in err
     assert sorted(p.name for p in idx.iterdir()) == sorted([files["a.raw"].name, "notes.txt"])
     # The kept index is still used.
     code, out, _ = invoke("index", "--index-dir", str(idx), str(paths[0]))
