@@ -79,6 +79,10 @@ SCHEMA = "dengine.plan/1"
 ACTIONS = ("zero", "share", "whole", "patch", "compress", "swap")
 ZERO, SHARE, WHOLE, PATCH, COMPRESS, SWAP = range(len(ACTIONS))
 
+#: Threads for the plan's numpy work that lets go of the GIL: similarity keys (a dump each at a
+#: time) and the per-VM sorts of the scope.
+PLAN_THREADS = min(2, os.cpu_count() or 1)
+
 #: Sampling: groups of more pages than this, and than 1/:data:`TAKE_ALL_SHARE` of the candidates,
 #: are always computed whole (one of them could dominate the variance of an estimate).
 TAKE_ALL_UNIT = 64
@@ -283,9 +287,13 @@ def _scope(sharing: SharingReport, policy: Policy, hot: Sequence[_Bool | None], 
             copies_all += np.bincount(ids.astype(np.int64), minlength=n_contents)
     kept_l, sk_l, cand_l, within_l, across_l = [], [], [], [], []
     e_vm_parts, e_pos_parts, e_cand_parts = [], [], []
+    # The per-VM sorts first, in threads (numpy sorts without the GIL); then VM after VM.
+    per_vm = map_in_threads(
+        lambda ids: np.unique(ids, return_index=True, return_counts=True), ids_all, PLAN_THREADS
+    )
     for v, ids in enumerate(ids_all):
         n = len(ids)
-        uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
+        uniq, first, counts = per_vm[v]
         first_in_vm = np.zeros(n, dtype=np.bool_)
         first_in_vm[first] = True
         nonzero = ids != 0
@@ -345,7 +353,7 @@ def _keys(dumps: Sequence[Dump], policy: Policy, scope: _Scope, batch_pages: int
 
     # Dumps in threads: gathering the blocks (page faults) and hashing them run in numpy without
     # the GIL.  Each thread writes its own rows.
-    map_in_threads(dump_keys, range(len(dumps)), KEY_THREADS)
+    map_in_threads(dump_keys, range(len(dumps)), PLAN_THREADS)
     return keys
 
 
@@ -1001,9 +1009,6 @@ def _codecs_release_gil(policy: Policy) -> bool:
 
 
 # --- the plan file -------------------------------------------------------------------------------
-
-#: Threads that compute similarity keys (one dump each at a time).
-KEY_THREADS = min(2, os.cpu_count() or 1)
 
 #: Pages written per JSON chunk.
 _WRITE_CHUNK = 1 << 16

@@ -40,6 +40,7 @@ import numpy.typing as npt
 
 from dengine_cli.arrays import unique
 from dengine_cli.formats.base import PAGE_SIZE, PageArray
+from dengine_cli.threads import map_in_threads
 
 #: Bytes per hashed block (the paper's choice).
 BLOCK_SIZE = 64
@@ -152,9 +153,19 @@ def candidate_pairs(
     if len(pos) < 2:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty.copy()
+    # The k sorts in threads (numpy sorts without the GIL), then index after index.
+    orders = map_in_threads(
+        lambda j: (
+            np.argsort(keys[pos, j], kind="stable")
+            if scope is None
+            else np.lexsort((keys[pos, j], scope[pos]))
+        ),
+        range(k),
+        min(k, 2),
+    )
     for j in range(k):
         key = keys[pos, j]
-        order = np.argsort(key, kind="stable") if scope is None else np.lexsort((key, scope[pos]))
+        order = orders[j]
         sk = key[order]
         start = np.empty(len(order), dtype=np.bool_)
         start[0] = True
