@@ -199,6 +199,9 @@ def _failure(err_r: int, status: int) -> BaseException:
             if isinstance(error, BaseException):
                 return error
     if os.WIFSIGNALED(status):
+        if os.WTERMSIG(status) == signal.SIGINT:
+            # Ctrl-C reaches the whole process group: this process is being interrupted too.
+            return KeyboardInterrupt()
         return RuntimeError(f"an index worker process was killed by signal {os.WTERMSIG(status)}")
     return RuntimeError(f"an index worker process exited with status {os.waitstatus_to_exitcode(status)}")
 

@@ -106,6 +106,24 @@ def test_a_worker_killed_is_reported(real_dump: Callable[[str], Path], forking: 
         d.close()
 
 
+def test_a_worker_interrupted_interrupts_the_caller(real_dump: Callable[[str], Path], forking: None) -> None:
+    """Ctrl-C reaches the whole process group; a worker that dies of it first must not turn the
+    interruption into an internal error."""
+    parent = os.getpid()
+    dumps = _dumps(real_dump)
+
+    def interrupted(dump: Dump, lo: int, hi: int, on_pages: Callable[[int], None]) -> Hashed:
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGINT)  # the worker runs SIGINT's default action
+        return hash_dump(dump, lo, hi, on_pages=on_pages)
+
+    with pytest.raises(KeyboardInterrupt):
+        hash_forked(dumps, 2, interrupted)
+    assert no_children_left()
+    for d in dumps:
+        d.close()
+
+
 def test_an_error_here_stops_the_workers(real_dump: Callable[[str], Path], forking: None) -> None:
     parent = os.getpid()
     dumps = _dumps(real_dump)
