@@ -79,10 +79,11 @@ def hash_forked(
     per_task = -(-len(ranges) // MAX_TASKS)
     tasks = [ranges[k : k + per_task] for k in range(0, len(ranges), per_task)]
     # Shared with the workers: hashes (8 B/page), zero flags (1 B/page), page counters.
-    shared = mmap.mmap(-1, max(1, 9 * total + 8 * size * len(dumps)))
+    counters = -(-9 * total // 8) * 8  # aligned for int64
+    shared = mmap.mmap(-1, max(1, counters + 8 * size * len(dumps)))
     hashes = np.frombuffer(shared, dtype=np.uint64, count=total)
     zero = np.frombuffer(shared, dtype=np.bool_, count=total, offset=8 * total)
-    done = np.frombuffer(shared, dtype=np.int64, count=size * len(dumps), offset=9 * total).reshape(
+    done = np.frombuffer(shared, dtype=np.int64, count=size * len(dumps), offset=counters).reshape(
         size, len(dumps)
     )
     tasks_r, tasks_w = os.pipe()
