@@ -306,6 +306,12 @@ class _Grouper:
         low_bits = np.uint64(self.buckets - 1)
         for ix in self.indexes:
             n = ix.page_count
+            if self.buckets == 1:
+                # One bucket (up to group_pages non-zero pages): the non-zero pages in order.
+                whole: npt.NDArray[np.integer[Any]] = np.flatnonzero(~np.asarray(ix.zero))
+                self.order.append(whole.astype(np.uint32) if n < 1 << 32 else whole)
+                self.starts.append(np.array([0, len(whole)], dtype=np.int64))
+                continue
             counts = np.zeros(self.buckets, dtype=np.int64)
             for lo in range(0, n, chunk):
                 hashes = ix.hashes[lo : lo + chunk][~np.asarray(ix.zero[lo : lo + chunk])]
