@@ -39,6 +39,13 @@ SCHEMA = "dengine.analyze/1"
 #: Threads that compare pages in place (numpy releases the GIL while it copies and compares).
 CONFIRM_THREADS = min(4, os.cpu_count() or 1)
 
+#: Runs of at least this many pages (consecutive in both dumps) are compared as two blocks;
+#: runs are compared this many pages at a time (the temporary stays in the CPU cache).
+RUN_MIN_PAGES = 4
+RUN_STEP = 256
+#: Other pairs are gathered (copied) this many at a time.
+GATHER_STEP = 128
+
 #: Pairs of pages compared in place at once (they are put in file order first).
 IN_PLACE_PAIRS = 1 << 20
 
@@ -248,6 +255,15 @@ def share(
     return grouper.report()
 
 
+def _gather(buf: npt.NDArray[np.uint8], offsets: _I64) -> npt.NDArray[np.uint64]:
+    """Copies of the pages at byte ``offsets`` of ``buf`` (any alignment), as uint64 rows."""
+    windows: PageArray = np.lib.stride_tricks.as_strided(
+        buf, shape=(len(buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
+    )
+    rows: npt.NDArray[np.uint64] = windows[offsets].view(np.uint64)
+    return rows
+
+
 class _Grouper:
     """The state of one sharing analysis: per-VM counters, the matrix and the content ids,
     filled bucket by bucket."""
@@ -263,7 +279,7 @@ class _Grouper:
     ) -> None:
         self.indexes = indexes
         self.dumps = dumps
-        self._windows = [d.page_windows() for d in dumps]
+        self._mapped = [d.mapped_pages() for d in dumps]
         self.cross_vm = cross_vm
         self.batch_pages = max(batch_pages, 2)
         self.group_pages = group_pages
@@ -466,13 +482,13 @@ class _Grouper:
         vm_m, vm_r = vm[members].astype(np.int64), vm[reps].astype(np.int64)
         off_m = np.empty(len(members), dtype=np.int64)
         off_r = np.empty(len(members), dtype=np.int64)
-        windows: dict[int, PageArray] = {}
+        bufs: dict[int, npt.NDArray[np.uint8]] = {}
         # (Not np.unique: its first call imports numpy.ma, 12 ms.)
         for v in np.flatnonzero(np.bincount(np.concatenate((vm_m, vm_r)))).tolist():
-            found = self._windows[v]
+            found = self._mapped[v]
             if found is None:
                 return None
-            windows[v], offsets = found
+            bufs[v], offsets = found
             sel = vm_m == v
             off_m[sel] = offsets[pos[members[sel]]]
             sel = vm_r == v
@@ -480,34 +496,59 @@ class _Grouper:
         if len(members) and (int(off_m.min()) < 0 or int(off_r.min()) < 0):
             return None  # a page assembled in memory or stored nowhere: compare copies instead
         differs = np.empty(len(members), dtype=np.bool_)
-        # Pairs of the same two dumps together, in the members' file order, then a few hundred at
-        # a time.  File order lets the CPU's prefetcher and TLB help with the members (2x faster
-        # than hash order over 1.5 GiB of dumps); small chunks keep the row copies fancy
-        # indexing makes in the CPU cache.
+        if not len(members):
+            return differs
+        # Pairs of the same two dumps together, in the members' file order.
         pair = vm_m * self.n_vms + vm_r
-        if len(members) and int(off_m.max()) < 1 << 40 and self.n_vms**2 < 1 << 22:
+        if int(off_m.max()) < 1 << 40 and self.n_vms**2 < 1 << 22:
             order = np.argsort((pair << 40) | off_m)  # one key: 3x faster than lexsort
         else:
             order = np.lexsort((off_m, pair))
-        pair = pair[order]
-        cuts = np.flatnonzero(np.diff(pair)) + 1
-        step = 128
-        chunks = [
-            (windows[int(vm_m[seg[0]])], windows[int(vm_r[seg[0]])], seg[lo : lo + step])
-            for seg in np.split(order, cuts)
-            for lo in range(0, len(seg), step)
-        ]
+        pair, om, orr = pair[order], off_m[order], off_r[order]
+        # Runs: consecutive pages of one dump matching consecutive pages of another (identical
+        # guests lay out their kernel and page cache alike: 92% of the pairs of four Debian
+        # guests).  A run is compared as two contiguous blocks, read front to back, with no
+        # copy; the other pairs are gathered a few hundred at a time.
+        new_run = np.ones(len(order), dtype=np.bool_)
+        new_run[1:] = (
+            (pair[1:] != pair[:-1]) | (om[1:] - om[:-1] != PAGE_SIZE) | (orr[1:] - orr[:-1] != PAGE_SIZE)
+        )
+        starts = np.flatnonzero(new_run)
+        lengths = np.diff(np.append(starts, len(order)))
+        tasks: list[tuple[int, int, bool]] = []  # (first row in order, rows, as a run)
+        long_run = lengths >= RUN_MIN_PAGES
+        for s, k in zip(starts[long_run].tolist(), lengths[long_run].tolist(), strict=True):
+            tasks.extend((a, min(RUN_STEP, s + k - a), True) for a in range(s, s + k, RUN_STEP))
+        # The rest: rows of short runs, still grouped by pair in file order.
+        gather_rows: dict[int, _I64] = {}
+        rest_rows = np.flatnonzero(np.repeat(~long_run, lengths))
+        if len(rest_rows):
+            for seg in np.split(rest_rows, np.flatnonzero(np.diff(pair[rest_rows])) + 1):
+                for lo in range(0, len(seg), GATHER_STEP):
+                    piece = seg[lo : lo + GATHER_STEP]
+                    gather_rows[int(piece[0])] = piece
+                    tasks.append((int(piece[0]), len(piece), False))
 
-        def compare(part: Sequence[tuple[PageArray, PageArray, _I64]]) -> None:
-            for wm, wr, rows in part:
-                a = wm[off_m[rows]].view(np.uint64)
-                b = wr[off_r[rows]].view(np.uint64)
-                differs[rows] = (a != b).any(axis=1)
+        def compare(part: Sequence[tuple[int, int, bool]]) -> None:
+            for first, k, as_run in part:
+                v_m, v_r = int(vm_m[order[first]]), int(vm_r[order[first]])
+                bm, br = bufs[v_m], bufs[v_r]
+                if as_run:
+                    a = bm[int(om[first]) : int(om[first]) + k * PAGE_SIZE].view(np.uint64)
+                    b = br[int(orr[first]) : int(orr[first]) + k * PAGE_SIZE].view(np.uint64)
+                    ne = np.not_equal(a, b)
+                    rows = order[first : first + k]
+                    differs[rows] = ne.reshape(k, -1).any(axis=1) if ne.any() else False
+                    continue
+                sel = gather_rows[first]
+                a = _gather(bm, om[sel])
+                b = _gather(br, orr[sel])
+                differs[order[sel]] = (a != b).any(axis=1)
 
         # numpy lets go of the GIL while it copies and compares, so threads share the work
-        # across cores (1.7x on 2 cores); each writes its own rows of ``differs``.
-        threads = min(CONFIRM_THREADS, max(1, len(chunks) // 8))
-        map_in_threads(compare, [chunks[t::threads] for t in range(threads)], threads)
+        # across cores; each writes its own rows of ``differs``.
+        threads = min(CONFIRM_THREADS, max(1, len(tasks) // 8))
+        map_in_threads(compare, [tasks[t::threads] for t in range(threads)], threads)
         return differs
 
     # --- counting ------------------------------------------------------------------------------

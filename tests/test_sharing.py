@@ -17,6 +17,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dengine_cli import sharing
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import PAGE_SIZE, Dump, OpenOptions, Source
 from dengine_cli.formats.raw import open_raw
@@ -412,9 +413,61 @@ def test_forced_collisions_with_compressed_pages_and_a_raw_image(tmp_path: Path)
     (tmp_path / "vm0.kdump").write_bytes(build_kdump({g: p.tobytes() for g, p in enumerate(vms[0])}).data)
     (tmp_path / "vm1.raw").write_bytes(vms[1].tobytes())
     dumps = [open_dump(tmp_path / "vm0.kdump"), open_dump(tmp_path / "vm1.raw")]
-    assert dumps[0].page_windows() is None and dumps[1].page_windows() is not None
+    assert dumps[0].mapped_pages() is None and dumps[1].mapped_pages() is not None
     indexes = [index_dump(d, batch_pages=64) for d in dumps]
     report = share(indexes, dumps, batch_pages=64, hash_bits=2)
     expected = dict_count(vms, hash_bits=2)
     assert_figures(report, vms, expected)
     assert report.collisions == expected["collisions"] > 50
+
+
+@pytest.mark.parametrize("hash_bits", [64, 6])
+def test_runs_of_matching_pages_compared_as_blocks(tmp_path: Path, hash_bits: int) -> None:
+    """VMs that hold the same long runs of pages (as identical guests do) are compared run by
+    run; pages inside a run that differ (one byte), and forced hash collisions inside and
+    between runs, must still be found."""
+    rng = np.random.default_rng(21)
+    base = rng.integers(0, 256, (600, PAGE_SIZE), dtype=np.uint8)
+    base[::9] = 0
+    second = base.copy()
+    second[100:110, 7] ^= 1  # ten pages inside a run differ by one byte
+    second[300] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)  # a run broken by a new page
+    third = np.concatenate((base[200:500], rng.integers(0, 256, (100, PAGE_SIZE), dtype=np.uint8)))
+    third[50, 4095] ^= 0x80  # last byte of a page in a run
+    vms = [base, second, third]
+    assert sharing.RUN_MIN_PAGES <= 50
+    report = run_share(tmp_path, vms, hash_bits=hash_bits)
+    expected = dict_count(vms, hash_bits=hash_bits)
+    assert_figures(report, vms, expected)
+    if hash_bits < 64:
+        assert report.collisions == expected["collisions"] > 0
+
+
+def test_a_collision_inside_a_run_is_split(tmp_path: Path) -> None:
+    """A run of pages matching a run of references, one pair of which only collides (same low
+    hash bits, different bytes): the block compare of the run must still find that page."""
+    bits = 6
+    rng = np.random.default_rng(5)
+
+    def low(page: np.ndarray) -> int:
+        return xxhash.xxh3_64_intdigest(page.tobytes()) & ((1 << bits) - 1)
+
+    refs: list[np.ndarray] = []
+    seen: set[int] = set()
+    while len(refs) < 16:  # references with distinct low bits: each is its group's first page
+        page = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
+        if low(page) not in seen:
+            seen.add(low(page))
+            refs.append(page)
+    vm0 = np.stack(refs)
+    vm1 = vm0.copy()
+    while True:  # page 5 of vm1: other bytes, the same low bits as vm0's page 5
+        other = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
+        if low(other) == low(vm0[5]):
+            vm1[5] = other
+            break
+    vms = [vm0, vm1]
+    report = run_share(tmp_path, vms, hash_bits=bits)
+    expected = dict_count(vms, hash_bits=bits)
+    assert_figures(report, vms, expected)
+    assert report.vms[1].shared_across == 15 and report.collisions == expected["collisions"] >= 2

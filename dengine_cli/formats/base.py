@@ -216,11 +216,10 @@ class Dump(ABC):
             out[s:e] = self._pages(lo, lo + (e - s))
         return out
 
-    def page_windows(self) -> tuple[PageArray, OffsetArray] | None:
-        """For dumps whose pages lie uncompressed in one mapping: every 4096-byte window of it
-        (row k = the page at byte k, a view) and the byte offset of each present page (negative:
-        not stored there).  Lets callers compare pages in place without copying them out first;
-        ``None`` for other dumps."""
+    def mapped_pages(self) -> tuple[npt.NDArray[np.uint8], OffsetArray] | None:
+        """For dumps whose pages lie uncompressed in one mapping: the mapping (bytes) and the
+        byte offset of each present page in it (negative: not stored there).  Lets callers
+        compare pages in place without copying them out first; ``None`` for other dumps."""
         return None
 
     def ranges(self) -> list[tuple[int, int]]:
@@ -463,13 +462,10 @@ class PageTableDump(Dump):
         os.close(fd)
         return None
 
-    def page_windows(self) -> tuple[PageArray, OffsetArray] | None:
+    def mapped_pages(self) -> tuple[npt.NDArray[np.uint8], OffsetArray] | None:
         if len(self._buf) < PAGE_SIZE:
             return None
-        windows: PageArray = np.lib.stride_tricks.as_strided(
-            self._buf, shape=(len(self._buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
-        )
-        return windows, self.offsets
+        return self._buf, self.offsets
 
     def _gather(self, offsets: OffsetArray) -> PageArray:
         side = offsets <= SIDE_PAGE
