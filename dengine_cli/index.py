@@ -5,22 +5,15 @@ An index is what sharing analysis groups pages by: it is built once per dump wit
 its pages and kept in a cache directory (``$XDG_CACHE_HOME/dengine/index``) so that analysing the
 same dumps again costs a read of 17 bytes per page instead of a read of 4096.
 
-On-disk form (little-endian), version :data:`INDEX_VERSION`::
-
-    0   8s   magic b"DENGIDX\\0"
-    8   u32  format version
-    12  u32  header length H
-    16  H    header: UTF-8 JSON (the cache key, page count, checksum, guest facts)
-    ... zero padding to a multiple of 64
-    D   u64[n] gfns, u64[n] hashes, u8[n] zero flags  (D = 16 + H rounded up to 64)
+On disk (the framing of :mod:`dengine_cli.cachefile`): magic b"DENGIDX\\0", version
+:data:`INDEX_VERSION`, a JSON header (the cache key, page count, checksum, guest facts), then
+u64[n] gfns, u64[n] hashes, u8[n] zero flags.
 
 The cache key names the dump as it is now: real path, device, inode, size, mtime and ctime (which
 no user can set back, so any rewrite of the file changes it), plus the index version and the
 reader options that change the page set.  The file is named by a digest of the key, and the key is
 stored in the header and compared on load; the arrays carry an xxh3-64 checksum.  A file that
-fails any check is ignored and rebuilt, never trusted.  Files are written to a temporary name in
-the cache directory and renamed: a reader never sees half an index (not fsync'ed: a file torn
-by a crash fails the checks and is rebuilt).
+fails any check is ignored and rebuilt, never trusted; files are written atomically.
 """
 
 from __future__ import annotations
@@ -29,7 +22,6 @@ import contextlib
 import itertools
 import json
 import os
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from dengine_cli import cachefile
 from dengine_cli.errors import OutputError, UnreadableFile
 from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, GfnArray, OpenOptions, PageArray
 from dengine_cli.threads import map_in_threads
@@ -47,12 +40,6 @@ from dengine_cli.threads import map_in_threads
 INDEX_MAGIC = b"DENGIDX\0"
 #: Bump whenever the layout, the hash function or what a page set means changes.
 INDEX_VERSION = 1
-#: magic, format version, header length.
-INDEX_PREFIX = struct.Struct("<8sII")
-#: Arrays start at a multiple of this, so that memory-mapped arrays are aligned.
-INDEX_ALIGN = 64
-#: A header longer than this is not ours (guest facts are a few hundred bytes).
-INDEX_HEADER_MAX = 1 << 20
 INDEX_SUFFIX = ".idx"
 #: What the hashes are: xxh3-64 (seed 0) of the 4096 bytes of a page.
 HASH_NAME = "xxh3_64"
@@ -242,32 +229,23 @@ def index_path_for(
 
 
 def _file_for(key: dict[str, Any], index_dir: Path | str | None) -> Path:
-    # xxh3-128 rather than sha256: a name, not a security check (the key itself is stored and
-    # compared on load), and hashlib's import costs 12 ms, a few percent of a whole command.
-    digest = xxhash.xxh3_128_hexdigest(json.dumps(key, sort_keys=True).encode())
-    return Path(index_dir if index_dir is not None else default_index_dir()) / (digest + INDEX_SUFFIX)
+    folder = index_dir if index_dir is not None else default_index_dir()
+    return cachefile.name_for(key, folder, INDEX_SUFFIX)
 
 
 def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
     """The index stored in ``file`` if it is intact and made for ``key``; ``None`` otherwise
     (missing, truncated, corrupt, another version, another dump)."""
+    found = cachefile.read_header(file, INDEX_MAGIC, INDEX_VERSION)
+    if found is None:
+        return None
+    header, data, size = found
+    if header.get("key") != key:
+        return None
     try:
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(INDEX_PREFIX.size)
-            if len(prefix) != INDEX_PREFIX.size:
-                return None
-            magic, version, header_len = INDEX_PREFIX.unpack(prefix)
-            if magic != INDEX_MAGIC or version != INDEX_VERSION or header_len > INDEX_HEADER_MAX:
-                return None
-            raw_header = f.read(header_len)
-        header = json.loads(raw_header)
-        if not isinstance(header, dict) or header.get("key") != key:
-            return None
         n = header["page_count"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             return None
-        data = _data_offset(header_len)
         if size != data + 17 * n:
             return None
         if n == 0:
@@ -279,7 +257,7 @@ def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
             gfns = arrays[: 8 * n].view(np.uint64)
             hashes = arrays[8 * n : 16 * n].view(np.uint64)
             zero = arrays[16 * n :].view(np.bool_)
-        if header.get("checksum") != _checksum(gfns, hashes, zero):
+        if header.get("checksum") != cachefile.checksum((gfns, hashes, zero)):
             return None
         facts = header.get("facts")
         return PageIndex(
@@ -336,15 +314,11 @@ def _still_valid(file: Path) -> bool:
     """Whether ``file`` is an index whose dump is still as it was when it was built."""
     if file.name.startswith(".tmp-"):
         return False
+    found = cachefile.read_header(file, INDEX_MAGIC, INDEX_VERSION)
+    if found is None:
+        return False
     try:
-        with open(file, "rb") as f:
-            prefix = f.read(INDEX_PREFIX.size)
-            if len(prefix) != INDEX_PREFIX.size:
-                return False
-            magic, version, header_len = INDEX_PREFIX.unpack(prefix)
-            if magic != INDEX_MAGIC or version != INDEX_VERSION or header_len > INDEX_HEADER_MAX:
-                return False
-            key = json.loads(f.read(header_len))["key"]
+        key = found[0]["key"]
         options = OpenOptions(format=key["format"], device_memory=bool(key["device_memory"]))
         return bool(index_key(key["path"], options) == key and _file_for(key, file.parent) == file)
     except (OSError, ValueError, KeyError, TypeError, UnreadableFile):
@@ -354,42 +328,15 @@ def _still_valid(file: Path) -> bool:
 def write_index(index: PageIndex, key: dict[str, Any], file: Path) -> bool:
     """Store ``index`` for ``key`` at ``file`` atomically; ``False`` when that is not possible
     (the cache is an optimization: a read-only or full cache directory is not an error)."""
-    header = json.dumps(
-        {
-            "key": key,
-            "name": index.name,
-            "page_count": index.page_count,
-            "zero_pages": index.zero_pages,
-            "checksum": _checksum(index.gfns, index.hashes, index.zero),
-            "facts": index.facts,
-        },
-        sort_keys=True,
-        default=str,
-    ).encode()
-    tmp: str | None = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        import tempfile
-
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=INDEX_SUFFIX, dir=file.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(INDEX_PREFIX.pack(INDEX_MAGIC, INDEX_VERSION, len(header)))
-            f.write(header)
-            f.write(bytes(_data_offset(len(header)) - INDEX_PREFIX.size - len(header)))
-            for array in (index.gfns, index.hashes, index.zero):
-                f.write(np.ascontiguousarray(array).data.cast("B"))
-        # No fsync: the rename makes the file appear whole or not at all, and a file torn by a
-        # crash fails the size and checksum checks on load and is rebuilt.  fsync cost 40 ms a
-        # file here, a sixth of a whole `dengine analyze` of 1.5 GiB.
-        os.replace(tmp, file)
-        tmp = None
-        return True
-    except OSError:
-        return False
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    header = {
+        "key": key,
+        "name": index.name,
+        "page_count": index.page_count,
+        "zero_pages": index.zero_pages,
+        "checksum": cachefile.checksum((index.gfns, index.hashes, index.zero)),
+        "facts": index.facts,
+    }
+    return cachefile.write(file, INDEX_MAGIC, INDEX_VERSION, header, (index.gfns, index.hashes, index.zero))
 
 
 def load_or_build(
@@ -740,15 +687,3 @@ def _worker_build(
 
     index = load_or_build(path, options, index_dir, batch_pages=batch_pages, on_progress=step)
     return index.path if index.path is not None else index
-
-
-def _data_offset(header_len: int) -> int:
-    end = INDEX_PREFIX.size + header_len
-    return -(-end // INDEX_ALIGN) * INDEX_ALIGN
-
-
-def _checksum(gfns: GfnArray, hashes: HashArray, zero: ZeroArray) -> str:
-    h = xxhash.xxh3_64()
-    for array in (gfns, hashes, zero):
-        h.update(np.ascontiguousarray(array).data.cast("B"))
-    return h.hexdigest()

@@ -8,42 +8,34 @@ index directory under a key made of the cache keys of the dumps' indexes (each n
 as it is now: path, device, inode, size, mtime, ctime), in the order given, plus ``cross_vm`` and
 the hash width; a rewritten dump changes its key, and the stored result is never matched again.
 
-On-disk form (little-endian), version :data:`SHARING_VERSION`::
+On disk (the framing of :mod:`dengine_cli.cachefile`): magic b"DENGSHR\\0", version
+:data:`SHARING_VERSION`, a JSON header (the key, every figure of the report, the checksum), then
+the content id of every present page, VM after VM (u32, or u64 past 2**32 - 1 contents).
 
-    0   8s   magic b"DENGSHR\\0"
-    8   u32  format version
-    12  u32  header length H
-    16  H    header: UTF-8 JSON (the key, every figure of the report, the checksum)
-    ... zero padding to a multiple of 64
-    D   the content id of every present page, VM after VM (u32, or u64 past 2**32 - 1 contents)
-
-4 bytes per page.  Written to a temporary name and renamed, as indexes are; a file failing any
-check (magic, version, key, sizes, xxh3 checksum) is ignored and replaced.  Only indexes that
+4 bytes per page, written atomically; a file failing any check (magic, version, key, sizes, xxh3
+checksum) is ignored and replaced.  Only indexes that
 are themselves cached (they carry a key) make a cacheable set.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
-import json
-import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
 
+from dengine_cli import cachefile
+from dengine_cli.errors import UnreadableFile
 from dengine_cli.formats.base import BATCH_PAGES, Dump, OpenOptions
-from dengine_cli.index import INDEX_ALIGN, INDEX_HEADER_MAX, PageIndex, Progress, default_index_dir, index_key
+from dengine_cli.index import PageIndex, Progress, default_index_dir, index_key
 from dengine_cli.sharing import ContentIds, KsmView, SharingReport, VmSharing, share
 
 SHARING_MAGIC = b"DENGSHR\0"
 #: Bump whenever the layout or the meaning of a figure changes.
 SHARING_VERSION = 1
-SHARING_PREFIX = struct.Struct("<8sII")
 SHARING_SUFFIX = ".shr"
 
 
@@ -57,8 +49,9 @@ def sharing_key(indexes: Sequence[PageIndex], cross_vm: bool, hash_bits: int) ->
 
 
 def file_for(key: dict[str, Any], index_dir: Path | str | None) -> Path:
-    digest = xxhash.xxh3_128_hexdigest(json.dumps(key, sort_keys=True).encode())
-    return Path(index_dir if index_dir is not None else default_index_dir()) / (digest + SHARING_SUFFIX)
+    return cachefile.name_for(
+        key, index_dir if index_dir is not None else default_index_dir(), SHARING_SUFFIX
+    )
 
 
 def cached_share(
@@ -90,30 +83,23 @@ def load(
 ) -> SharingReport | None:
     """The report stored in ``file`` if it is intact and made for ``key`` (the VMs named
     ``names``, with ``counts`` pages each); ``None`` otherwise."""
+    found = cachefile.read_header(file, SHARING_MAGIC, SHARING_VERSION)
+    if found is None:
+        return None
+    header, data, size = found
+    if header.get("key") != key:
+        return None
     try:
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(SHARING_PREFIX.size)
-            if len(prefix) != SHARING_PREFIX.size:
-                return None
-            magic, version, header_len = SHARING_PREFIX.unpack(prefix)
-            if magic != SHARING_MAGIC or version != SHARING_VERSION or header_len > INDEX_HEADER_MAX:
-                return None
-            header = json.loads(f.read(header_len))
-        if not isinstance(header, dict) or header.get("key") != key:
-            return None
-        itemsize = 4 if header["id_dtype"] == "uint32" else 8
+        dtype = np.uint32 if header["id_dtype"] == "uint32" else np.uint64
         total = sum(counts)
-        data = _data_offset(header_len)
-        if header["counts"] != list(counts) or size != data + itemsize * total:
+        if header["counts"] != list(counts) or size != data + np.dtype(dtype).itemsize * total:
             return None
-        dtype = np.uint32 if itemsize == 4 else np.uint64
         ids: Any = (
             np.memmap(file, dtype=dtype, mode="r", offset=data, shape=(total,))
             if total
             else np.zeros(0, dtype=dtype)
         )
-        if header.get("checksum") != xxhash.xxh3_64_hexdigest(np.ascontiguousarray(ids).data.cast("B")):
+        if header.get("checksum") != cachefile.checksum((ids,)):
             return None
         bounds = np.cumsum([0, *counts]).tolist()
         content_ids: tuple[ContentIds, ...] = tuple(ids[a:b] for a, b in itertools.pairwise(bounds))
@@ -145,80 +131,38 @@ def store(report: SharingReport, key: dict[str, Any], file: Path) -> bool:
     )
 
     def figures(vm: VmSharing) -> dict[str, int]:
-        return {
-            "present": vm.present,
-            "zero": vm.zero,
-            "shared_within": vm.shared_within,
-            "shared_across": vm.shared_across,
-            "kept": vm.kept,
-            "unique": vm.unique,
-        }
+        return {k: v for k, v in dataclasses.asdict(vm).items() if k != "name"}
 
-    header = json.dumps(
-        {
-            "key": key,
-            "counts": [len(a) for a in report.content_ids],
-            "id_dtype": "uint64" if wide else "uint32",
-            "vms": [figures(vm) for vm in report.vms],
-            "total": figures(report.total),
-            "ksm": {
-                "pages_shared": report.ksm.pages_shared,
-                "pages_sharing": report.ksm.pages_sharing,
-                "rmap_items": report.ksm.rmap_items,
-            },
-            "matrix": report.matrix.tolist(),
-            "contents": report.contents,
-            "collisions": report.collisions,
-            "cross_vm": report.cross_vm,
-            "hash_bits": report.hash_bits,
-            "checksum": xxhash.xxh3_64_hexdigest(ids.data.cast("B")),
-        },
-        sort_keys=True,
-    ).encode()
-    tmp: str | None = None
-    try:
-        import tempfile
-
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SHARING_SUFFIX, dir=file.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(SHARING_PREFIX.pack(SHARING_MAGIC, SHARING_VERSION, len(header)))
-            f.write(header)
-            f.write(bytes(_data_offset(len(header)) - SHARING_PREFIX.size - len(header)))
-            f.write(ids.data.cast("B"))
-        os.replace(tmp, file)
-        tmp = None
-        return True
-    except OSError:
-        return False
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    header = {
+        "key": key,
+        "counts": [len(a) for a in report.content_ids],
+        "id_dtype": "uint64" if wide else "uint32",
+        "vms": [figures(vm) for vm in report.vms],
+        "total": figures(report.total),
+        "ksm": dataclasses.asdict(report.ksm),
+        "matrix": report.matrix.tolist(),
+        "contents": report.contents,
+        "collisions": report.collisions,
+        "cross_vm": report.cross_vm,
+        "hash_bits": report.hash_bits,
+        "checksum": cachefile.checksum((ids,)),
+    }
+    return cachefile.write(file, SHARING_MAGIC, SHARING_VERSION, header, (ids,))
 
 
 def still_valid(file: Path) -> bool:
     """Whether ``file`` is a sharing result whose dumps are all still as they were."""
     if file.name.startswith(".tmp-"):
         return False
+    found = cachefile.read_header(file, SHARING_MAGIC, SHARING_VERSION)
+    if found is None:
+        return False
     try:
-        with open(file, "rb") as f:
-            prefix = f.read(SHARING_PREFIX.size)
-            if len(prefix) != SHARING_PREFIX.size:
-                return False
-            magic, version, header_len = SHARING_PREFIX.unpack(prefix)
-            if magic != SHARING_MAGIC or version != SHARING_VERSION or header_len > INDEX_HEADER_MAX:
-                return False
-            key = json.loads(f.read(header_len))["key"]
+        key = found[0]["key"]
         for ix_key in key["indexes"]:
             options = OpenOptions(format=ix_key["format"], device_memory=bool(ix_key["device_memory"]))
             if index_key(ix_key["path"], options) != ix_key:
                 return False
         return bool(file_for(key, file.parent) == file)
-    except Exception:
+    except (OSError, ValueError, KeyError, TypeError, UnreadableFile):
         return False
-
-
-def _data_offset(header_len: int) -> int:
-    end = SHARING_PREFIX.size + header_len
-    return -(-end // INDEX_ALIGN) * INDEX_ALIGN
