@@ -55,22 +55,15 @@ class ZstdCodec(CompressionCodec):
         self.id = codec_id
         self.level = level
         self.name = f"zstd-{level}"
-        # zstd contexts are not for two threads at once: one per thread.
-        self._local = threading.local()
+        self._contexts = ZstdContexts(level)
 
     @property
     def _compressor(self) -> zstandard.ZstdCompressor:
-        compressor: zstandard.ZstdCompressor | None = getattr(self._local, "compressor", None)
-        if compressor is None:
-            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
-        return compressor
+        return self._contexts.compressor
 
     @property
     def _decompressor(self) -> zstandard.ZstdDecompressor:
-        decompressor: zstandard.ZstdDecompressor | None = getattr(self._local, "decompressor", None)
-        if decompressor is None:
-            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
-        return decompressor
+        return self._contexts.decompressor
 
     def compress(self, page: PageLike) -> bytes:
         return self._compressor.compress(page_bytes(page))
@@ -80,6 +73,30 @@ class ZstdCodec(CompressionCodec):
 
     def _size(self, page: PageArray) -> int:
         return len(self._compressor.compress(page.data))
+
+
+class ZstdContexts:
+    """A zstd compressor (at ``level``) and decompressor for each thread that asks: a zstd
+    context is not for two threads at once, and codecs are shared by the threads measuring a
+    plan."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self._local = threading.local()
+
+    @property
+    def compressor(self) -> zstandard.ZstdCompressor:
+        compressor: zstandard.ZstdCompressor | None = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
+        return compressor
+
+    @property
+    def decompressor(self) -> zstandard.ZstdDecompressor:
+        decompressor: zstandard.ZstdDecompressor | None = getattr(self._local, "decompressor", None)
+        if decompressor is None:
+            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
+        return decompressor
 
 
 def zstd_page(decompressor: zstandard.ZstdDecompressor, codec: str, blob: bytes) -> bytes:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import bz2
 import struct
-import threading
 from functools import cached_property
 
 import bsdiff4
@@ -60,7 +59,7 @@ import numpy.typing as npt
 import zstandard
 
 from dengine_cli.codecs import CodecError, PageArray, PageLike, PatchCodec, SizeArray, page_bytes, zero_rows
-from dengine_cli.codecs.compression import zstd_page
+from dengine_cli.codecs.compression import ZstdContexts, zstd_page
 from dengine_cli.formats.base import PAGE_SIZE
 
 #: BSDIFF40 header: magic, length of the bzip2 control section, length of the bzip2 diff section,
@@ -207,22 +206,15 @@ class XorZstdPatch(PatchCodec):
     def __init__(self, codec_id: int) -> None:
         self.id = codec_id
         self.name = "xor-zstd"
-        # zstd contexts are not for two threads at once: one per thread.
-        self._local = threading.local()
+        self._contexts = ZstdContexts(self.LEVEL)
 
     @property
     def _compressor(self) -> zstandard.ZstdCompressor:
-        compressor: zstandard.ZstdCompressor | None = getattr(self._local, "compressor", None)
-        if compressor is None:
-            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.LEVEL)
-        return compressor
+        return self._contexts.compressor
 
     @property
     def _decompressor(self) -> zstandard.ZstdDecompressor:
-        decompressor: zstandard.ZstdDecompressor | None = getattr(self._local, "decompressor", None)
-        if decompressor is None:
-            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
-        return decompressor
+        return self._contexts.decompressor
 
     def diff(self, ref: PageLike, page: PageLike) -> bytes:
         xor = np.bitwise_xor(_page_array(ref, "ref"), _page_array(page, "page"))
