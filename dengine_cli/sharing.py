@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dengine_cli.arrays import unique
-from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions, PageArray
+from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions, gather_pages
 from dengine_cli.index import PageIndex, Progress, build_indexes
 from dengine_cli.threads import map_in_threads
 
@@ -253,15 +253,6 @@ def share(
     grouper = _Grouper(indexes, dumps, cross_vm, batch_pages, max(group_pages, 1), hash_bits)
     grouper.run(on_progress)
     return grouper.report()
-
-
-def _gather(buf: npt.NDArray[np.uint8], offsets: _I64) -> npt.NDArray[np.uint64]:
-    """Copies of the pages at byte ``offsets`` of ``buf`` (any alignment), as uint64 rows."""
-    windows: PageArray = np.lib.stride_tricks.as_strided(
-        buf, shape=(len(buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
-    )
-    rows: npt.NDArray[np.uint64] = windows[offsets].view(np.uint64)
-    return rows
 
 
 class _Grouper:
@@ -515,35 +506,30 @@ class _Grouper:
         )
         starts = np.flatnonzero(new_run)
         lengths = np.diff(np.append(starts, len(order)))
-        tasks: list[tuple[int, int, bool]] = []  # (first row in order, rows, as a run)
+        # Tasks: rows of ``order`` compared together, and whether they form a run.
+        tasks: list[tuple[_I64, bool]] = []
         long_run = lengths >= RUN_MIN_PAGES
         for s, k in zip(starts[long_run].tolist(), lengths[long_run].tolist(), strict=True):
-            tasks.extend((a, min(RUN_STEP, s + k - a), True) for a in range(s, s + k, RUN_STEP))
+            tasks.extend((np.arange(a, min(a + RUN_STEP, s + k)), True) for a in range(s, s + k, RUN_STEP))
         # The rest: rows of short runs, still grouped by pair in file order.
-        gather_rows: dict[int, _I64] = {}
-        rest_rows = np.flatnonzero(np.repeat(~long_run, lengths))
-        if len(rest_rows):
-            for seg in np.split(rest_rows, np.flatnonzero(np.diff(pair[rest_rows])) + 1):
-                for lo in range(0, len(seg), GATHER_STEP):
-                    piece = seg[lo : lo + GATHER_STEP]
-                    gather_rows[int(piece[0])] = piece
-                    tasks.append((int(piece[0]), len(piece), False))
+        rest = np.flatnonzero(np.repeat(~long_run, lengths))
+        for seg in np.split(rest, np.flatnonzero(np.diff(pair[rest])) + 1) if len(rest) else []:
+            tasks.extend((seg[lo : lo + GATHER_STEP], False) for lo in range(0, len(seg), GATHER_STEP))
 
-        def compare(part: Sequence[tuple[int, int, bool]]) -> None:
-            for first, k, as_run in part:
-                v_m, v_r = int(vm_m[order[first]]), int(vm_r[order[first]])
-                bm, br = bufs[v_m], bufs[v_r]
+        def compare(part: Sequence[tuple[_I64, bool]]) -> None:
+            for rows, as_run in part:
+                first = int(rows[0])
+                bm, br = bufs[int(vm_m[order[first]])], bufs[int(vm_r[order[first]])]
                 if as_run:
+                    k = len(rows)
                     a = bm[int(om[first]) : int(om[first]) + k * PAGE_SIZE].view(np.uint64)
                     b = br[int(orr[first]) : int(orr[first]) + k * PAGE_SIZE].view(np.uint64)
                     ne = np.not_equal(a, b)
-                    rows = order[first : first + k]
-                    differs[rows] = ne.reshape(k, -1).any(axis=1) if ne.any() else False
-                    continue
-                sel = gather_rows[first]
-                a = _gather(bm, om[sel])
-                b = _gather(br, orr[sel])
-                differs[order[sel]] = (a != b).any(axis=1)
+                    differs[order[rows]] = ne.reshape(k, -1).any(axis=1) if ne.any() else False
+                else:
+                    a = gather_pages(bm, om[rows]).view(np.uint64)
+                    b = gather_pages(br, orr[rows]).view(np.uint64)
+                    differs[order[rows]] = (a != b).any(axis=1)
 
         # numpy lets go of the GIL while it copies and compares, so threads share the work
         # across cores; each writes its own rows of ``differs``.

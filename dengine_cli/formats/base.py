@@ -284,10 +284,9 @@ def require(source: Source, buf: npt.NDArray[np.uint8], offset: int, length: int
 def gather_pages(buf: npt.NDArray[np.uint8], offsets: OffsetArray) -> PageArray:
     """Copy the 4096-byte pages at arbitrary (even unaligned) byte ``offsets`` of ``buf``;
     offsets equal to :data:`ZERO_PAGE` give zero pages."""
-    out = np.zeros((len(offsets), PAGE_SIZE), dtype=np.uint8)
     stored = offsets != ZERO_PAGE
     if not stored.any():
-        return out
+        return np.zeros((len(offsets), PAGE_SIZE), dtype=np.uint8)
     if len(buf) < PAGE_SIZE:
         raise ValueError("page offset beyond the buffer")
     # Every 4096-byte window of buf, as rows; fancy indexing copies the chosen rows in C.
@@ -299,12 +298,13 @@ def gather_pages(buf: npt.NDArray[np.uint8], offsets: OffsetArray) -> PageArray:
     # strided input into a contiguous array, which takes seconds per megabyte of file.
     if n_stored == len(offsets):
         return windows[offsets]
-    elif n_stored * 2 > len(offsets):
+    if n_stored * 2 > len(offsets):
         # Mostly stored: copy every row once (zero pages from any stored page), then clear.
         out = windows[np.where(stored, offsets, offsets[stored][0])]
         out[~stored] = 0
-    else:
-        out[stored] = windows[offsets[stored]]
+        return out
+    out = np.zeros((len(offsets), PAGE_SIZE), dtype=np.uint8)
+    out[stored] = windows[offsets[stored]]
     return out
 
 
