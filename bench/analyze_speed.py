@@ -195,11 +195,35 @@ def precompile() -> None:
     )
 
 
-def drop_sharing(index_dir: str) -> None:
-    """Remove the sharing results stored in ``index_dir``, keeping the indexes: the next run
-    computes sharing again."""
-    for f in Path(index_dir).glob("*.shr"):
-        f.unlink()
+class CacheStates:
+    """The three index directories the benchmarks time dengine with, under ``tmp``:
+
+    * :meth:`fresh` gives a new, empty one per run (nothing cached; :meth:`drop_fresh`, run
+      after each, keeps the disk use to one index set);
+    * :attr:`cached` holds the indexes (``dengine index``); :meth:`drop_sharing`, run after each
+      run, removes the sharing result the run stored, so that the next one computes it again;
+    * :attr:`shared` holds the indexes and the sharing result (an earlier ``dengine analyze``).
+    """
+
+    def __init__(self, tmp: str, files: Sequence[str]) -> None:
+        self.tmp = Path(tmp)
+        self._counter = 0
+        self.cached = str(self.tmp / "cached")
+        self.shared = str(self.tmp / "shared")
+        run_child(dengine("index", "--index-dir", self.cached, *files))
+        run_child(dengine("analyze", "--sharing-only", "--index-dir", self.shared, *files))
+
+    def fresh(self) -> str:
+        self._counter += 1
+        return str(self.tmp / f"cold-{self._counter}")
+
+    def drop_fresh(self) -> None:
+        for d in self.tmp.glob("cold-*"):
+            shutil.rmtree(d)
+
+    def drop_sharing(self) -> None:
+        for f in Path(self.cached).glob("*.shr"):
+            f.unlink()
 
 
 def dengine(*args: str) -> list[str]:
@@ -279,38 +303,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     precompile()
     with tempfile.TemporaryDirectory(prefix="dengine-analyze-bench-") as tmp:
-        counter = iter(range(1_000_000))
+        states = CacheStates(tmp, files)
 
-        def fresh() -> list[str]:
-            index_dir = Path(tmp) / f"cold-{next(counter)}"
-            return dengine("analyze", "--sharing-only", "--index-dir", str(index_dir), *files)
+        def analyze(index_dir: str) -> list[str]:
+            return dengine("analyze", "--sharing-only", "--index-dir", index_dir, *files)
 
-        def drop_cold() -> None:  # keep the disk use to one index set
-            for d in Path(tmp).glob("cold-*"):
-                shutil.rmtree(d)
-
-        cached_dir = str(Path(tmp) / "cached")
-        shared_dir = str(Path(tmp) / "shared")
-        run_child(dengine("index", "--index-dir", cached_dir, *files))
-        run_child(dengine("analyze", "--sharing-only", "--index-dir", shared_dir, *files))
         xxh, cold, warm, hot = interleaved(
             args.repeat,
             [
                 Command("xxhsum -H3", lambda: ["xxhsum", "-H3", *files]),
-                Command("dengine analyze (index built)", fresh, drop_cold),
+                Command("dengine analyze (index built)", lambda: analyze(states.fresh()), states.drop_fresh),
                 Command(
-                    "dengine analyze (index cached)",
-                    lambda: dengine("analyze", "--sharing-only", "--index-dir", cached_dir, *files),
-                    lambda: drop_sharing(cached_dir),
+                    "dengine analyze (index cached)", lambda: analyze(states.cached), states.drop_sharing
                 ),
-                Command(
-                    "dengine analyze (index, sharing cached)",
-                    lambda: dengine("analyze", "--sharing-only", "--index-dir", shared_dir, *files),
-                ),
+                Command("dengine analyze (index, sharing cached)", lambda: analyze(states.shared)),
             ],
         )
         report = run_child(
-            dengine("analyze", "--sharing-only", "--format", "json", "--index-dir", cached_dir, *files)
+            dengine("analyze", "--sharing-only", "--format", "json", "--index-dir", states.shared, *files)
         )
     base = xxh.best.seconds
     rows = [xxh, cold, warm, hot]

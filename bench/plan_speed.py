@@ -45,17 +45,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from analyze_speed import (
+    CacheStates,
     Command,
     Timing,
     default_dumps,
     dengine,
-    drop_sharing,
     interleaved,
     measured_at,
     parse_bench_args,
     precompile,
     print_table,
-    run_child,
     warm_cache,
 )
 
@@ -89,44 +88,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_cache(dumps)
     at = measured_at()
 
-    # Same as `zstd -1 -T1 -c FILES > /dev/null` (frames one after the other into one output)
-    # without a shell: run_child's stdout is a temp file, which would cost disk writes.
     precompile()
     with tempfile.TemporaryDirectory(prefix="dengine-plan-bench-") as tmp:
-        counter = iter(range(1_000_000))
-
-        def fresh(*extra: str) -> list[str]:
-            return dengine(*PLAN, *extra, "--index-dir", str(Path(tmp) / f"cold-{next(counter)}"), *files)
-
-        def drop_cold() -> None:  # keep the disk use to one index set
-            for d in Path(tmp).glob("cold-*"):
-                shutil.rmtree(d)
-
+        states = CacheStates(tmp, files)
         sample = ("--sample", str(SAMPLE))
-        cached_dir = str(Path(tmp) / "cached")
-        shared_dir = str(Path(tmp) / "shared")
-        run_child(dengine("index", "--index-dir", cached_dir, *files))
-        run_child(dengine("analyze", "--sharing-only", "--index-dir", shared_dir, *files))
 
-        def cached(*extra: str) -> list[str]:
-            return dengine(*PLAN, *extra, "--index-dir", cached_dir, *files)
-
-        def shared(*extra: str) -> list[str]:
-            return dengine(*PLAN, *extra, "--index-dir", shared_dir, *files)
-
-        def recompute() -> None:
-            drop_sharing(cached_dir)
+        def plan(index_dir: str, *extra: str) -> list[str]:
+            return dengine(*PLAN, *extra, "--index-dir", index_dir, *files)
 
         zstd, exact_cold, exact, exact_hot, sample_cold, sampled, sampled_hot = interleaved(
             args.repeat,
             [
+                # Same as `zstd -1 -T1 -c FILES > /dev/null` (frames one after the other into one
+                # output) without a shell: run_child's stdout is a temp file (disk writes).
                 Command("zstd -1 -T1", lambda: ["zstd", "-q", "-1", "-T1", "-f", *files, "-o", "/dev/null"]),
-                Command("dengine plan exact (index built)", fresh, drop_cold),
-                Command("dengine plan exact (index cached)", cached, recompute),
-                Command("dengine plan exact (index, sharing cached)", shared),
-                Command(f"dengine plan --sample {SAMPLE} (index built)", lambda: fresh(*sample), drop_cold),
-                Command(f"dengine plan --sample {SAMPLE} (index cached)", lambda: cached(*sample), recompute),
-                Command(f"dengine plan --sample {SAMPLE} (index, sharing cached)", lambda: shared(*sample)),
+                Command("dengine plan exact (index built)", lambda: plan(states.fresh()), states.drop_fresh),
+                Command(
+                    "dengine plan exact (index cached)", lambda: plan(states.cached), states.drop_sharing
+                ),
+                Command("dengine plan exact (index, sharing cached)", lambda: plan(states.shared)),
+                Command(
+                    f"dengine plan --sample {SAMPLE} (index built)",
+                    lambda: plan(states.fresh(), *sample),
+                    states.drop_fresh,
+                ),
+                Command(
+                    f"dengine plan --sample {SAMPLE} (index cached)",
+                    lambda: plan(states.cached, *sample),
+                    states.drop_sharing,
+                ),
+                Command(
+                    f"dengine plan --sample {SAMPLE} (index, sharing cached)",
+                    lambda: plan(states.shared, *sample),
+                ),
             ],
         )
     base = zstd.best.seconds
