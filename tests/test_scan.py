@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dengine_cli.errors import UnreadableFile
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import PAGE_SIZE, SCAN_PAGES, Dump, OpenOptions, PageBatch, Source
 from dengine_cli.formats.raw import open_raw
@@ -113,3 +114,18 @@ def test_map_in_threads_raises_the_error_and_stops_taking_items() -> None:
     with pytest.raises(ValueError, match="bad item 3"):
         map_in_threads(work, list(range(1000)), 2)
     assert 3 in started and len(started) < 1000
+
+
+def test_a_dump_that_shrinks_while_scanned_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    pages = np.full((40, PAGE_SIZE), 3, dtype=np.uint8)
+    path = tmp_path / "vm.raw"
+    path.write_bytes(pages.tobytes())
+    with open_dump(path) as dump:
+        batches = dump.scan(8)
+        next(batches)
+        os.truncate(path, 20 * PAGE_SIZE)  # while the scan holds the file open
+        with pytest.raises(UnreadableFile) as err:
+            for _ in batches:
+                pass
+    assert str(err.value) == f"{path}: cannot read: it shrank while being read: nothing at offset 0x14000"
+    assert err.value.exit_code == 3

@@ -429,10 +429,14 @@ class PageTableDump(Dump):
                     k = min(chunk, hi - at)
                     into = buffer[:k]
                     offset = first + (at - lo) * PAGE_SIZE
-                    if os.preadv(fd, [into.data], offset) != k * PAGE_SIZE:
-                        # The file shrank since it was mapped: read what the mapping still has
-                        # (a truncated mapping raises SIGBUS, as batches() would).
-                        into[:] = self._pages(at, at + k)
+                    got = os.preadv(fd, [into.data], offset)
+                    if got != k * PAGE_SIZE:
+                        # The file shrank since it was mapped (reading the mapping there would
+                        # kill the process with SIGBUS).
+                        raise UnreadableFile(
+                            self.source.name,
+                            f"it shrank while being read: nothing at offset {offset + got:#x}",
+                        )
                     yield PageBatch(self.gfns[at : at + k], into)
                 lo = hi
         finally:
