@@ -27,9 +27,9 @@ from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dum
 # The engine and the renderers are imported by the commands that use them: every command pays
 # for what it imports before it starts, and `dengine info` needs neither the planner nor rich.
 if TYPE_CHECKING:
+    from dengine_cli.engine.plan.model import PlanReport
     from dengine_cli.formats.base import Dump
     from dengine_cli.inspect import DumpInfo
-    from dengine_cli.plan import PlanReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -369,7 +369,9 @@ def index_command(
 
     Prints one line per dump: path, pages present, zero pages, whether the index was built or
     found in the cache, and the index file."""
-    from dengine_cli.index import build_indexes, default_index_dir, prune_indexes
+    from dengine_cli.cache.keys import default_index_dir
+    from dengine_cli.cache.prune import prune_indexes
+    from dengine_cli.session.indexing import build_indexes
 
     if prune:
         kept, removed, freed = prune_indexes(index_dir)
@@ -434,14 +436,14 @@ def analyze_command(
     de: PlanReport | None = None
     try:
         if sharing_only:
-            from dengine_cli.sharing import analyze
+            from dengine_cli.session import analyze
 
             report = analyze(
                 paths, options, index_dir=index_dir, jobs=jobs, cross_vm=not no_cross_vm, on_progress=bar
             )
         else:
-            from dengine_cli.plan import share_and_plan
             from dengine_cli.policies import named_policy
+            from dengine_cli.session import share_and_plan
 
             policy = dataclasses.replace(named_policy("de"), cross_vm=not no_cross_vm)
             report, de = share_and_plan(
@@ -532,8 +534,9 @@ def plan_command(
 ) -> None:
     """The Difference Engine plan: per VM, what sharing, patching, compression and paging save
     under a policy, beside a baseline policy."""
-    from dengine_cli.plan import share_and_plan, write_plan
+    from dengine_cli.engine.plan.planfile import write_plan
     from dengine_cli.policies import resolve_policy
+    from dengine_cli.session import share_and_plan
 
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)

@@ -17,7 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 from dengine_cli.errors import OutputError
-from dengine_cli.formats.base import PAGE_SIZE, Dump, PageArray
+from dengine_cli.formats.base import Dump
+from dengine_cli.pages import PAGE_SIZE, PageArray
 
 Progress = Callable[[int], None]
 

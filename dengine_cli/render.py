@@ -14,12 +14,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from dengine_cli.formats.base import PAGE_SIZE
-from dengine_cli.sharing import KSM_RMAP_ITEM_BYTES, SharingReport
+from dengine_cli.engine.sharing import KSM_RMAP_ITEM_BYTES, SharingReport
+from dengine_cli.pages import PAGE_SIZE
 
 if TYPE_CHECKING:  # for annotations only: rendering sharing needs no planner
+    from dengine_cli.engine.plan.model import PlanReport, VmPlan
     from dengine_cli.inspect import DumpInfo
-    from dengine_cli.plan import PlanReport, VmPlan
 
 #: How many physical ranges `info` lists in a table before saying "and N more".
 MAX_RANGES_SHOWN = 12

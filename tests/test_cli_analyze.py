@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from dengine_cli.cli import cli
+from dengine_cli.engine.sharing import SharingReport
 from dengine_cli.render import render_sharing
-from dengine_cli.sharing import SharingReport
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -155,7 +155,7 @@ def test_analyze_bad_dump_names_it(tmp_path: Path) -> None:
 
 
 def test_sharing_table_golden(tmp_path: Path) -> None:
-    from dengine_cli.sharing import analyze
+    from dengine_cli.session import analyze
 
     paths = make_vms(tmp_path)
     report: SharingReport = analyze([p.name for p in paths] and paths, index_dir=tmp_path / "idx", jobs=1)

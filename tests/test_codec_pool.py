@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import zstandard
 
-from dengine_cli import codec_pool, workers
-from dengine_cli import plan as plan_module
-from dengine_cli.codec_pool import CodecWorker, compressed_sizes, patch_sizes
+import dengine_cli.session as plan_module
 from dengine_cli.codecs import compression_codec, patch_codec
+from dengine_cli.engine.plan import measure as codec_pool
+from dengine_cli.engine.plan.measure import CodecWorker, compressed_sizes, patch_sizes
+from dengine_cli.engine.policy import Policy
 from dengine_cli.errors import EXIT_BAD_DUMP, EXIT_UNREADABLE, FormatError, UnreadableFile
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import OpenOptions
-from dengine_cli.plan import share_and_plan
-from dengine_cli.policies import POLICIES, Policy
+from dengine_cli.parallel import forked as workers
+from dengine_cli.policies import POLICIES
+from dengine_cli.session import share_and_plan
 from tests.test_plan import mixed_vms, write_images
 
 RAW = OpenOptions(format="raw")

@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dengine_cli import codec_pool
 from dengine_cli.codecs import COMPRESSION_CODECS, PATCH_CODECS
+from dengine_cli.engine.plan import measure as codec_pool
 from dengine_cli.formats import open_dump
-from dengine_cli.formats.base import PAGE_SIZE, OpenOptions
-from dengine_cli.plan import share_and_plan
+from dengine_cli.formats.base import OpenOptions
+from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.parallel.threads import map_in_threads
 from dengine_cli.policies import POLICIES
-from dengine_cli.threads import map_in_threads
+from dengine_cli.session import share_and_plan
 from tests.builders.kdump import build_kdump
 from tests.test_plan import mixed_vms, write_images
 

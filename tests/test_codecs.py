@@ -22,12 +22,12 @@ from dengine_cli.codecs import (
     CodecError,
     CompressionCodec,
     PatchCodec,
+    UnknownCodec,
     codec_by_id,
     compression_codec,
     patch_codec,
 )
-from dengine_cli.errors import UsageError
-from dengine_cli.formats.base import PAGE_SIZE
+from dengine_cli.pages import PAGE_SIZE
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -132,20 +132,18 @@ def test_registry_names_and_ids_are_unique() -> None:
         assert codec_by_id(patcher.id) is patcher
 
 
-def test_unknown_compression_codec_is_a_usage_error() -> None:
-    with pytest.raises(UsageError) as info:
+def test_unknown_compression_codec_names_the_known_ones() -> None:
+    with pytest.raises(UnknownCodec) as info:
         compression_codec("zstd-5")
     assert str(info.value) == (
         "unknown compression codec 'zstd-5': known codecs are zstd-1, zstd-3, zstd-19, zlib-1, zlib-6, lz4"
     )
-    assert info.value.exit_code == 2
 
 
-def test_unknown_patch_codec_is_a_usage_error() -> None:
-    with pytest.raises(UsageError) as info:
+def test_unknown_patch_codec_names_the_known_ones() -> None:
+    with pytest.raises(UnknownCodec) as info:
         patch_codec("xdelta3")
     assert str(info.value) == "unknown patch codec 'xdelta3': known codecs are bsdiff4, zstd-dict, xor-zstd"
-    assert info.value.exit_code == 2
 
 
 def test_unknown_id_is_a_key_error() -> None:

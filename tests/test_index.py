@@ -14,21 +14,14 @@ import numpy as np
 import pytest
 import xxhash
 
+from dengine_cli.cache.index_store import INDEX_MAGIC, INDEX_VERSION, index_path_for
+from dengine_cli.cache.keys import default_index_dir
+from dengine_cli.engine.index import ZERO_PAGE_HASH, hash_dump, hash_pages, index_dump
 from dengine_cli.errors import FormatError, UnreadableFile
-from dengine_cli.formats.base import PAGE_SIZE, OpenOptions, Source
+from dengine_cli.formats.base import OpenOptions, Source
 from dengine_cli.formats.raw import open_raw
-from dengine_cli.index import (
-    INDEX_MAGIC,
-    INDEX_VERSION,
-    ZERO_PAGE_HASH,
-    build_indexes,
-    default_index_dir,
-    hash_dump,
-    hash_pages,
-    index_dump,
-    index_path_for,
-    load_or_build,
-)
+from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.session.indexing import build_indexes, load_or_build
 
 
 def make_pages(seed: int, n: int) -> np.ndarray:
@@ -305,7 +298,7 @@ def test_build_indexes_in_one_process(tmp_path: Path) -> None:
 def test_default_jobs_start_no_pool_for_little_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without -j, a pool's start-up (a fork server importing numpy and the readers) is paid only
     # when there is enough to hash: small uncompressed dumps are built by the calling process.
-    from dengine_cli import index as index_module
+    from dengine_cli.session import indexing as index_module
 
     monkeypatch.setattr(index_module.os, "cpu_count", lambda: 2)
     all_pages = [make_pages(35 + k, 40) for k in range(2)]
@@ -329,7 +322,7 @@ def test_default_jobs_start_no_pool_for_little_work(tmp_path: Path, monkeypatch:
 
 def test_whole_dumps_built_by_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Compressed containers are hashed whole by one worker, which writes the index itself.
-    monkeypatch.setattr("dengine_cli.index._is_container", lambda path: True)
+    monkeypatch.setattr("dengine_cli.session.indexing._is_container", lambda path: True)
     all_pages = [make_pages(40 + k, 150) for k in range(3)]
     paths = [write_raw(tmp_path / f"vm{k}.raw", p) for k, p in enumerate(all_pages)]
     seen: dict[str, int] = {}
@@ -343,7 +336,7 @@ def test_whole_dumps_built_by_workers(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_error_in_a_worker_reaches_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dengine_cli.index._is_container", lambda path: True)
+    monkeypatch.setattr("dengine_cli.session.indexing._is_container", lambda path: True)
     good = write_raw(tmp_path / "good.raw", make_pages(50, 20))
     bad = tmp_path / "bad.raw"
     bad.write_bytes(b"\1" * 100)

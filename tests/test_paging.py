@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dengine_cli.formats.base import PAGE_SIZE
-from dengine_cli.paging import SwapClass, choose_swap, vms_per_host
-from dengine_cli.plan import COMPRESS, PATCH, SWAP, WHOLE
+from dengine_cli.engine.paging import SwapClass, choose_swap, vms_per_host
+from dengine_cli.engine.plan.model import COMPRESS, PATCH, SWAP, WHOLE
+from dengine_cli.pages import PAGE_SIZE
 from tests.test_plan import Planned, mixed_vms, workload_image, write_images
 
 

@@ -16,25 +16,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dengine_cli.codecs import compression_codec, patch_codec
+from dengine_cli.engine.index import PageIndex, index_dump
+from dengine_cli.engine.plan.choice import plan_dumps
+from dengine_cli.engine.plan.model import ACTIONS, COMPRESS, PATCH, SCHEMA, SHARE, WHOLE, ZERO, PlanReport
+from dengine_cli.engine.plan.planfile import write_plan
+from dengine_cli.engine.policy import Policy
+from dengine_cli.engine.sharing import share
 from dengine_cli.errors import UsageError
 from dengine_cli.formats import open_dump
-from dengine_cli.formats.base import PAGE_SIZE, Dump, OpenOptions
-from dengine_cli.index import PageIndex, index_dump
-from dengine_cli.plan import (
-    ACTIONS,
-    COMPRESS,
-    PATCH,
-    SCHEMA,
-    SHARE,
-    WHOLE,
-    ZERO,
-    PlanReport,
-    plan_dumps,
-    share_and_plan,
-    write_plan,
-)
-from dengine_cli.policies import POLICIES, Policy
-from dengine_cli.sharing import share
+from dengine_cli.formats.base import Dump, OpenOptions
+from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.policies import POLICIES
+from dengine_cli.session import share_and_plan
 from fixtures.workload import workload_files
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -500,7 +493,7 @@ def test_plan_file_refuses_an_estimate(tmp_path: Path) -> None:
 
 
 def test_plan_file_accounts_for_every_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dengine_cli.plan as plan_module
+    import dengine_cli.engine.plan.planfile as plan_module
 
     monkeypatch.setattr(plan_module, "_WRITE_CHUNK", 7)  # several chunks per column
     vms = mixed_vms(2, [60, 50])
@@ -538,7 +531,7 @@ def test_plan_file_accounts_for_every_page(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_plan_file_is_never_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dengine_cli.plan as plan_module
+    import dengine_cli.engine.plan.planfile as plan_module
 
     planned = Planned(write_images(tmp_path, mixed_vms(2, [30])))
     report = planned.plan()

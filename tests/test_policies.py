@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import dengine_cli.policies as policies
-from dengine_cli.costs import CostModel
+from dengine_cli.engine.costs import CostModel
 from dengine_cli.errors import UsageError
 from dengine_cli.policies import POLICIES, load_policy_file, named_policy, resolve_policy
 

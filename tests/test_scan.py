@@ -14,9 +14,10 @@ import pytest
 
 from dengine_cli.errors import UnreadableFile
 from dengine_cli.formats import open_dump
-from dengine_cli.formats.base import PAGE_SIZE, SCAN_PAGES, Dump, OpenOptions, PageBatch, Source
+from dengine_cli.formats.base import SCAN_PAGES, Dump, OpenOptions, PageBatch, Source
 from dengine_cli.formats.raw import open_raw
-from dengine_cli.threads import map_in_threads
+from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.parallel.threads import map_in_threads
 
 
 def collect(batches: Iterator[PageBatch]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,12 +17,15 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dengine_cli import sharing
+from dengine_cli.engine import sharing
+from dengine_cli.engine.index import PageIndex, index_dump
+from dengine_cli.engine.sharing import KSM_RMAP_ITEM_BYTES, SCHEMA, SharingReport, share
 from dengine_cli.formats import open_dump
-from dengine_cli.formats.base import PAGE_SIZE, Dump, OpenOptions, Source
+from dengine_cli.formats.base import Dump, OpenOptions, Source
 from dengine_cli.formats.raw import open_raw
-from dengine_cli.index import PageIndex, index_dump, load_or_build
-from dengine_cli.sharing import KSM_RMAP_ITEM_BYTES, SCHEMA, SharingReport, analyze, share
+from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.session import analyze
+from dengine_cli.session.indexing import load_or_build
 
 # --- building VMs ------------------------------------------------------------------------------
 

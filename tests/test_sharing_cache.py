@@ -11,13 +11,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dengine_cli import sharing_cache
+from dengine_cli import session
+from dengine_cli.cache import sharing_store as sharing_cache
+from dengine_cli.cache.prune import prune_indexes
+from dengine_cli.engine.index import index_dump
+from dengine_cli.engine.sharing import SharingReport, share
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import OpenOptions
-from dengine_cli.index import build_indexes, index_dump, prune_indexes
-from dengine_cli.plan import share_and_plan
 from dengine_cli.policies import POLICIES
-from dengine_cli.sharing import SharingReport, analyze, share
+from dengine_cli.session import analyze, share_and_plan
+from dengine_cli.session.indexing import build_indexes
 from tests.test_sharing import design_vms
 
 RAW = OpenOptions(format="raw")
@@ -53,13 +56,13 @@ def same(a: SharingReport, b: SharingReport) -> None:
 def no_sharing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the sharing computations made through the cache (the real share() still runs)."""
     calls: list[int] = []
-    real = sharing_cache.share
+    real = session.share
 
     def counting(*args: Any, **kwargs: Any) -> SharingReport:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sharing_cache, "share", counting)
+    monkeypatch.setattr(session, "share", counting)
     return calls
 
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dengine_cli.formats.base import PAGE_SIZE
-from dengine_cli.similarity import BLOCK_SIZE, HashSimilarityDetector, candidate_pairs
+from dengine_cli.engine.similarity import BLOCK_SIZE, HashSimilarityDetector, candidate_pairs
+from dengine_cli.pages import PAGE_SIZE
 
 
 def test_offsets_are_seeded_aligned_and_distinct() -> None:

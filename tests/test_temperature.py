@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dengine_cli.engine.index import index_dump
+from dengine_cli.engine.temperature import hot_pages
 from dengine_cli.formats import open_dump
-from dengine_cli.formats.base import PAGE_SIZE, OpenOptions
-from dengine_cli.index import index_dump
-from dengine_cli.temperature import hot_pages
+from dengine_cli.formats.base import OpenOptions
+from dengine_cli.pages import PAGE_SIZE
 
 RAW = OpenOptions(format="raw")
 

@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dengine_cli import index, workers
+from dengine_cli.engine.index import hash_dump, index_dump
 from dengine_cli.errors import FormatError
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import Dump
-from dengine_cli.index import build_indexes, hash_dump, index_dump
-from dengine_cli.workers import Hashed, hash_forked
+from dengine_cli.parallel import forked as workers
+from dengine_cli.parallel.forked import Hashed, hash_forked
+from dengine_cli.session import indexing as index
+from dengine_cli.session.indexing import build_indexes
 
 FORKED: list[int] = []
 

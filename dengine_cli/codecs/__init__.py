@@ -35,150 +35,9 @@ Measured costs are in :mod:`dengine_cli.codecs.compression` and :mod:`dengine_cl
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from functools import cached_property
-
-import numpy as np
-import numpy.typing as npt
-
-from dengine_cli.errors import UsageError
-from dengine_cli.formats.base import PAGE_SIZE
-
-#: Anything holding one page: a bytes-like object or a row of a page array.
-PageLike = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
-PageArray = npt.NDArray[np.uint8]
-SizeArray = npt.NDArray[np.int32]
-
-
-class CodecError(ValueError):
-    """A blob or patch that does not decode to a 4096-byte page: corrupt, truncated, or made by
-    another codec.  Names the codec and what went wrong."""
-
-    def __init__(self, codec: str, problem: str) -> None:
-        super().__init__(f"{codec}: cannot decode: {problem}")
-        self.codec = codec
-        self.problem = problem
-
-
-def page_bytes(page: PageLike, what: str = "page") -> memoryview:
-    """``page`` as a flat byte view, checked to be exactly one page (a caller's bug otherwise)."""
-    view = page.data if isinstance(page, np.ndarray) else memoryview(page)
-    if view.nbytes != PAGE_SIZE or view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous:
-        raise ValueError(
-            f"{what} must be {PAGE_SIZE} contiguous bytes, got {view.nbytes} in shape {view.shape}"
-        )
-    return view
-
-
-def page_rows(pages: npt.NDArray[np.uint8], what: str = "pages") -> PageArray:
-    """``pages`` checked to be an ``(n, 4096)`` uint8 array with contiguous rows."""
-    if pages.dtype != np.uint8 or pages.ndim != 2 or pages.shape[1] != PAGE_SIZE:
-        raise ValueError(f"{what} must be an (n, {PAGE_SIZE}) uint8 array, got {pages.dtype} {pages.shape}")
-    if pages.strides[1] != 1:
-        pages = np.ascontiguousarray(pages)
-    return pages
-
-
-def zero_rows(pages: PageArray) -> npt.NDArray[np.bool_]:
-    """Which rows of ``pages`` are all zero (a vectorized check, about 17 GB/s)."""
-    words = pages.view(np.uint64) if pages.flags.c_contiguous else pages
-    return np.logical_not(np.asarray(words.any(axis=1)))
-
-
-class CompressionCodec(ABC):
-    """A codec that stores one page on its own.  Every codec may be used by several threads at
-    once (codecs with state keep it per thread)."""
-
-    #: The name users give, with the parameters in it (``zstd-3``).
-    name: str
-    #: The one-byte id a store records with each page.
-    id: int
-    #: Whether encoding a page lets go of the GIL (so that threads measure pages in parallel).
-    releases_gil: bool = True
-
-    @abstractmethod
-    def compress(self, page: PageLike) -> bytes:
-        """The encoded page."""
-
-    @abstractmethod
-    def decompress(self, blob: bytes) -> bytes:
-        """The 4096-byte page ``blob`` encodes; :class:`CodecError` when it does not decode to
-        exactly one page."""
-
-    def compressed_sizes(self, pages: npt.NDArray[np.uint8]) -> SizeArray:
-        """``len(compress(page))`` for each row of an ``(n, 4096)`` page array, exactly.
-
-        Zero pages (most of a guest's memory) are found in one vectorized pass and get the size of
-        the encoded zero page without being compressed again."""
-        pages = page_rows(pages)
-        sizes = np.empty(len(pages), dtype=np.int32)
-        zero = zero_rows(pages)
-        sizes[zero] = self._zero_size
-        rest = pages[~zero]
-        sizes[~zero] = np.fromiter(map(self._size, rest), dtype=np.int32, count=len(rest))
-        return sizes
-
-    def _size(self, page: PageArray) -> int:
-        """``len(compress(page))`` for one row; codecs override it when they can skip building the
-        bytes object."""
-        return len(self.compress(page))
-
-    @cached_property
-    def _zero_size(self) -> int:
-        return self._size(np.zeros(PAGE_SIZE, dtype=np.uint8))
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} id={self.id:#04x}>"
-
-
-class PatchCodec(ABC):
-    """A codec that stores a page as a patch against a reference page (usable by several
-    threads at once, as compression codecs are)."""
-
-    name: str
-    id: int
-    #: Whether making a patch lets go of the GIL (so that threads measure pages in parallel).
-    releases_gil: bool = True
-
-    @abstractmethod
-    def diff(self, ref: PageLike, page: PageLike) -> bytes:
-        """The patch that turns ``ref`` into ``page``."""
-
-    @abstractmethod
-    def apply(self, ref: PageLike, patch: bytes) -> bytes:
-        """The 4096-byte page ``patch`` makes from ``ref``; :class:`CodecError` when it does not
-        make exactly one page."""
-
-    def patch_sizes(
-        self, refs: npt.NDArray[np.uint8], pages: npt.NDArray[np.uint8], limit: int | None = None
-    ) -> SizeArray:
-        """``len(diff(refs[i], pages[i]))`` for each row pair, exactly.
-
-        ``limit``: the caller only needs to know which patches are under ``limit`` bytes.  Sizes
-        under it are still exact; the others are reported as ``limit``.  None of the codecs here
-        has a sound cheap lower bound on its output (an LZ77 or bzip2 coder can shrink any input
-        that repeats), so every pair is still encoded: the limit saves no work today and only makes
-        the contract explicit for codecs that can skip.
-        """
-        refs = page_rows(refs, "refs")
-        pages = page_rows(pages)
-        if refs.shape != pages.shape:
-            raise ValueError(f"refs {refs.shape} and pages {pages.shape} differ in shape")
-        sizes = self._patch_sizes(refs, pages)
-        if limit is not None:
-            np.minimum(sizes, limit, out=sizes)
-        return sizes
-
-    def _patch_sizes(self, refs: PageArray, pages: PageArray) -> SizeArray:
-        return np.fromiter(map(len, map(self.diff, refs, pages)), dtype=np.int32, count=len(refs))
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} id={self.id:#04x}>"
-
-
-# The codec modules import CodecError and the base classes above, so they are imported after them.
-from dengine_cli.codecs.compression import Lz4Codec, ZlibCodec, ZstdCodec  # noqa: E402
-from dengine_cli.codecs.patch import Bsdiff4Patch, XorZstdPatch, ZstdDictPatch  # noqa: E402
+from dengine_cli.codecs.base import CodecError, CompressionCodec, PatchCodec
+from dengine_cli.codecs.compression import Lz4Codec, ZlibCodec, ZstdCodec
+from dengine_cli.codecs.patch import Bsdiff4Patch, XorZstdPatch, ZstdDictPatch
 
 #: Every compression codec, in the order they are listed to users.
 COMPRESSION_CODECS: tuple[CompressionCodec, ...] = (
@@ -203,22 +62,26 @@ _ALL: tuple[CompressionCodec | PatchCodec, ...] = (*COMPRESSION_CODECS, *PATCH_C
 _BY_ID = {codec.id: codec for codec in _ALL}
 
 
+class UnknownCodec(LookupError):
+    """A codec name neither table knows; the message lists the known names."""
+
+
 def compression_codec(name: str) -> CompressionCodec:
-    """The compression codec called ``name``; :class:`UsageError` listing the known names."""
+    """The compression codec called ``name``; :class:`UnknownCodec` listing the known names."""
     try:
         return _BY_NAME_COMPRESSION[name]
     except KeyError:
         known = ", ".join(_BY_NAME_COMPRESSION)
-        raise UsageError(f"unknown compression codec {name!r}: known codecs are {known}") from None
+        raise UnknownCodec(f"unknown compression codec {name!r}: known codecs are {known}") from None
 
 
 def patch_codec(name: str) -> PatchCodec:
-    """The patch codec called ``name``; :class:`UsageError` listing the known names."""
+    """The patch codec called ``name``; :class:`UnknownCodec` listing the known names."""
     try:
         return _BY_NAME_PATCH[name]
     except KeyError:
         known = ", ".join(_BY_NAME_PATCH)
-        raise UsageError(f"unknown patch codec {name!r}: known codecs are {known}") from None
+        raise UnknownCodec(f"unknown patch codec {name!r}: known codecs are {known}") from None
 
 
 def codec_by_id(codec_id: int) -> CompressionCodec | PatchCodec:
@@ -232,6 +95,7 @@ __all__ = [
     "CodecError",
     "CompressionCodec",
     "PatchCodec",
+    "UnknownCodec",
     "codec_by_id",
     "compression_codec",
     "patch_codec",

@@ -44,8 +44,8 @@ import zlib
 import cramjam
 import zstandard
 
-from dengine_cli.codecs import CodecError, CompressionCodec, PageArray, PageLike, page_bytes
-from dengine_cli.formats.base import PAGE_SIZE
+from dengine_cli.codecs.base import CodecError, CompressionCodec, PageArray, PageLike, page_bytes
+from dengine_cli.pages import PAGE_SIZE
 
 
 class ZstdCodec(CompressionCodec):

@@ -58,9 +58,17 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from dengine_cli.codecs import CodecError, PageArray, PageLike, PatchCodec, SizeArray, page_bytes, zero_rows
+from dengine_cli.codecs.base import (
+    CodecError,
+    PageArray,
+    PageLike,
+    PatchCodec,
+    SizeArray,
+    page_bytes,
+    zero_rows,
+)
 from dengine_cli.codecs.compression import ZstdContexts, zstd_page
-from dengine_cli.formats.base import PAGE_SIZE
+from dengine_cli.pages import PAGE_SIZE
 
 #: BSDIFF40 header: magic, length of the bzip2 control section, length of the bzip2 diff section,
 #: size of the new file; the bzip2 extra section runs to the end.  Integers are 64-bit

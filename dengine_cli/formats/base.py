@@ -25,13 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dengine_cli.errors import FormatError, UnreadableFile
-
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-
-#: Pages per batch: 16 Ki pages = 64 MiB, large enough to amortize per-batch overhead, small enough
-#: to keep the resident set bounded.
-BATCH_PAGES = 16384
+from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE, GfnArray, OffsetArray, PageArray
 
 #: Pages read at once by :meth:`Dump.scan` into its buffer (4 MiB: stays in the CPU cache).
 SCAN_PAGES = 1024
@@ -46,10 +40,6 @@ ZERO_PAGE = -1
 #: assembled in memory because the file holds them only in part (segments that start or end
 #: inside a page; the missing bytes are zeros).
 SIDE_PAGE = -2
-
-GfnArray = npt.NDArray[np.uint64]
-OffsetArray = npt.NDArray[np.int64]
-PageArray = npt.NDArray[np.uint8]
 
 
 @dataclass(frozen=True)

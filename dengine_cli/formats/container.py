@@ -27,7 +27,8 @@ from typing import Protocol
 import numpy as np
 
 from dengine_cli.errors import FormatError, OutputError, UnreadableFile, UnsupportedFeature
-from dengine_cli.formats.base import PAGE_SIZE, OpenOptions, Source
+from dengine_cli.formats.base import OpenOptions, Source
+from dengine_cli.pages import PAGE_SIZE
 
 GZIP_MAGIC = b"\x1f\x8b"
 BZIP2_MAGIC = b"BZh"

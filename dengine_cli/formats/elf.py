@@ -42,8 +42,6 @@ import numpy.typing as npt
 from dengine_cli.errors import UnsupportedFeature
 from dengine_cli.formats import x86
 from dengine_cli.formats.base import (
-    PAGE_SHIFT,
-    PAGE_SIZE,
     ZERO_PAGE,
     Dump,
     GuestFacts,
@@ -56,6 +54,7 @@ from dengine_cli.formats.base import (
     require,
 )
 from dengine_cli.formats.registry import FormatSpec
+from dengine_cli.pages import PAGE_SHIFT, PAGE_SIZE
 
 # gABI e_ident and header constants.
 ELF_MAGIC = b"\x7fELF"

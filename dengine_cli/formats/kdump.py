@@ -37,18 +37,9 @@ import zstandard
 from dengine_cli.arrays import unique
 from dengine_cli.errors import FormatError, UnsupportedFeature
 from dengine_cli.formats import x86
-from dengine_cli.formats.base import (
-    PAGE_SIZE,
-    Dump,
-    GfnArray,
-    GuestFacts,
-    OffsetArray,
-    OpenOptions,
-    PageArray,
-    Source,
-    map_file,
-)
+from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, Source, map_file
 from dengine_cli.formats.registry import FormatSpec
+from dengine_cli.pages import PAGE_SIZE, GfnArray, OffsetArray, PageArray
 
 # --- makedumpfile diskdump_mod.h -------------------------------------------------------------------
 KDUMP_SIGNATURE = b"KDUMP   "

@@ -20,7 +20,6 @@ import struct
 
 from dengine_cli.errors import UnsupportedFeature
 from dengine_cli.formats.base import (
-    PAGE_SIZE,
     Dump,
     GuestFacts,
     OpenOptions,
@@ -30,6 +29,7 @@ from dengine_cli.formats.base import (
     map_file,
 )
 from dengine_cli.formats.registry import FormatSpec
+from dengine_cli.pages import PAGE_SIZE
 
 #: lime_mem_range_header (lime.h): magic, version, s_addr, e_addr (inclusive), reserved[8].
 RANGE_HEADER = struct.Struct("<IIQQ8s")

@@ -43,21 +43,9 @@ import numpy.typing as npt
 
 from dengine_cli.errors import UnsupportedFeature
 from dengine_cli.formats import x86
-from dengine_cli.formats.base import (
-    PAGE_SHIFT,
-    PAGE_SIZE,
-    ZERO_PAGE,
-    Dump,
-    GfnArray,
-    GuestFacts,
-    OffsetArray,
-    OpenOptions,
-    PageArray,
-    PageTableDump,
-    Source,
-    map_file,
-)
+from dengine_cli.formats.base import ZERO_PAGE, Dump, GuestFacts, OpenOptions, PageTableDump, Source, map_file
 from dengine_cli.formats.registry import FormatSpec
+from dengine_cli.pages import PAGE_SHIFT, PAGE_SIZE, GfnArray, OffsetArray, PageArray
 
 if TYPE_CHECKING:
     from dengine_cli.formats.domain_xml import DomainInfo

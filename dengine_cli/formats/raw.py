@@ -10,16 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dengine_cli.formats.base import (
-    PAGE_SIZE,
-    Dump,
-    GuestFacts,
-    OpenOptions,
-    PageTableDump,
-    Source,
-    map_file,
-)
+from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, PageTableDump, Source, map_file
 from dengine_cli.formats.registry import FormatSpec
+from dengine_cli.pages import PAGE_SIZE
 
 #: File name endings taken as raw images when no magic matches.
 RAW_SUFFIXES = (".raw", ".vmem", ".mem", ".pmem", ".img", ".bin")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.formats.base import PAGE_SHIFT, GfnArray
+from dengine_cli.pages import PAGE_SHIFT, GfnArray
 
 FOUR_GIB = 1 << 32
 #: The legacy VGA window: MMIO, never RAM as the guest sees it.

@@ -27,17 +27,9 @@ import numpy.typing as npt
 
 from dengine_cli.errors import UnsupportedFeature
 from dengine_cli.formats import elf
-from dengine_cli.formats.base import (
-    PAGE_SIZE,
-    Dump,
-    GuestFacts,
-    OpenOptions,
-    PageTableDump,
-    Source,
-    map_file,
-    require,
-)
+from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, PageTableDump, Source, map_file, require
 from dengine_cli.formats.registry import FormatSpec
+from dengine_cli.pages import PAGE_SIZE
 
 #: xch_magic of the dump-core header note (xg_core.h / xc_private.h): PV and HVM guests.
 XC_CORE_MAGIC = 0xF00FEBED

@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.formats.base import BATCH_PAGES, Dump
+from dengine_cli.formats.base import Dump
+from dengine_cli.pages import BATCH_PAGES
 
 #: ``on_progress(dump_name, pages_done, pages_total)``.
 Progress = Callable[[str, int, int], None]

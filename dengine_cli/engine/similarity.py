@@ -39,8 +39,8 @@ import numpy as np
 import numpy.typing as npt
 
 from dengine_cli.arrays import unique
-from dengine_cli.formats.base import PAGE_SIZE, PageArray
-from dengine_cli.threads import map_in_threads
+from dengine_cli.pages import PAGE_SIZE, PageArray
+from dengine_cli.parallel.threads import map_in_threads
 
 #: Bytes per hashed block (the paper's choice).
 BLOCK_SIZE = 64

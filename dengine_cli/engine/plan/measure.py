@@ -42,7 +42,8 @@ import numpy.typing as npt
 
 from dengine_cli.arrays import unique
 from dengine_cli.errors import UnreadableFile
-from dengine_cli.formats.base import PAGE_SIZE, Dump, GfnArray, OpenOptions, PageArray
+from dengine_cli.formats.base import Dump, OpenOptions
+from dengine_cli.pages import PAGE_SIZE, GfnArray, PageArray
 
 if TYPE_CHECKING:
     # Imported at run time only where a worker is made or used: with multiprocessing they cost
@@ -146,7 +147,7 @@ class CodecWorker:
         wait: bool = False,
         dumps: Sequence[Dump] | None = None,
     ) -> None:
-        from dengine_cli.workers import fork_usable
+        from dengine_cli.parallel.forked import fork_usable
 
         self._fork_dumps = list(dumps) if dumps is not None and fork_usable() else None
         #: Fewer pages to measure than this: the worker is not used (:meth:`takes`).
@@ -176,7 +177,7 @@ class CodecWorker:
 
     def _fork(self) -> bool:
         """Fork the worker now, if this process still runs a single thread."""
-        from dengine_cli.workers import fork_usable
+        from dengine_cli.parallel.forked import fork_usable
 
         if self._fork_dumps is None or not fork_usable():
             return False
@@ -302,7 +303,7 @@ def _threaded(
     """:func:`share_out` by ``threads`` threads of this process, chunk by chunk."""
     import threading
 
-    from dengine_cli.threads import map_in_threads
+    from dengine_cli.parallel.threads import map_in_threads
 
     sizes = np.empty(n, dtype=np.int32)
     caller = threading.get_ident()

@@ -27,15 +27,21 @@ from typing import Any
 
 import numpy as np
 
-from dengine_cli import cachefile
+from dengine_cli.cache import files
+from dengine_cli.cache.index_store import index_key
+from dengine_cli.cache.keys import default_index_dir
+from dengine_cli.engine.index import PageIndex
+from dengine_cli.engine.sharing import ContentIds, KsmView, SharingReport, VmSharing
 from dengine_cli.errors import UnreadableFile
-from dengine_cli.formats.base import BATCH_PAGES, Dump, OpenOptions
-from dengine_cli.index import PageIndex, Progress, default_index_dir, index_key
-from dengine_cli.sharing import ContentIds, KsmView, SharingReport, VmSharing, share
+from dengine_cli.formats.base import OpenOptions
 
 SHARING_MAGIC = b"DENGSHR\0"
+
+
 #: Bump whenever the layout or the meaning of a figure changes.
 SHARING_VERSION = 1
+
+
 SHARING_SUFFIX = ".shr"
 
 
@@ -49,33 +55,7 @@ def sharing_key(indexes: Sequence[PageIndex], cross_vm: bool, hash_bits: int) ->
 
 
 def file_for(key: dict[str, Any], index_dir: Path | str | None) -> Path:
-    return cachefile.name_for(
-        key, index_dir if index_dir is not None else default_index_dir(), SHARING_SUFFIX
-    )
-
-
-def cached_share(
-    indexes: Sequence[PageIndex],
-    dumps: Sequence[Dump],
-    index_dir: Path | str | None,
-    *,
-    cross_vm: bool = True,
-    batch_pages: int = BATCH_PAGES,
-    on_progress: Progress | None = None,
-) -> SharingReport:
-    """:func:`~dengine_cli.sharing.share`, read from the cache when it holds this very set of
-    dumps, else computed and stored (when the cache directory is writable)."""
-    key = sharing_key(indexes, cross_vm, 64)
-    if key is not None:
-        file = file_for(key, index_dir)
-        names = [d.name for d in dumps]
-        found = load(file, key, names, [ix.page_count for ix in indexes])
-        if found is not None:
-            return found
-    report = share(indexes, dumps, cross_vm=cross_vm, batch_pages=batch_pages, on_progress=on_progress)
-    if key is not None:
-        store(report, key, file)
-    return report
+    return files.name_for(key, index_dir if index_dir is not None else default_index_dir(), SHARING_SUFFIX)
 
 
 def load(
@@ -83,7 +63,7 @@ def load(
 ) -> SharingReport | None:
     """The report stored in ``file`` if it is intact and made for ``key`` (the VMs named
     ``names``, with ``counts`` pages each); ``None`` otherwise."""
-    found = cachefile.read_header(file, SHARING_MAGIC, SHARING_VERSION)
+    found = files.read_header(file, SHARING_MAGIC, SHARING_VERSION)
     if found is None:
         return None
     header, data, size = found
@@ -99,7 +79,7 @@ def load(
             if total
             else np.zeros(0, dtype=dtype)
         )
-        if header.get("checksum") != cachefile.checksum((ids,)):
+        if header.get("checksum") != files.checksum((ids,)):
             return None
         bounds = np.cumsum([0, *counts]).tolist()
         content_ids: tuple[ContentIds, ...] = tuple(ids[a:b] for a, b in itertools.pairwise(bounds))
@@ -145,16 +125,16 @@ def store(report: SharingReport, key: dict[str, Any], file: Path) -> bool:
         "collisions": report.collisions,
         "cross_vm": report.cross_vm,
         "hash_bits": report.hash_bits,
-        "checksum": cachefile.checksum((ids,)),
+        "checksum": files.checksum((ids,)),
     }
-    return cachefile.write(file, SHARING_MAGIC, SHARING_VERSION, header, (ids,))
+    return files.write(file, SHARING_MAGIC, SHARING_VERSION, header, (ids,))
 
 
 def still_valid(file: Path) -> bool:
     """Whether ``file`` is a sharing result whose dumps are all still as they were."""
     if file.name.startswith(".tmp-"):
         return False
-    found = cachefile.read_header(file, SHARING_MAGIC, SHARING_VERSION)
+    found = files.read_header(file, SHARING_MAGIC, SHARING_VERSION)
     if found is None:
         return False
     try:

@@ -22,43 +22,57 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from dengine_cli.arrays import unique
-from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, OpenOptions, gather_pages
-from dengine_cli.index import PageIndex, Progress, build_indexes
-from dengine_cli.threads import map_in_threads
+from dengine_cli.engine.index import PageIndex, Progress
+from dengine_cli.formats.base import Dump, gather_pages
+from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE
+from dengine_cli.parallel.threads import map_in_threads
 
 #: Version of the ``to_dict()`` form (the ``--json`` output of ``dengine analyze``).
 SCHEMA = "dengine.analyze/1"
 
+
 #: Threads that compare pages in place (numpy releases the GIL while it copies and compares).
 CONFIRM_THREADS = min(4, os.cpu_count() or 1)
+
 
 #: Runs of at least this many pages (consecutive in both dumps) are compared as two blocks;
 #: runs are compared this many pages at a time (the temporary stays in the CPU cache).
 RUN_MIN_PAGES = 4
+
+
 RUN_STEP = 256
+
+
 #: Other pairs are gathered (copied) this many at a time.
 GATHER_STEP = 128
+
 
 #: Pairs of pages compared in place at once (they are put in file order first).
 IN_PLACE_PAIRS = 1 << 20
 
+
 #: Pages grouped at once.  A bucket costs about 60 bytes per page while it is grouped.
 GROUP_PAGES = 1 << 22
+
 
 #: sizeof(struct ksm_rmap_item) on x86-64: rmap_list, anon_vma/nid, mm, address (4 x 8), oldchecksum
 #: (+ age, remaining_skips in newer kernels; padded to 8) and a union of rb_node / {head, hlist}
 #: (24): 64 bytes.  torvalds/linux mm/ksm.c.
 KSM_RMAP_ITEM_BYTES = 64
 
+
 ContentIds = npt.NDArray[np.unsignedinteger[Any]]
+
+
 _I64 = npt.NDArray[np.int64]
+
+
 _Bool = npt.NDArray[np.bool_]
 
 
@@ -188,41 +202,6 @@ class SharingReport:
             "ksm": self.ksm.to_dict(),
             "matrix": {"names": [vm.name for vm in self.vms], "shared_pages": self.matrix.tolist()},
         }
-
-
-def analyze(
-    paths: Sequence[Path | str],
-    options: OpenOptions | None = None,
-    *,
-    index_dir: Path | str | None = None,
-    jobs: int | None = None,
-    cross_vm: bool = True,
-    batch_pages: int = BATCH_PAGES,
-    on_progress: Progress | None = None,
-) -> SharingReport:
-    """Index the dumps at ``paths`` (from the cache where possible, building the others in
-    ``jobs`` processes) and compute their exact sharing (or read it from the cache, where an
-    earlier command stored it for these very dumps: :mod:`dengine_cli.sharing_cache`)."""
-    from dengine_cli.formats import open_dump
-
-    options = options or OpenOptions()
-    opened: dict[int, Dump] = {}
-    try:
-        indexes = build_indexes(
-            paths, options, index_dir, jobs, on_progress, batch_pages=batch_pages, keep_open=opened
-        )
-        for i, path in enumerate(paths):
-            if i not in opened:
-                opened[i] = open_dump(path, options)
-        dumps = [opened[i] for i in range(len(paths))]
-        from dengine_cli.sharing_cache import cached_share
-
-        return cached_share(
-            indexes, dumps, index_dir, cross_vm=cross_vm, batch_pages=batch_pages, on_progress=on_progress
-        )
-    finally:
-        for dump in opened.values():
-            dump.close()
 
 
 def share(

@@ -1,342 +1,50 @@
-"""The page index of a dump: for every present page its gfn, its xxh3-64 hash and whether it is
-all zeros, in three numpy arrays (17 bytes per page), cached on disk.
-
-An index is what sharing analysis groups pages by: it is built once per dump with one pass over
-its pages and kept in a cache directory (``$XDG_CACHE_HOME/dengine/index``) so that analysing the
-same dumps again costs a read of 17 bytes per page instead of a read of 4096.
-
-On disk (the framing of :mod:`dengine_cli.cachefile`): magic b"DENGIDX\\0", version
-:data:`INDEX_VERSION`, a JSON header (the cache key, page count, checksum, guest facts), then
-u64[n] gfns, u64[n] hashes, u8[n] zero flags.
-
-The cache key names the dump as it is now: real path, device, inode, size, mtime and ctime (which
-no user can set back, so any rewrite of the file changes it), plus the index version and the
-reader options that change the page set.  The file is named by a digest of the key, and the key is
-stored in the header and compared on load; the arrays carry an xxh3-64 checksum.  A file that
-fails any check is ignored and rebuilt, never trusted; files are written atomically.
-"""
+"""Indexes for the session: loaded from the cache, or built (in forked workers where that pays)
+and stored."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
-import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-import xxhash
 
-from dengine_cli import cachefile
-from dengine_cli.errors import OutputError, UnreadableFile
-from dengine_cli.formats.base import BATCH_PAGES, PAGE_SIZE, Dump, GfnArray, OpenOptions, PageArray
-from dengine_cli.threads import map_in_threads
-
-INDEX_MAGIC = b"DENGIDX\0"
-#: Bump whenever the layout, the hash function or what a page set means changes.
-INDEX_VERSION = 1
-INDEX_SUFFIX = ".idx"
-#: What the hashes are: xxh3-64 (seed 0) of the 4096 bytes of a page.
-HASH_NAME = "xxh3_64"
+from dengine_cli.cache.index_store import file_for, index_key, read_index, write_index
+from dengine_cli.cache.keys import default_index_dir
+from dengine_cli.engine.index import (
+    HashArray,
+    PageIndex,
+    Progress,
+    ZeroArray,
+    facts_of,
+    hash_dump,
+    index_dump,
+)
+from dengine_cli.formats.base import Dump, OpenOptions
+from dengine_cli.pages import BATCH_PAGES
+from dengine_cli.parallel.threads import map_in_threads
 
 #: With the default ``jobs``, uncompressed dumps are hashed in worker processes only when more than
 #: this many bytes need indexing.  One process hashes about 3.5 GB/s, and starting the fork server
 #: and its workers (each importing numpy and the readers) cost 0.7-1.3 s on a 2-core machine: below
 #: ~8 GiB the pool would finish later than the calling process alone.
 POOL_MIN_BYTES = 8 << 30
+
+
 #: Below this many bytes of dumps to index, forked workers cost more than they save.
 FORK_MIN_BYTES = 64 << 20
+
+
 #: Forked workers by default, however many CPUs: this process forks them one after the other
 #: (5-10 ms each), and reading page cache is bound by memory bandwidth long before 8 CPUs.
 FORK_MAX_WORKERS = 8
+
+
 #: Threads that index several dumps at once in this process when no worker pool is started.
 INDEX_THREADS = 2
-
-#: The hash of an all-zero page; zero pages carry it so the hash array needs no holes.
-ZERO_PAGE_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
-
-HashArray = npt.NDArray[np.uint64]
-ZeroArray = npt.NDArray[np.bool_]
-#: ``on_progress(dump_name, pages_done, pages_total)``; called from the calling process only.
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True, eq=False)
-class PageIndex:
-    """The index of one dump: per present page (ascending gfn) its gfn, hash and zero flag.
-
-    ``facts`` summarizes the dump (its :class:`~dengine_cli.formats.base.GuestFacts` as a dict).
-    ``loaded`` says the index was read from the cache rather than built; ``path`` is its cache
-    file (``None`` when it could not be written, e.g. a read-only cache directory).
-    """
-
-    name: str
-    gfns: GfnArray
-    hashes: HashArray
-    zero: ZeroArray
-    facts: dict[str, Any] = field(default_factory=dict)
-    loaded: bool = False
-    path: Path | None = None
-    #: The cache key it was stored or loaded under (the dump as it was): what names this exact
-    #: dump content for caches built on indexes (:mod:`dengine_cli.sharing_cache`).
-    key: dict[str, Any] | None = None
-
-    @property
-    def page_count(self) -> int:
-        return len(self.gfns)
-
-    @property
-    def zero_pages(self) -> int:
-        return int(np.count_nonzero(self.zero))
-
-
-def hash_pages(pages: PageArray) -> tuple[HashArray, ZeroArray]:
-    """The xxh3-64 hashes and zero flags of a batch of pages (``(n, 4096) uint8``).
-
-    Zero pages are found with one vectorized pass and get :data:`ZERO_PAGE_HASH` without being
-    hashed; only the others go through xxh3.
-    """
-    n = len(pages)
-    if pages.flags.c_contiguous:
-        flat = pages.reshape(-1)
-    else:
-        flat = np.ascontiguousarray(pages).reshape(-1)
-        pages = flat.reshape(n, PAGE_SIZE)
-    zero: ZeroArray = np.logical_not(pages.view(np.uint64).any(axis=1))
-    hashes = np.full(n, ZERO_PAGE_HASH, dtype=np.uint64)
-    nonzero = np.flatnonzero(~zero).tolist()
-    if nonzero:
-        views = _page_views(flat, n)
-        hash_of = xxhash.xxh3_64_intdigest
-        hashes[nonzero] = np.fromiter(
-            map(hash_of, [views[i] for i in nonzero] if views else _slices(flat, nonzero)),
-            dtype=np.uint64,
-            count=len(nonzero),
-        )
-    return hashes, zero
-
-
-_seen = threading.local()
-
-
-def _page_views(flat: npt.NDArray[np.uint8], n: int) -> list[memoryview] | None:
-    """A memoryview of each page of ``flat``, kept (per thread) for the next batch in the same
-    memory: :meth:`Dump.scan` reads every batch into one buffer, whose views are then made
-    once, not once a batch (hashing 0.55 -> 0.33 us a page).  ``None`` the first time memory
-    is seen: it may be a batch that is never seen again (a view of a mapping)."""
-    key = (flat.ctypes.data, n)
-    if getattr(_seen, "key", None) != key:
-        _seen.key, _seen.views = key, None
-        return None
-    if _seen.views is None:
-        data = flat.data
-        _seen.views = [data[i : i + PAGE_SIZE] for i in range(0, n * PAGE_SIZE, PAGE_SIZE)]
-    views: list[memoryview] = _seen.views
-    return views
-
-
-def _slices(flat: npt.NDArray[np.uint8], rows: list[int]) -> list[memoryview]:
-    # Slicing a memoryview costs one small object per page and no copy (tobytes() copies;
-    # iterating ndarray rows is 2.5x slower).
-    data = flat.data
-    return [data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in rows]
-
-
-def hash_dump(
-    dump: Dump,
-    start: int = 0,
-    stop: int | None = None,
-    *,
-    batch_pages: int = BATCH_PAGES,
-    on_pages: Callable[[int], None] | None = None,
-) -> tuple[HashArray, ZeroArray]:
-    """Hashes and zero flags of the pages at positions ``start:stop`` of ``dump.gfns``, read in
-    batches of at most ``batch_pages``; ``on_pages(count)`` after each batch."""
-    stop = dump.page_count if stop is None else min(stop, dump.page_count)
-    n = max(stop - start, 0)
-    hashes = np.empty(n, dtype=np.uint64)
-    zero = np.empty(n, dtype=np.bool_)
-    at = 0
-    for batch in dump.scan(batch_pages, start=start, stop=stop):
-        k = len(batch)
-        hashes[at : at + k], zero[at : at + k] = hash_pages(batch.pages)
-        at += k
-        if on_pages is not None:
-            on_pages(k)
-    if at != n:
-        raise ValueError(f"{dump.name}: batches gave {at} pages, expected {n}")
-    return hashes, zero
-
-
-def index_dump(
-    dump: Dump, *, batch_pages: int = BATCH_PAGES, on_progress: Progress | None = None
-) -> PageIndex:
-    """Build the index of an open dump in memory (no cache)."""
-    total = dump.page_count
-    done = 0
-
-    def step(k: int) -> None:
-        nonlocal done
-        done += k
-        if on_progress is not None:
-            on_progress(dump.name, done, total)
-
-    hashes, zero = hash_dump(dump, batch_pages=batch_pages, on_pages=step)
-    return PageIndex(dump.name, dump.gfns, hashes, zero, _facts_of(dump))
-
-
-# --- the cache -------------------------------------------------------------------------------
-
-
-def default_index_dir() -> Path:
-    """``$XDG_CACHE_HOME/dengine/index``, or ``~/.cache/dengine/index``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dengine" / "index"
-
-
-def index_key(path: Path | str, options: OpenOptions) -> dict[str, Any]:
-    """What an index is valid for: the dump file as it is now and the options that change its
-    page set.  Raises :class:`UnreadableFile` when the dump cannot be stat'ed."""
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-    except OSError as e:
-        raise UnreadableFile(str(path), e.strerror or str(e)) from e
-    return {
-        "path": real,
-        "dev": st.st_dev,
-        "ino": st.st_ino,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-        "index_version": INDEX_VERSION,
-        "hash": HASH_NAME,
-        "format": options.format,
-        "device_memory": options.device_memory,
-    }
-
-
-def index_path_for(
-    path: Path | str, options: OpenOptions | None = None, index_dir: Path | str | None = None
-) -> Path:
-    """Where the index of the dump at ``path`` (as the file is now) is cached."""
-    return _file_for(index_key(path, options or OpenOptions()), index_dir)
-
-
-def _file_for(key: dict[str, Any], index_dir: Path | str | None) -> Path:
-    folder = index_dir if index_dir is not None else default_index_dir()
-    return cachefile.name_for(key, folder, INDEX_SUFFIX)
-
-
-def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
-    """The index stored in ``file`` if it is intact and made for ``key``; ``None`` otherwise
-    (missing, truncated, corrupt, another version, another dump)."""
-    found = cachefile.read_header(file, INDEX_MAGIC, INDEX_VERSION)
-    if found is None:
-        return None
-    header, data, size = found
-    if header.get("key") != key:
-        return None
-    try:
-        n = header["page_count"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            return None
-        if size != data + 17 * n:
-            return None
-        if n == 0:
-            gfns = np.zeros(0, dtype=np.uint64)
-            hashes = np.zeros(0, dtype=np.uint64)
-            zero = np.zeros(0, dtype=np.bool_)
-        else:
-            arrays = np.memmap(file, dtype=np.uint8, mode="r", offset=data, shape=(17 * n,))
-            gfns = arrays[: 8 * n].view(np.uint64)
-            hashes = arrays[8 * n : 16 * n].view(np.uint64)
-            zero = arrays[16 * n :].view(np.bool_)
-        if header.get("checksum") != cachefile.checksum((gfns, hashes, zero)):
-            return None
-        facts = header.get("facts")
-        return PageIndex(
-            str(header.get("name", key["path"])),
-            gfns,
-            hashes,
-            zero,
-            facts if isinstance(facts, dict) else {},
-            loaded=True,
-            path=file,
-            key=key,
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        # json errors are ValueErrors; anything unreadable is a cache miss, never a crash.
-        return None
-
-
-def prune_indexes(index_dir: Path | str | None = None) -> tuple[int, int, int]:
-    """Remove the cache files that can never be used again: indexes of dumps that are gone or
-    have changed since, files of another index version, unreadable files, and temporary files
-    left by an interrupted write.  Returns ``(kept, removed, bytes_freed)``.
-
-    Sharing results stored beside the indexes (:mod:`dengine_cli.sharing_cache`) go when any
-    of their dumps is gone or has changed.  Only files named like ours (``*.idx``, ``*.shr``
-    and their ``.tmp-*`` forms) in ``index_dir`` are looked at."""
-    from dengine_cli import sharing_cache
-
-    folder = Path(index_dir if index_dir is not None else default_index_dir())
-    kept = removed = freed = 0
-    if not folder.is_dir():
-        return 0, 0, 0
-    checks = ((INDEX_SUFFIX, _still_valid), (sharing_cache.SHARING_SUFFIX, sharing_cache.still_valid))
-    for file, valid in (
-        (file, valid)
-        for suffix, valid in checks
-        for file in sorted(folder.glob("*" + suffix)) + sorted(folder.glob(".tmp-*" + suffix))
-    ):
-        if valid(file):
-            kept += 1
-            continue
-        try:
-            size = file.stat().st_size
-            file.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise OutputError(file, e.strerror or str(e)) from e
-        removed += 1
-        freed += size
-    return kept, removed, freed
-
-
-def _still_valid(file: Path) -> bool:
-    """Whether ``file`` is an index whose dump is still as it was when it was built."""
-    if file.name.startswith(".tmp-"):
-        return False
-    found = cachefile.read_header(file, INDEX_MAGIC, INDEX_VERSION)
-    if found is None:
-        return False
-    try:
-        key = found[0]["key"]
-        options = OpenOptions(format=key["format"], device_memory=bool(key["device_memory"]))
-        return bool(index_key(key["path"], options) == key and _file_for(key, file.parent) == file)
-    except (OSError, ValueError, KeyError, TypeError, UnreadableFile):
-        return False
-
-
-def write_index(index: PageIndex, key: dict[str, Any], file: Path) -> bool:
-    """Store ``index`` for ``key`` at ``file`` atomically; ``False`` when that is not possible
-    (the cache is an optimization: a read-only or full cache directory is not an error)."""
-    header = {
-        "key": key,
-        "name": index.name,
-        "page_count": index.page_count,
-        "zero_pages": index.zero_pages,
-        "checksum": cachefile.checksum((index.gfns, index.hashes, index.zero)),
-        "facts": index.facts,
-    }
-    return cachefile.write(file, INDEX_MAGIC, INDEX_VERSION, header, (index.gfns, index.hashes, index.zero))
 
 
 def load_or_build(
@@ -352,7 +60,7 @@ def load_or_build(
     (from ``dump`` when the caller has it open, else by opening ``path``) and cached."""
     options = options or OpenOptions()
     key = index_key(path, options)
-    file = _file_for(key, index_dir)
+    file = file_for(key, index_dir)
     cached = read_index(file, key)
     if cached is not None:
         return cached
@@ -393,7 +101,7 @@ def build_indexes(
     # Resolved here: workers of a fork server may not see the caller's environment as it is now.
     index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
     keys = [index_key(p, options) for p in paths]
-    files = [_file_for(k, index_dir) for k in keys]
+    files = [file_for(k, index_dir) for k in keys]
     result: list[PageIndex | None] = [read_index(f, k) for f, k in zip(files, keys, strict=True)]
     todo = [i for i, r in enumerate(result) if r is None]
     if not todo:
@@ -506,7 +214,7 @@ def _fork_workers(paths: Sequence[Path | str], todo: Sequence[int], jobs: int | 
     (default: one per CPU, at most :data:`FORK_MAX_WORKERS`) when forking is safe here and pays,
     else 0.  Compressed containers
     are left to the other ways (each is decompressed by the process that opens it)."""
-    from dengine_cli.workers import fork_usable
+    from dengine_cli.parallel.forked import fork_usable
 
     workers = jobs if jobs is not None else min(os.cpu_count() or 1, FORK_MAX_WORKERS)
     if workers < 2 or not fork_usable() or any(_is_container(paths[i]) for i in todo):
@@ -531,7 +239,7 @@ def _build_forked(
 ) -> list[PageIndex]:
     """Index the dumps at ``todo`` with ``workers`` processes (:mod:`dengine_cli.workers`) and
     cache the indexes; dumps opened here go to ``keep_open`` when given."""
-    from dengine_cli.workers import hash_forked
+    from dengine_cli.parallel.forked import hash_forked
 
     opened: dict[int, Dump] = {}
     dumps: list[Dump] = []
@@ -550,7 +258,7 @@ def _build_forked(
         hashed = hash_forked(dumps, workers, hash_range, on_progress=on_progress, batch_pages=batch_pages)
         built = []
         for i, dump, (hashes, zero) in zip(todo, dumps, hashed, strict=True):
-            index = PageIndex(dump.name, dump.gfns, hashes, zero, _facts_of(dump))
+            index = PageIndex(dump.name, dump.gfns, hashes, zero, facts_of(dump))
             built.append(_store(index, keys[i], paths[i], options, files[i]))
         return built
     finally:
@@ -620,13 +328,8 @@ def _assemble(
         zero = np.concatenate([pieces[k][1] for k in sorted(pieces)])
         if len(hashes) != dump.page_count:
             raise ValueError(f"{dump.name}: hashed {len(hashes)} pages, dump has {dump.page_count}")
-        index = PageIndex(dump.name, dump.gfns, hashes, zero, _facts_of(dump))
+        index = PageIndex(dump.name, dump.gfns, hashes, zero, facts_of(dump))
     return _store(index, key, path, options, file)
-
-
-def _facts_of(dump: Dump) -> dict[str, Any]:
-    facts: dict[str, Any] = json.loads(json.dumps(dump.facts.to_dict(), default=str))
-    return facts
 
 
 class _ProgressSum:

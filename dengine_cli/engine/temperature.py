@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.formats.base import BATCH_PAGES, Dump
-from dengine_cli.index import PageIndex
+from dengine_cli.engine.index import PageIndex
+from dengine_cli.formats.base import Dump
+from dengine_cli.pages import BATCH_PAGES
 
 HotMask = npt.NDArray[np.bool_]
 

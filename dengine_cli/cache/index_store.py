@@ -1,0 +1,130 @@
+"""Page indexes on disk, keyed by the dump file as it is now.
+
+On disk (the framing of :mod:`dengine_cli.cache.files`): magic b"DENGIDX\\0", version
+:data:`INDEX_VERSION`, a JSON header (the cache key, page count, checksum, guest facts), then
+u64[n] gfns, u64[n] hashes, u8[n] zero flags.
+
+The cache key names the dump as it is now: real path, device, inode, size, mtime and ctime (which
+no user can set back, so any rewrite of the file changes it), plus the index version and the
+reader options that change the page set.  The file is named by a digest of the key, and the key is
+stored in the header and compared on load; the arrays carry an xxh3-64 checksum.  A file that
+fails any check is ignored and rebuilt, never trusted; files are written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dengine_cli.cache import files
+from dengine_cli.cache.keys import default_index_dir, dump_identity
+from dengine_cli.engine.index import HASH_NAME, PageIndex
+from dengine_cli.errors import UnreadableFile
+from dengine_cli.formats.base import OpenOptions
+
+INDEX_MAGIC = b"DENGIDX\0"
+
+
+#: Bump whenever the layout, the hash function or what a page set means changes.
+INDEX_VERSION = 1
+
+
+INDEX_SUFFIX = ".idx"
+
+
+def index_key(path: Path | str, options: OpenOptions) -> dict[str, Any]:
+    """What an index is valid for: the dump file as it is now (:func:`dump_identity`) and the
+    options that change its page set.  Raises :class:`UnreadableFile` when the dump cannot be
+    stat'ed."""
+    return {
+        **dump_identity(path),
+        "index_version": INDEX_VERSION,
+        "hash": HASH_NAME,
+        "format": options.format,
+        "device_memory": options.device_memory,
+    }
+
+
+def index_path_for(
+    path: Path | str, options: OpenOptions | None = None, index_dir: Path | str | None = None
+) -> Path:
+    """Where the index of the dump at ``path`` (as the file is now) is cached."""
+    return file_for(index_key(path, options or OpenOptions()), index_dir)
+
+
+def file_for(key: dict[str, Any], index_dir: Path | str | None) -> Path:
+    folder = index_dir if index_dir is not None else default_index_dir()
+    return files.name_for(key, folder, INDEX_SUFFIX)
+
+
+def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
+    """The index stored in ``file`` if it is intact and made for ``key``; ``None`` otherwise
+    (missing, truncated, corrupt, another version, another dump)."""
+    found = files.read_header(file, INDEX_MAGIC, INDEX_VERSION)
+    if found is None:
+        return None
+    header, data, size = found
+    if header.get("key") != key:
+        return None
+    try:
+        n = header["page_count"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return None
+        if size != data + 17 * n:
+            return None
+        if n == 0:
+            gfns = np.zeros(0, dtype=np.uint64)
+            hashes = np.zeros(0, dtype=np.uint64)
+            zero = np.zeros(0, dtype=np.bool_)
+        else:
+            arrays = np.memmap(file, dtype=np.uint8, mode="r", offset=data, shape=(17 * n,))
+            gfns = arrays[: 8 * n].view(np.uint64)
+            hashes = arrays[8 * n : 16 * n].view(np.uint64)
+            zero = arrays[16 * n :].view(np.bool_)
+        if header.get("checksum") != files.checksum((gfns, hashes, zero)):
+            return None
+        facts = header.get("facts")
+        return PageIndex(
+            str(header.get("name", key["path"])),
+            gfns,
+            hashes,
+            zero,
+            facts if isinstance(facts, dict) else {},
+            loaded=True,
+            path=file,
+            key=key,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        # json errors are ValueErrors; anything unreadable is a cache miss, never a crash.
+        return None
+
+
+def still_valid(file: Path) -> bool:
+    """Whether ``file`` is an index whose dump is still as it was when it was built."""
+    if file.name.startswith(".tmp-"):
+        return False
+    found = files.read_header(file, INDEX_MAGIC, INDEX_VERSION)
+    if found is None:
+        return False
+    try:
+        key = found[0]["key"]
+        options = OpenOptions(format=key["format"], device_memory=bool(key["device_memory"]))
+        return bool(index_key(key["path"], options) == key and file_for(key, file.parent) == file)
+    except (OSError, ValueError, KeyError, TypeError, UnreadableFile):
+        return False
+
+
+def write_index(index: PageIndex, key: dict[str, Any], file: Path) -> bool:
+    """Store ``index`` for ``key`` at ``file`` atomically; ``False`` when that is not possible
+    (the cache is an optimization: a read-only or full cache directory is not an error)."""
+    header = {
+        "key": key,
+        "name": index.name,
+        "page_count": index.page_count,
+        "zero_pages": index.zero_pages,
+        "checksum": files.checksum((index.gfns, index.hashes, index.zero)),
+        "facts": index.facts,
+    }
+    return files.write(file, INDEX_MAGIC, INDEX_VERSION, header, (index.gfns, index.hashes, index.zero))

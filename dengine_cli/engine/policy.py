@@ -1,0 +1,58 @@
+"""A memory-saving policy as the engine sees it: which of sharing, patching and compression a host
+applies, with which codecs, thresholds, similarity detector and costs.  Named policies and policy
+files are :mod:`dengine_cli.policies`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dengine_cli.engine.costs import CostModel
+from dengine_cli.engine.similarity import HashSimilarityDetector
+
+DEFAULT_PATCH_CODEC = "xor-zstd"
+DEFAULT_COMPRESSION_CODEC = "zstd-1"
+DEFAULT_THRESHOLD = 2048
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a host does to save memory.
+
+    ``zero_frame``: zero pages are merged into one ordinary frame (KSM without
+    ``use_zero_pages``), charged to the first VM holding a zero page; otherwise zero pages cost
+    nothing (they map the hypervisor's zero page).
+    """
+
+    name: str
+    description: str = ""
+    cross_vm: bool = True
+    patch: bool = False
+    compress: bool = False
+    patch_codec: str = DEFAULT_PATCH_CODEC
+    patch_threshold: int = DEFAULT_THRESHOLD
+    compression_codec: str = DEFAULT_COMPRESSION_CODEC
+    compression_threshold: int = DEFAULT_THRESHOLD
+    detector: HashSimilarityDetector = field(default_factory=HashSimilarityDetector)
+    costs: CostModel = field(default_factory=CostModel)
+    zero_frame: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "cross_vm": self.cross_vm,
+            "zero_frame": self.zero_frame,
+            "patch": {
+                "enabled": self.patch,
+                "codec": self.patch_codec,
+                "threshold": self.patch_threshold,
+            },
+            "compression": {
+                "enabled": self.compress,
+                "codec": self.compression_codec,
+                "threshold": self.compression_threshold,
+            },
+            "similarity": self.detector.to_dict(),
+            "costs_us": self.costs.to_dict(),
+        }
