@@ -1,0 +1,338 @@
+"""How ``dengine analyze --sharing-only`` scales over fleets of guests, against ``xxhsum -H3``.
+
+For each fleet directory (``--fleet DIR``, repeatable; default ``/work/bench-data/fleet-4``,
+``fleet-16`` and ``fleet-64``, made by ``bench/make_fleet.py``), over its ``fleet-*.raw`` files,
+with the files in the page cache (read once before the fleet is timed) and dengine's bytecode
+written, each command timed as a subprocess, best of ``--rounds`` runs made in rounds (each round
+runs every command once; see ``analyze_speed.py``):
+
+* ``xxhsum -H3 FILES > /dev/null``;
+* ``zstd -1 -T1 -c FILES > /dev/null`` (only with ``--zstd``: slow);
+* ``dengine -q analyze --sharing-only --format json --index-dir FRESH -j 1 FILES``, with a fresh,
+  empty ``--index-dir`` each run (nothing cached; removed after the run, untimed);
+* the same with ``-j 2``;
+* the same with ``-j 2 --memory-limit LIMIT`` (``--limit``, default 128M). If the CLI rejects
+  the option (usage error, exit 2), that cell is reported as n/a.
+
+Per command: wall seconds (best run), seconds per GiB of dump files, GiB/s, speed ratio
+(xxhsum seconds / command seconds), CPU seconds (user + sys, with waited-for descendants) and the
+peak anonymous memory: ``RssAnon`` from /proc summed over the process and all its descendants,
+sampled every ~5 ms (the largest of all runs). Per fleet: the -j 2 / -j 1 speedup, and whether
+the JSON output with and without ``--memory-limit`` is identical (every limited run against the
+-j 2 runs; also -j 1 against -j 2). Also the git commit measured, the time and the machine load.
+
+Output: a plain text table on stdout; ``--json FILE`` also writes the figures as JSON.
+
+Usage: python3 bench/fleet_speed.py [--fleet DIR ...] [--rounds N] [--zstd] [--dengine PATH]
+                                    [--limit SIZE] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from analyze_speed import REPO, AnonSampler, Command, Run, measured_at, precompile, warm_cache
+
+DATA_DIR = Path("/work/bench-data")
+DEFAULT_FLEETS = tuple(DATA_DIR / f"fleet-{n}" for n in (4, 16, 64))
+DEFAULT_DENGINE = REPO / ".venv" / "bin" / "dengine"
+SAMPLE_SECONDS = 0.005
+J1, J2, LIMITED = "dengine -j 1", "dengine -j 2", "dengine -j 2 --memory-limit"
+
+
+class FastAnonSampler(AnonSampler):
+    """:class:`analyze_speed.AnonSampler` (summed ``RssAnon`` of a process tree), every ~5 ms."""
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.peak_kib = max(self.peak_kib, sum(map(self._anon_kib, self._tree(self.pid))))
+            self.done.wait(SAMPLE_SECONDS)
+
+
+class Unsupported(Exception):
+    """The command was rejected as a usage error (exit 2): an option this dengine lacks."""
+
+
+def run_child(cmd: Sequence[str], capture: bool) -> Run:
+    """Run ``cmd``; stdout to a temp file (``capture``) or /dev/null; stderr to a temp file.
+
+    Raises :class:`Unsupported` on a usage error naming an unknown option, SystemExit on any
+    other failure.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sink = out if capture else subprocess.DEVNULL
+        t = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), cwd=REPO, stdin=subprocess.DEVNULL, stdout=sink, stderr=err)
+        sampler = FastAnonSampler(proc.pid)
+        sampler.start()
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t
+        sampler.done.set()
+        sampler.join()
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-2000:]
+            if code == 2 and "no such option" in tail.lower():
+                raise Unsupported(tail.strip().splitlines()[-1])
+            raise SystemExit(f"{' '.join(cmd)} exited {code}:\n{tail}")
+        out.seek(0)
+        return Run(
+            seconds,
+            usage.ru_utime + usage.ru_stime,
+            usage.ru_maxrss,
+            sampler.peak_kib,
+            out.read().decode(errors="replace") if capture else "",
+        )
+
+
+@dataclass
+class Cell:
+    """All runs of one command over one fleet, or why it could not run."""
+
+    command: Command
+    capture: bool
+    runs: list[Run] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    unsupported: str | None = None
+
+    @property
+    def best(self) -> Run | None:
+        return min(self.runs, key=lambda r: r.seconds) if self.runs else None
+
+    def to_dict(self, nbytes: int, baseline: float) -> dict[str, Any]:
+        """Figures for the JSON report (``baseline``: xxhsum's best seconds)."""
+        d: dict[str, Any] = {"label": self.command.label, "command": " ".join(self.argv)}
+        best = self.best
+        if best is None:
+            d["n/a"] = self.unsupported
+            return d
+        d.update(
+            seconds=round(best.seconds, 3),
+            seconds_per_gib=round(best.seconds / (nbytes / 2**30), 3),
+            gib_per_s=round(nbytes / best.seconds / 2**30, 3),
+            speed_ratio=round(baseline / best.seconds, 3),
+            cpu_seconds=round(best.cpu_seconds, 3),
+            peak_anon_mib=round(max(r.anon_kib for r in self.runs) / 1024, 1),
+            runs_seconds=[round(r.seconds, 3) for r in self.runs],
+        )
+        return d
+
+
+def fleet_files(fleet: Path) -> list[Path]:
+    """The fleet's images, sorted."""
+    files = sorted(fleet.glob("fleet-*.raw"))
+    if not files:
+        raise SystemExit(f"no fleet-*.raw in {fleet}: run bench/make_fleet.py --guests N --out {fleet}")
+    return files
+
+
+def time_fleet(files: Sequence[Path], args: argparse.Namespace) -> dict[str, Cell]:
+    """Run every command ``args.rounds`` times in rounds; the cells by label."""
+    names = [str(p) for p in files]
+    with tempfile.TemporaryDirectory(prefix="dengine-fleet-bench-") as tmp:
+        counter = iter(range(1 << 30))
+
+        def fresh() -> str:
+            return os.path.join(tmp, f"cold-{next(counter)}")
+
+        def drop() -> None:
+            for d in Path(tmp).glob("cold-*"):
+                shutil.rmtree(d)
+
+        def analyze(*extra: str) -> list[str]:
+            base = [str(args.dengine), "-q", "analyze", "--sharing-only", "--format", "json"]
+            return [*base, "--index-dir", fresh(), *extra, *names]
+
+        cells = [Cell(Command("xxhsum -H3", lambda: ["xxhsum", "-H3", *names]), capture=False)]
+        if args.zstd:
+            cells.append(
+                Cell(Command("zstd -1 -T1", lambda: ["zstd", "-q", "-1", "-T1", "-c", *names]), False)
+            )
+        cells += [
+            Cell(Command(J1, lambda: analyze("-j", "1"), drop), capture=True),
+            Cell(Command(J2, lambda: analyze("-j", "2"), drop), capture=True),
+            Cell(Command(LIMITED, lambda: analyze("-j", "2", "--memory-limit", args.limit), drop), True),
+        ]
+        for _ in range(args.rounds):
+            for c in cells:
+                if c.unsupported is not None:
+                    continue
+                c.argv = c.command.make()
+                try:
+                    c.runs.append(run_child(c.argv, c.capture))
+                except Unsupported as exc:
+                    c.unsupported = str(exc)
+                finally:
+                    if c.command.after is not None:
+                        c.command.after()
+    return {c.command.label: c for c in cells}
+
+
+def identical(a: Cell, b: Cell) -> bool | None:
+    """Whether every run of ``b`` printed what the first run of ``a`` did (None: one is n/a)."""
+    if not a.runs or not b.runs:
+        return None
+    return all(r.stdout == a.runs[0].stdout for r in [*a.runs, *b.runs])
+
+
+def fleet_report(fleet: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm the page cache, time the fleet, and gather its figures."""
+    files = fleet_files(fleet)
+    nbytes = sum(p.stat().st_size for p in files)
+    print(f"[fleet_speed] {fleet}: {len(files)} files, {nbytes / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    warm_cache(files)
+    cells = time_fleet(files, args)
+    xxh = cells["xxhsum -H3"].best
+    assert xxh is not None
+    j1, j2, lim = cells[J1].best, cells[J2].best, cells[LIMITED].best
+
+    def anon(label: str) -> float | None:
+        runs = cells[label].runs
+        return round(max(r.anon_kib for r in runs) / 1024, 1) if runs else None
+
+    return {
+        "fleet": str(fleet),
+        "guests": len(files),
+        "bytes": nbytes,
+        "gib": round(nbytes / 2**30, 3),
+        "rows": [c.to_dict(nbytes, xxh.seconds) for c in cells.values()],
+        "speed_ratio_j1": round(xxh.seconds / j1.seconds, 3) if j1 else None,
+        "speed_ratio_j2": round(xxh.seconds / j2.seconds, 3) if j2 else None,
+        "speed_ratio_limited": round(xxh.seconds / lim.seconds, 3) if lim else None,
+        "speedup_j2_vs_j1": round(j1.seconds / j2.seconds, 3) if j1 and j2 else None,
+        "peak_anon_mib_j1": anon(J1),
+        "peak_anon_mib_j2": anon(J2),
+        "peak_anon_mib_limited": anon(LIMITED),
+        "json_identical_limited_vs_j2": identical(cells[J2], cells[LIMITED]),
+        "json_identical_j1_vs_j2": identical(cells[J2], cells[J1]),
+        "limited_n/a": cells[LIMITED].unsupported,
+    }
+
+
+def fmt(v: float | None, spec: str) -> str:
+    """A figure, or n/a."""
+    return "n/a" if v is None else format(v, spec)
+
+
+def yes_no(v: bool | None) -> str:
+    return "n/a" if v is None else ("yes" if v else "no")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Per fleet a table of the commands, then one summary table over the fleets."""
+    at = report["measured_at"]
+    print(
+        f"fleet speed, best of {report['rounds']} rounds; commit {at['commit']}, {at['time']}, "
+        f"load {at['loadavg']} on {at['cpus']} CPUs; dengine {report['dengine']}; "
+        f"--memory-limit {report['limit']}"
+    )
+    for f in report["fleets"]:
+        print(
+            f"\n{f['fleet']}: {f['guests']} guests, {f['gib']:.2f} GiB (speed ratio = xxhsum s / command s)"
+        )
+        w = max(len(r["label"]) for r in f["rows"])
+        print(
+            f"  {'command':<{w}} {'seconds':>8} {'s/GiB':>7} {'GiB/s':>7} {'speed ratio':>11} {'CPU s':>7} "
+            f"{'peak anon MiB':>13}"
+        )
+        for r in f["rows"]:
+            if "n/a" in r:
+                print(f"  {r['label']:<{w}} {'n/a':>8}  ({r['n/a']})")
+                continue
+            print(
+                f"  {r['label']:<{w}} {r['seconds']:>8.2f} {r['seconds_per_gib']:>7.2f} "
+                f"{r['gib_per_s']:>7.2f} {r['speed_ratio']:>11.2f} {r['cpu_seconds']:>7.2f} "
+                f"{r['peak_anon_mib']:>13.1f}"
+            )
+    print("\nsummary (s/GiB of dengine -j 2; ratio = xxhsum s / dengine s; anon = peak RssAnon MiB)")
+    head = (
+        f"  {'fleet':<10} {'guests':>6} {'GiB':>6} {'xxh s/GiB':>9} {'dengine s/GiB':>13} {'ratio -j1':>9} "
+        f"{'ratio -j2':>9} {'ratio lim':>9} {'-j2/-j1':>7} {'anon -j2':>8} {'anon lim':>8} {'same JSON':>9}"
+    )
+    print(head)
+    for f in report["fleets"]:
+        rows = {r["label"]: r for r in f["rows"]}
+        j2 = rows[J2]
+        print(
+            f"  {Path(f['fleet']).name:<10} {f['guests']:>6} {f['gib']:>6.2f} "
+            f"{rows['xxhsum -H3']['seconds_per_gib']:>9.3f} {fmt(j2.get('seconds_per_gib'), '.3f'):>13} "
+            f"{fmt(f['speed_ratio_j1'], '.2f'):>9} {fmt(f['speed_ratio_j2'], '.2f'):>9} "
+            f"{fmt(f['speed_ratio_limited'], '.2f'):>9} {fmt(f['speedup_j2_vs_j1'], '.2f'):>7} "
+            f"{fmt(f['peak_anon_mib_j2'], '.0f'):>8} {fmt(f['peak_anon_mib_limited'], '.0f'):>8} "
+            f"{yes_no(f['json_identical_limited_vs_j2']):>9}"
+        )
+    print("  same JSON: dengine JSON with --memory-limit identical to without (-j 2); n/a: option rejected")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line arguments."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--fleet",
+        action="append",
+        type=Path,
+        help="a fleet directory (repeatable; default: /work/bench-data/fleet-{4,16,64})",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="best of N rounds (default: %(default)s)")
+    ap.add_argument("--zstd", action="store_true", help="also time zstd -1 -T1 (slow)")
+    ap.add_argument(
+        "--dengine", type=Path, default=DEFAULT_DENGINE, help="dengine executable (default: %(default)s)"
+    )
+    ap.add_argument("--limit", default="128M", help="the --memory-limit value timed (default: %(default)s)")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
+    args = ap.parse_args(argv)
+    args.fleet = args.fleet or list(DEFAULT_FLEETS)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    for tool in ("xxhsum", *(("zstd",) if args.zstd else ())):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} not found (apt-get install xxhash zstd)")
+    if not os.access(args.dengine, os.X_OK):
+        ap.error(f"{args.dengine} is not an executable (scripts/setup makes .venv)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Time every fleet; print the tables; write --json."""
+    args = parse_args(argv)
+    for fleet in args.fleet:
+        fleet_files(fleet)  # fail before timing anything
+    os.environ["GIT_OPTIONAL_LOCKS"] = "0"  # measured_at's git status must not touch the index
+    at = measured_at()
+    try:
+        precompile()
+    except subprocess.CalledProcessError as exc:
+        print(f"[fleet_speed] note: compiling dengine_cli failed ({exc}); timing anyway", file=sys.stderr)
+    report: dict[str, Any] = {
+        "benchmark": "bench/fleet_speed.py",
+        "measured_at": at,
+        "dengine": str(args.dengine),
+        "rounds": args.rounds,
+        "limit": args.limit,
+        "sample_seconds": SAMPLE_SECONDS,
+        "fleets": [fleet_report(f, args) for f in args.fleet],
+    }
+    print_report(report)
+    if args.json:
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
