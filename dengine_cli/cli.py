@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from dengine_cli.engine.plan.model import PlanReport
     from dengine_cli.formats.base import Dump
     from dengine_cli.inspect import DumpInfo
+    from dengine_cli.session import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -257,7 +258,7 @@ def info_command(
     dumps: tuple[str, ...], as_json: bool, dump_format: str | None, device_memory: bool, tmp_dir: Path | None
 ) -> None:
     """Show each dump's format, guest facts, physical ranges, pages present and zero pages."""
-    from dengine_cli.inspect import describe
+    from dengine_cli.inspect import describe, info_document
     from dengine_cli.render import render_info
 
     options = open_options(dump_format, device_memory, tmp_dir)
@@ -266,7 +267,7 @@ def info_command(
         with _open(path, options) as dump, progress(dump.page_count, path.name) as tick:
             infos.append(describe(dump, path, tick))
     if as_json:
-        doc = {"schema": "dengine.info/1", "dumps": [i.to_dict() for i in infos]}
+        doc = info_document(infos)
         click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(render_info(infos), nl=False)
@@ -297,14 +298,14 @@ def extract_command(
 
 
 def index_options(f: F) -> F:
-    """Where page indexes are cached and how many processes build them."""
+    """Where caches live, how many CPUs and how much memory a command that reads pages uses."""
     f = click.option(
         "-j",
         "--jobs",
         type=click.IntRange(min=1),
         default=None,
-        help="Processes that build indexes and measure a plan's codecs (default: one per CPU, at most "
-        "8; 1 for less than 64 MiB of dumps to index).",
+        help="Threads and processes that hash pages, group partitions and measure codecs "
+        "(default: every CPU).",
     )(f)
     f = click.option(
         "--index-dir",
@@ -313,7 +314,44 @@ def index_options(f: F) -> F:
         envvar="DENGINE_INDEX_DIR",
         help="Where page indexes and sharing results are cached (default: $XDG_CACHE_HOME/dengine/index).",
     )(f)
+    f = click.option(
+        "--memory-limit",
+        type=ByteSize(),
+        default=None,
+        envvar="DENGINE_MEMORY_LIMIT",
+        help="Memory for page arrays (e.g. 512M); past it, sorted pages and content ids spill to "
+        "files under --tmp-dir or the index directory (default: a quarter of RAM).",
+    )(f)
     return f
+
+
+def verify_option(f: F) -> F:
+    return click.option(
+        "--verify",
+        is_flag=True,
+        help="Also compare the bytes of every page merged (default: equal 128-bit hashes, see the man page).",
+    )(f)
+
+
+def settings_of(
+    options: OpenOptions,
+    index_dir: Path | None,
+    jobs: int | None,
+    memory_limit: int | None,
+    verify: bool = False,
+) -> Settings:
+    """The session settings the command line gave."""
+    from dengine_cli.parallel import Workers
+    from dengine_cli.session import Settings
+
+    return Settings(
+        options=options,
+        index_dir=index_dir,
+        tmp_dir=options.tmp_dir,
+        workers=Workers(jobs=jobs or 0),
+        memory_limit=memory_limit,
+        verify=verify,
+    )
 
 
 class PageProgress:
@@ -361,6 +399,7 @@ def index_command(
     prune: bool,
     index_dir: Path | None,
     jobs: int | None,
+    memory_limit: int | None,
     dump_format: str | None,
     device_memory: bool,
     tmp_dir: Path | None,
@@ -371,7 +410,7 @@ def index_command(
     found in the cache, and the index file."""
     from dengine_cli.cache.keys import default_index_dir
     from dengine_cli.cache.prune import prune_indexes
-    from dengine_cli.session.indexing import build_indexes
+    from dengine_cli.session import Session
 
     if prune:
         kept, removed, freed = prune_indexes(index_dir)
@@ -385,7 +424,8 @@ def index_command(
     paths = expand_dump_args(dumps)
     bar = PageProgress("indexing")
     try:
-        indexes = build_indexes(paths, options, index_dir, jobs, bar)
+        with Session(paths, settings_of(options, index_dir, jobs, memory_limit), bar) as session:
+            indexes = session.indexes()
     finally:
         bar.close()
     for path, index in zip(paths, indexes, strict=True):
@@ -412,6 +452,7 @@ def index_command(
     help="Leave out the Difference Engine figures (share + patch + compress) shown beside sharing.",
 )
 @sample_options
+@verify_option
 @index_options
 @dump_options
 def analyze_command(
@@ -422,8 +463,10 @@ def analyze_command(
     sharing_only: bool,
     sample: float | None,
     seed: int,
+    verify: bool,
     index_dir: Path | None,
     jobs: int | None,
+    memory_limit: int | None,
     dump_format: str | None,
     device_memory: bool,
     tmp_dir: Path | None,
@@ -432,30 +475,20 @@ def analyze_command(
     savings per VM and in total, and what KSM would report."""
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
+    settings = settings_of(options, index_dir, jobs, memory_limit, verify)
     bar = PageProgress("analyzing")
     de: PlanReport | None = None
     try:
-        if sharing_only:
-            from dengine_cli.session import analyze
+        from dengine_cli.session import Session
 
-            report = analyze(
-                paths, options, index_dir=index_dir, jobs=jobs, cross_vm=not no_cross_vm, on_progress=bar
-            )
-        else:
-            from dengine_cli.policies import named_policy
-            from dengine_cli.session import share_and_plan
+        with Session(paths, settings, bar) as session:
+            if sharing_only:
+                report = session.sharing(cross_vm=not no_cross_vm)
+            else:
+                from dengine_cli.policies import named_policy
 
-            policy = dataclasses.replace(named_policy("de"), cross_vm=not no_cross_vm)
-            report, de = share_and_plan(
-                paths,
-                policy,
-                options=options,
-                index_dir=index_dir,
-                jobs=jobs,
-                sample=sample,
-                seed=seed,
-                on_progress=bar,
-            )
+                policy = dataclasses.replace(named_policy("de"), cross_vm=not no_cross_vm)
+                report, de = session.plan(policy, sample=sample, seed=seed)
     finally:
         bar.close()
     if output_format == "json":
@@ -466,7 +499,7 @@ def analyze_command(
             doc["de"] = de.to_dict()
         click.echo(json.dumps(doc, indent=2))
     elif output_format == "csv":
-        from dengine_cli.render import render_matrix_csv, render_sharing_csv
+        from dengine_cli.render_csv import render_matrix_csv, render_sharing_csv
 
         click.echo(render_matrix_csv(report) if matrix else render_sharing_csv(report, de), nl=False)
     else:
@@ -514,6 +547,7 @@ def analyze_command(
     help="Also write the whole plan, page by page, as JSON (schema dengine.plan/1).",
 )
 @output_format_option
+@verify_option
 @index_options
 @dump_options
 def plan_command(
@@ -526,8 +560,10 @@ def plan_command(
     seed: int,
     output: Path | None,
     output_format: str,
+    verify: bool,
     index_dir: Path | None,
     jobs: int | None,
+    memory_limit: int | None,
     dump_format: str | None,
     device_memory: bool,
     tmp_dir: Path | None,
@@ -536,7 +572,7 @@ def plan_command(
     under a policy, beside a baseline policy."""
     from dengine_cli.engine.plan.planfile import write_plan
     from dengine_cli.policies import resolve_policy
-    from dengine_cli.session import share_and_plan
+    from dengine_cli.session import Session
 
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
@@ -545,21 +581,13 @@ def plan_command(
     history = parse_history(history_pairs, paths)
     if output is not None and sample is not None:
         raise click.BadParameter("a plan file needs an exact plan: drop --sample", param_hint="-o")
+    settings = settings_of(options, index_dir, jobs, memory_limit, verify)
     bar = PageProgress("planning")
     try:
-        _, report = share_and_plan(
-            paths,
-            policy,
-            options=options,
-            index_dir=index_dir,
-            jobs=jobs,
-            history=history,
-            host_memory=host_memory,
-            sample=sample,
-            seed=seed,
-            baseline=baseline,
-            on_progress=bar,
-        )
+        with Session(paths, settings, bar) as session:
+            _, report = session.plan(
+                policy, history=history, host_memory=host_memory, sample=sample, seed=seed, baseline=baseline
+            )
     finally:
         bar.close()
     if output is not None:
@@ -571,7 +599,7 @@ def _print_plan(report: PlanReport, output_format: str) -> None:
     if output_format == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif output_format == "csv":
-        from dengine_cli.render import render_plan_csv
+        from dengine_cli.render_csv import render_plan_csv
 
         click.echo(render_plan_csv(report), nl=False)
     else:

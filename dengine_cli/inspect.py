@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,10 @@ def zero_mask(pages: PageArray) -> npt.NDArray[np.bool_]:
     """Which pages of a batch are all zeros (vectorized over 8-byte words)."""
     nonzero: npt.NDArray[np.bool_] = np.any(pages.view(np.uint64), axis=1)
     return ~nonzero
+
+
+#: Version of :func:`info_document` (the ``--json`` output of ``dengine info``).
+SCHEMA = "dengine.info/1"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ class DumpInfo:
                 {"start": f"{s << 12:#x}", "end": f"{(s + n) << 12:#x}", "pages": n} for s, n in self.ranges
             ],
         }
+
+
+def info_document(infos: Sequence[DumpInfo]) -> dict[str, Any]:
+    """The versioned JSON document of several dumps' infos."""
+    return {"schema": SCHEMA, "dumps": [i.to_dict() for i in infos]}
 
 
 def describe(dump: Dump, path: Path, on_progress: Progress | None = None) -> DumpInfo:

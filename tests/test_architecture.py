@@ -4,6 +4,7 @@ and functions stay short outside the readers.  The layer contracts themselves ar
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import grimp
@@ -75,3 +76,34 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path: Path, monkeypatch: object) -> 
     finally:
         sys.path.remove(str(tmp_path))
     assert _cycles(graph) == [["cyclic_pkg.a", "cyclic_pkg.b"]]
+
+
+#: Readers parse binary formats step by step in long functions by nature (as drgn's and
+#: libkdumpfile's do); everything else keeps to about a screen.
+LONG_FUNCTIONS_ALLOWED_IN = ("formats",)
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(root: Path) -> list[str]:
+    found = []
+    for file in sorted(root.rglob("*.py")):
+        if file.relative_to(root).parts[0] in LONG_FUNCTIONS_ALLOWED_IN:
+            continue
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert node.end_lineno is not None
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{file.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_over_80_lines_outside_the_readers() -> None:
+    assert long_functions(PACKAGE) == []
+
+
+def test_the_length_check_sees_a_long_function(tmp_path: Path) -> None:
+    (tmp_path / "engine").mkdir()
+    body = "\n".join(f"    x{k} = {k}" for k in range(81))
+    (tmp_path / "engine" / "long.py").write_text(f"def long():\n{body}\n")
+    assert long_functions(tmp_path) == ["engine/long.py:1 long (82 lines)"]

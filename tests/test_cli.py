@@ -11,16 +11,16 @@ from click.testing import CliRunner
 
 from dengine_cli.cli import cli
 from dengine_cli.errors import EXIT_BAD_DUMP, EXIT_OUTPUT, EXIT_UNREADABLE, EXIT_USAGE
+from tests.vms import write_raw_image
 
 PAGE = 4096
 
 
-def write_raw(path: Path, pages: int, nonzero: dict[int, int]) -> bytes:
-    """A raw image of ``pages`` pages, page g filled with byte ``nonzero[g]``."""
+def filled_image(pages: int, nonzero: dict[int, int]) -> bytes:
+    """A raw image of ``pages`` pages, page g filled with byte ``nonzero[g]``, the rest zero."""
     image = np.zeros((pages, PAGE), dtype=np.uint8)
     for g, byte in nonzero.items():
         image[g] = byte
-    path.write_bytes(image.tobytes())
     return image.tobytes()
 
 
@@ -30,7 +30,7 @@ def run(*args: str, input: str | None = None) -> tuple[int, str, str]:
 
 
 def test_info_json_counts_pages_and_zero_pages(tmp_path: Path) -> None:
-    write_raw(tmp_path / "a.raw", 40, {3: 1, 4: 2, 39: 9})
+    write_raw_image(tmp_path / "a.raw", filled_image(40, {3: 1, 4: 2, 39: 9}))
     code, out, err = run("info", "--json", str(tmp_path / "a.raw"))
     assert code == 0, err
     doc = json.loads(out)
@@ -41,7 +41,7 @@ def test_info_json_counts_pages_and_zero_pages(tmp_path: Path) -> None:
 
 
 def test_info_table_names_the_dump_and_counts(tmp_path: Path) -> None:
-    write_raw(tmp_path / "a.raw", 8, {1: 5})
+    write_raw_image(tmp_path / "a.raw", filled_image(8, {1: 5}))
     code, out, _ = run("info", str(tmp_path / "a.raw"))
     assert code == 0
     assert "a.raw" in out
@@ -51,7 +51,7 @@ def test_info_table_names_the_dump_and_counts(tmp_path: Path) -> None:
 
 def test_dump_lists_from_stdin_and_file(tmp_path: Path) -> None:
     for name in ("a.raw", "b.raw"):
-        write_raw(tmp_path / name, 4, {0: 1})
+        write_raw_image(tmp_path / name, filled_image(4, {0: 1}))
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two dumps\n{tmp_path / 'a.raw'}\n\n{tmp_path / 'b.raw'}\n")
     code, out, _ = run("info", "--json", f"@{listing}")
@@ -63,7 +63,8 @@ def test_dump_lists_from_stdin_and_file(tmp_path: Path) -> None:
 
 
 def test_extract_writes_a_sparse_image_equal_to_the_input(tmp_path: Path) -> None:
-    data = write_raw(tmp_path / "a.raw", 64, {0: 1, 10: 2, 11: 3, 63: 4})
+    data = filled_image(64, {0: 1, 10: 2, 11: 3, 63: 4})
+    write_raw_image(tmp_path / "a.raw", data)
     out = tmp_path / "out.img"
     code, stdout, err = run("extract", str(tmp_path / "a.raw"), "-o", str(out))
     assert code == 0, err
@@ -136,7 +137,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_extract_into_a_missing_directory_fails_cleanly(tmp_path: Path) -> None:
-    write_raw(tmp_path / "a.raw", 2, {0: 1})
+    write_raw_image(tmp_path / "a.raw", filled_image(2, {0: 1}))
     code, _, err = run("extract", str(tmp_path / "a.raw"), "-o", str(tmp_path / "no" / "out.img"))
     assert code == EXIT_OUTPUT
     assert err.startswith(f"dengine: {tmp_path}/no/out.img: cannot write:")

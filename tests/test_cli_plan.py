@@ -14,6 +14,8 @@ from click.testing import CliRunner
 
 from dengine_cli.cli import cli
 from dengine_cli.errors import EXIT_USAGE
+from dengine_cli.formats import open_dump
+from tests.conftest import read_pages
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -71,37 +73,115 @@ def test_plan_file_holds_every_page(alpha: Path, tmp_path: Path) -> None:
 def test_history_makes_the_plan_exact_and_smaller(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
     later, earlier = real_dump("alpha-later.elf"), real_dump("alpha.elf")
     args = ["plan", "--format", "json", "--index-dir", str(tmp_path), str(later)]
-    code, out, _ = invoke(*args)
+    code, out, err = invoke(*args)
+    assert code == 0, err
     cold = json.loads(out)
-    code, out, err = invoke(*args[:-1], "--history", f"{later}={earlier}", str(later))
+    assert cold["upper_bound"] is True and cold["vms"][0]["hot_pages"] == 0
+    plan_file = tmp_path / "warm.json"
+    code, out, err = invoke(*args[:-1], "-o", str(plan_file), "--history", f"{later}={earlier}", str(later))
     assert code == 0, err
     warm = json.loads(out)
     assert warm["upper_bound"] is False
-    assert warm["vms"][0]["hot_pages"] > 0
+    # Hot: the pages of the later snapshot absent from the earlier one or different there, counted
+    # from the pages themselves.
+    with open_dump(later) as now, open_dump(earlier) as then:
+        now_pages, then_pages = read_pages(now, 4096), read_pages(then, 4096)
+    hot = {g for g, page in now_pages.items() if then_pages.get(g) != page}
+    assert len(hot) > 0
+    assert warm["vms"][0]["hot_pages"] == len(hot)
+    # Hot pages are only shared, never patched or compressed.
+    doc = json.loads(plan_file.read_text())
+    (pages,) = doc["pages"]
+    action_of = dict(zip(pages["gfn"], (doc["actions"][a] for a in pages["action"]), strict=True))
+    assert {action_of[g] for g in hot} <= {"zero", "share", "whole"}
     assert warm["vms"][0]["footprint_bytes"] > cold["vms"][0]["footprint_bytes"]
 
 
 def test_small_host_pages_out(alpha: Path, tmp_path: Path) -> None:
+    """With 2 MiB of host memory the plan pages out exactly what docs/SCHEMAS.md and paging.py
+    say, recomputed here from the plan without a host: the coldest classes first (whole pages
+    nothing refers to, then compressed, then patched pages, each in scan order), just enough to
+    cover the excess; never a reference page or a shared frame."""
+    host = 2 << 20
+    idx = str(tmp_path / "idx")
+    free_file = tmp_path / "free.json"
+    code, out, err = invoke("plan", "--format", "json", "-o", str(free_file), "--index-dir", idx, str(alpha))
+    assert code == 0, err
+    free = json.loads(out)
+    assert free["host"] is None
+    before = free["vms"][0]["footprint_bytes"]
+    assert before > host
+    doc = json.loads(free_file.read_text())
+    (pages,) = doc["pages"]
+    action = [doc["actions"][a] for a in pages["action"]]
+    pinned = {tuple(ref) for ref in pages["reference"] if ref is not None}  # kept copies, references
+    classes = (
+        [i for i, a in enumerate(action) if a == "whole" and (0, pages["gfn"][i]) not in pinned],
+        [i for i, a in enumerate(action) if a == "compress"],
+        [i for i, a in enumerate(action) if a == "patch"],
+    )
+    excess = before - host
+    swapped: list[int] = []
+    freed = 0
+    for i in (i for cls in classes for i in cls):
+        if freed >= excess:
+            break
+        swapped.append(i)
+        freed += pages["size"][i]
+    assert freed >= excess  # this fixture has enough to page out: the VM fits
+
     code, out, err = invoke(
-        "plan", "--format", "json", "--host-memory", "2M", "--index-dir", str(tmp_path), str(alpha)
+        "plan",
+        "--format",
+        "json",
+        "--host-memory",
+        "2M",
+        "-o",
+        str(tmp_path / "host.json"),
+        "--index-dir",
+        idx,
+        str(alpha),
     )
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["host"]["host_memory"] == 2 << 20
+    assert doc["host"] == {
+        "host_memory": host,
+        "footprint_before_paging": before,
+        "fits": True,
+        "sets_per_host": host // before,
+    }
     vm = doc["vms"][0]
-    assert vm["paged_out_pages"] > 0
-    assert vm["footprint_bytes"] <= 2 << 20 or doc["host"]["fits"] is False
+    assert vm["paged_out_pages"] == len(swapped)
+    assert vm["paged_out_bytes"] == freed
+    assert vm["footprint_bytes"] == before - freed <= host
+    assert vm["vms_per_host"] == host // vm["footprint_bytes"] == 1
+    plan = json.loads((tmp_path / "host.json").read_text())
+    (paged,) = plan["pages"]
+    assert [i for i, a in enumerate(paged["action"]) if plan["actions"][a] == "swap"] == swapped
+    assert sum(paged["size"]) == vm["footprint_bytes"]
 
 
 def test_analyze_shows_de_beside_sharing(alpha: Path, tmp_path: Path) -> None:
     code, out, err = invoke("analyze", "--format", "csv", "--index-dir", str(tmp_path), str(alpha))
     assert code == 0, err
-    (row, _total) = list(csv.DictReader(io.StringIO(out)))
+    full = list(csv.reader(io.StringIO(out)))
+    de_columns = ["de_footprint_bytes", "de_savings_percent"]
+    assert full[0][-2:] == de_columns
+    (row, total) = list(csv.DictReader(io.StringIO(out)))
     assert float(row["de_savings_percent"]) > float(row["savings_percent"])
-    code, out, _ = invoke(
+    # The Difference Engine column is the `dengine plan` figure of the same dump.
+    code, out, err = invoke("plan", "--format", "json", "--index-dir", str(tmp_path), str(alpha))
+    assert code == 0, err
+    planned = json.loads(out)
+    for got, want in ((row, planned["vms"][0]), (total, planned["total"])):
+        assert int(got["de_footprint_bytes"]) == want["footprint_bytes"]
+        assert float(got["de_savings_percent"]) == want["savings_percent"]
+    # --sharing-only: the same table without the Difference Engine columns.
+    code, out, err = invoke(
         "analyze", "--sharing-only", "--format", "csv", "--index-dir", str(tmp_path), str(alpha)
     )
-    assert "de_savings_percent" not in out
+    assert code == 0, err
+    assert list(csv.reader(io.StringIO(out))) == [line[:-2] for line in full]
 
 
 def test_sample_gives_an_interval(alpha: Path, tmp_path: Path) -> None:

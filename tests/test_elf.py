@@ -10,7 +10,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -31,7 +30,7 @@ from tests.builders.elf import (
     vmcoreinfo_note,
 )
 from tests.builders.xc_core import build_xc_core
-from tests.conftest import oracle_pages, page_digests, read_pages
+from tests.conftest import needs_oracle, oracle_pages, page_digests, read_pages
 
 PAGE = 4096
 
@@ -325,13 +324,6 @@ def test_random_page_maps_read_back(
 
 
 # -- the libkdumpfile oracle -----------------------------------------------------------------------
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def needs_oracle(test: F) -> F:
-    """Marks tests that run Debian's libkdumpfile (CI installs it: they must not skip)."""
-    return test
 
 
 def assert_agrees_with_oracle(path: Path, options: OpenOptions, not_in_file: set[int] | None = None) -> int:

@@ -16,12 +16,14 @@ import xxhash
 
 from dengine_cli.cache.index_store import INDEX_MAGIC, INDEX_VERSION, index_path_for
 from dengine_cli.cache.keys import default_index_dir
-from dengine_cli.engine.index import ZERO_PAGE_HASH, hash_dump, hash_pages, index_dump
+from dengine_cli.engine.index import ZERO_PAGE_CHECK, ZERO_PAGE_HASH, hash_dump, hash_pages, index_dump
 from dengine_cli.errors import FormatError, UnreadableFile
 from dengine_cli.formats.base import OpenOptions, Source
 from dengine_cli.formats.raw import open_raw
 from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.parallel import Workers
 from dengine_cli.session.indexing import build_indexes, load_or_build
+from tests.vms import write_raw_image
 
 
 def make_pages(seed: int, n: int) -> np.ndarray:
@@ -37,13 +39,20 @@ def make_pages(seed: int, n: int) -> np.ndarray:
     return pages
 
 
-def write_raw(path: Path, pages: np.ndarray) -> Path:
-    pages.tofile(path)
+def write_gzip(path: Path, data: bytes) -> Path:
+    """A real gzip-compressed dump (a compressed container, hashed whole by one worker)."""
+    path.write_bytes(gzip.compress(data, compresslevel=1))
     return path
 
 
 def expected_hashes(pages: np.ndarray) -> list[int]:
-    return [xxhash.xxh3_64_intdigest(p.tobytes()) for p in pages]
+    """The high halves of each page's xxh3-128."""
+    return [xxhash.xxh3_128_intdigest(p.tobytes()) >> 64 for p in pages]
+
+
+def expected_checks(pages: np.ndarray) -> list[int]:
+    """The low halves."""
+    return [xxhash.xxh3_128_intdigest(p.tobytes()) & ((1 << 64) - 1) for p in pages]
 
 
 # --- hashing -----------------------------------------------------------------------------------
@@ -51,28 +60,32 @@ def expected_hashes(pages: np.ndarray) -> list[int]:
 
 def test_hash_pages_equals_xxh3_of_each_page() -> None:
     pages = make_pages(1, 200)
-    hashes, zero = hash_pages(pages)
+    hashes, check, zero = hash_pages(pages)
     assert hashes.tolist() == expected_hashes(pages)
+    assert check.tolist() == expected_checks(pages)
     assert zero.tolist() == [not p.any() for p in pages]
     assert not zero[1] and not zero[2]
     assert set(hashes[zero].tolist()) <= {ZERO_PAGE_HASH}
-    assert xxhash.xxh3_64_intdigest(bytes(4096)) == ZERO_PAGE_HASH
+    assert set(check[zero].tolist()) <= {ZERO_PAGE_CHECK}
+    assert xxhash.xxh3_128_intdigest(bytes(4096)) == (ZERO_PAGE_HASH << 64) | ZERO_PAGE_CHECK
 
 
 def test_hash_pages_of_a_strided_batch() -> None:
     pages = make_pages(2, 40)
     every_other = pages[::2]
     assert not every_other.flags.c_contiguous
-    hashes, zero = hash_pages(every_other)
+    hashes, check, zero = hash_pages(every_other)
     assert hashes.tolist() == expected_hashes(every_other)
+    assert check.tolist() == expected_checks(every_other)
     assert zero.tolist() == [not p.any() for p in every_other]
 
 
 def test_hash_dump_over_a_page_range(tmp_path: Path) -> None:
     pages = make_pages(3, 300)
-    dump = open_raw(Source.of(write_raw(tmp_path / "a.raw", pages)), OpenOptions())
-    hashes, zero = hash_dump(dump, 50, 250, batch_pages=16)
+    dump = open_raw(Source.of(write_raw_image(tmp_path / "a.raw", pages)), OpenOptions())
+    hashes, check, zero = hash_dump(dump, 50, 250, batch_pages=16)
     assert hashes.tolist() == expected_hashes(pages[50:250])
+    assert check.tolist() == expected_checks(pages[50:250])
     assert zero.tolist() == [not p.any() for p in pages[50:250]]
 
 
@@ -81,7 +94,7 @@ def test_hash_dump_over_a_page_range(tmp_path: Path) -> None:
 
 def test_build_then_load_from_cache(tmp_path: Path) -> None:
     pages = make_pages(4, 500)
-    dump_path = write_raw(tmp_path / "vm.raw", pages)
+    dump_path = write_raw_image(tmp_path / "vm.raw", pages)
     cache = tmp_path / "cache"
     built = load_or_build(dump_path, index_dir=cache, batch_pages=64)
     assert not built.loaded
@@ -100,26 +113,29 @@ def test_build_then_load_from_cache(tmp_path: Path) -> None:
 
 
 def test_on_disk_layout(tmp_path: Path) -> None:
-    dump_path = write_raw(tmp_path / "vm.raw", make_pages(5, 100))
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(5, 100))
     index = load_or_build(dump_path, index_dir=tmp_path)
     assert index.path is not None
     data = index.path.read_bytes()
     magic, version, header_len = struct.unpack_from("<8sII", data)
-    assert (magic, version) == (INDEX_MAGIC, INDEX_VERSION) == (b"DENGIDX\0", 1)
+    assert (magic, version) == (INDEX_MAGIC, INDEX_VERSION) == (b"DENGIDX\0", 2)
     header = json.loads(data[16 : 16 + header_len])
     assert header["page_count"] == 100
     st = os.stat(dump_path)
     assert header["key"]["ino"] == st.st_ino and header["key"]["ctime_ns"] == st.st_ctime_ns
     start = -(-(16 + header_len) // 64) * 64
-    assert len(data) == start + 17 * 100
+    assert len(data) == start + 25 * 100
+    assert np.frombuffer(data, np.uint64, 100, start).tolist() == list(range(100))
     assert np.frombuffer(data, np.uint64, 100, start + 800).tolist() == index.hashes.tolist()
+    assert np.frombuffer(data, np.uint64, 100, start + 1600).tolist() == index.check.tolist()
+    assert np.frombuffer(data, np.bool_, 100, start + 2400).tolist() == index.zero.tolist()
     # Named by the xxh3-128 of the key it stores.
     digest = xxhash.xxh3_128_hexdigest(json.dumps(header["key"], sort_keys=True).encode())
     assert index.path.name == digest + ".idx"
 
 
 def test_rewritten_dump_with_same_size_and_mtime_is_reindexed(tmp_path: Path) -> None:
-    dump_path = write_raw(tmp_path / "vm.raw", make_pages(6, 64))
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(6, 64))
     first = load_or_build(dump_path, index_dir=tmp_path / "cache")
     st = os.stat(dump_path)
     time.sleep(0.05)  # past the coarse timestamp granularity of the kernel
@@ -136,7 +152,7 @@ def test_rewritten_dump_with_same_size_and_mtime_is_reindexed(tmp_path: Path) ->
 
 
 def test_options_that_change_the_page_set_are_part_of_the_key(tmp_path: Path) -> None:
-    dump_path = write_raw(tmp_path / "vm.raw", make_pages(8, 16))
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(8, 16))
     plain = index_path_for(dump_path, OpenOptions(), tmp_path)
     assert index_path_for(dump_path, OpenOptions(format="raw"), tmp_path) != plain
     assert index_path_for(dump_path, OpenOptions(device_memory=True), tmp_path) != plain
@@ -187,7 +203,7 @@ def corrupt_empty(data: bytes) -> bytes:
 )
 def test_corrupt_index_is_ignored_and_rebuilt(tmp_path: Path, corrupt: object) -> None:
     pages = make_pages(9, 80)
-    dump_path = write_raw(tmp_path / "vm.raw", pages)
+    dump_path = write_raw_image(tmp_path / "vm.raw", pages)
     index = load_or_build(dump_path, index_dir=tmp_path / "cache")
     assert index.path is not None
     index.path.write_bytes(corrupt(index.path.read_bytes()))  # type: ignore[operator]
@@ -198,8 +214,8 @@ def test_corrupt_index_is_ignored_and_rebuilt(tmp_path: Path, corrupt: object) -
 
 
 def test_index_of_another_dump_under_this_name_is_not_trusted(tmp_path: Path) -> None:
-    a = write_raw(tmp_path / "a.raw", make_pages(10, 32))
-    b = write_raw(tmp_path / "b.raw", make_pages(11, 32))
+    a = write_raw_image(tmp_path / "a.raw", make_pages(10, 32))
+    b = write_raw_image(tmp_path / "b.raw", make_pages(11, 32))
     index_a = load_or_build(a, index_dir=tmp_path)
     assert index_a.path is not None
     os.replace(index_a.path, index_path_for(b, OpenOptions(), tmp_path))
@@ -209,13 +225,13 @@ def test_index_of_another_dump_under_this_name_is_not_trusted(tmp_path: Path) ->
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    dump_path = write_raw(tmp_path / "vm.raw", make_pages(12, 40))
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(12, 40))
     cache = tmp_path / "cache"
     load_or_build(dump_path, index_dir=cache)
     assert [p.suffix for p in cache.iterdir()] == [".idx"]
 
     # A failure at the rename: nothing half-written stays behind, and the index still comes back.
-    other = write_raw(tmp_path / "other.raw", make_pages(13, 40))
+    other = write_raw_image(tmp_path / "other.raw", make_pages(13, 40))
 
     def fail(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
@@ -228,7 +244,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_unwritable_cache_directory_is_not_an_error(tmp_path: Path) -> None:
-    dump_path = write_raw(tmp_path / "vm.raw", make_pages(14, 24))
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(14, 24))
     blocker = tmp_path / "not-a-dir"
     blocker.write_bytes(b"")
     index = load_or_build(dump_path, index_dir=blocker / "index")
@@ -241,7 +257,7 @@ def test_default_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_index_dir() == tmp_path / "home" / ".cache" / "dengine" / "index"
-    dump_path = write_raw(tmp_path / "vm.raw", make_pages(15, 8))
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(15, 8))
     assert index_path_for(dump_path).parent == default_index_dir()
 
 
@@ -254,7 +270,7 @@ def test_missing_dump_is_unreadable(tmp_path: Path) -> None:
 
 def test_index_dump_without_cache(tmp_path: Path) -> None:
     pages = make_pages(16, 70)
-    dump = open_raw(Source.of(write_raw(tmp_path / "a.raw", pages)), OpenOptions())
+    dump = open_raw(Source.of(write_raw_image(tmp_path / "a.raw", pages)), OpenOptions())
     seen: list[tuple[str, int, int]] = []
     index = index_dump(dump, batch_pages=32, on_progress=lambda *a: seen.append(a))
     assert index.hashes.tolist() == expected_hashes(pages)
@@ -267,7 +283,7 @@ def test_index_dump_without_cache(tmp_path: Path) -> None:
 def test_build_indexes_in_worker_processes(tmp_path: Path) -> None:
     sizes = [700, 90, 300]
     all_pages = [make_pages(20 + k, n) for k, n in enumerate(sizes)]
-    paths = [write_raw(tmp_path / f"vm{k}.raw", p) for k, p in enumerate(all_pages)]
+    paths = [write_raw_image(tmp_path / f"vm{k}.raw", p) for k, p in enumerate(all_pages)]
     cache = tmp_path / "cache"
     load_or_build(paths[1], index_dir=cache)  # one already cached
     seen: dict[str, int] = {}
@@ -277,57 +293,52 @@ def test_build_indexes_in_worker_processes(tmp_path: Path) -> None:
         seen[name] = done
 
     # Batches of 16 pages with 4 jobs: the 700-page dump is cut between workers.
-    indexes = build_indexes(paths, None, cache, jobs=4, on_progress=progress, batch_pages=16)
+    four = Workers(jobs=4, fork_min_bytes=0, range_pages=64)
+    indexes = build_indexes(paths, None, cache, four, on_progress=progress, batch_pages=16)
     assert [ix.loaded for ix in indexes] == [False, True, False]
     for ix, pages, path in zip(indexes, all_pages, paths, strict=True):
         assert ix.name == str(path)
         assert ix.hashes.tolist() == expected_hashes(pages)
         assert ix.zero.tolist() == [not p.any() for p in pages]
     assert seen == {str(paths[0]): 700, str(paths[2]): 300}
-    assert [ix.loaded for ix in build_indexes(paths, None, cache, jobs=4)] == [True] * 3
+    assert [ix.loaded for ix in build_indexes(paths, None, cache, four)] == [True] * 3
     assert len(list(cache.iterdir())) == 3
 
 
 def test_build_indexes_in_one_process(tmp_path: Path) -> None:
     pages = make_pages(30, 100)
-    path = write_raw(tmp_path / "vm.raw", pages)
-    (index,) = build_indexes([path], index_dir=tmp_path / "c", jobs=1)
+    path = write_raw_image(tmp_path / "vm.raw", pages)
+    (index,) = build_indexes([path], index_dir=tmp_path / "c", workers=Workers(jobs=1))
     assert not index.loaded and index.hashes.tolist() == expected_hashes(pages)
 
 
-def test_default_jobs_start_no_pool_for_little_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without -j, a pool's start-up (a fork server importing numpy and the readers) is paid only
-    # when there is enough to hash: small uncompressed dumps are built by the calling process.
-    from dengine_cli.session import indexing as index_module
-
-    monkeypatch.setattr(index_module.os, "cpu_count", lambda: 2)
+def test_little_work_is_not_forked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork pays only past ``fork_min_bytes`` of dumps to index: small dumps are built here."""
     all_pages = [make_pages(35 + k, 40) for k in range(2)]
-    paths = [write_raw(tmp_path / f"vm{k}.raw", p) for k, p in enumerate(all_pages)]
-    assert index_module._default_jobs(paths) == 1
-    monkeypatch.setattr(index_module, "POOL_MIN_BYTES", 40 * PAGE_SIZE)
-    assert index_module._default_jobs(paths) == 2
-    monkeypatch.setattr(index_module, "POOL_MIN_BYTES", 1 << 40)
-    monkeypatch.setattr(index_module, "_is_container", lambda path: True)
-    assert index_module._default_jobs(paths) == 2  # two compressed dumps: decompressed side by side
-    monkeypatch.undo()
-
-    def no_pool(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a worker pool was started")
-
-    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", no_pool)
-    indexes = build_indexes(paths, None, tmp_path / "c")
+    paths = [write_raw_image(tmp_path / f"vm{k}.raw", p) for k, p in enumerate(all_pages)]
+    forks: list[int] = []
+    fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or fork())
+    indexes = build_indexes(paths, None, tmp_path / "c", Workers(jobs=2))
+    assert forks == []
     for ix, pages in zip(indexes, all_pages, strict=True):
         assert not ix.loaded and ix.hashes.tolist() == expected_hashes(pages)
+    build_indexes(paths, None, tmp_path / "d", Workers(jobs=2, fork_min_bytes=0, range_pages=16))
+    assert forks == [1]
 
 
-def test_whole_dumps_built_by_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_whole_dumps_built_by_workers(tmp_path: Path) -> None:
     # Compressed containers are hashed whole by one worker, which writes the index itself.
-    monkeypatch.setattr("dengine_cli.session.indexing._is_container", lambda path: True)
     all_pages = [make_pages(40 + k, 150) for k in range(3)]
-    paths = [write_raw(tmp_path / f"vm{k}.raw", p) for k, p in enumerate(all_pages)]
+    paths = [write_gzip(tmp_path / f"vm{k}.raw.gz", p.tobytes()) for k, p in enumerate(all_pages)]
     seen: dict[str, int] = {}
     indexes = build_indexes(
-        paths, None, tmp_path / "c", jobs=2, batch_pages=32, on_progress=lambda n, d, t: seen.update({n: d})
+        paths,
+        OpenOptions(format="raw"),
+        tmp_path / "c",
+        Workers(jobs=2),
+        batch_pages=32,
+        on_progress=lambda n, d, t: seen.update({n: d}),
     )
     assert [ix.loaded for ix in indexes] == [True] * 3  # mapped from the files workers wrote
     for ix, pages in zip(indexes, all_pages, strict=True):
@@ -335,32 +346,31 @@ def test_whole_dumps_built_by_workers(tmp_path: Path, monkeypatch: pytest.Monkey
     assert seen == {str(p): 150 for p in paths}
 
 
-def test_error_in_a_worker_reaches_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dengine_cli.session.indexing._is_container", lambda path: True)
-    good = write_raw(tmp_path / "good.raw", make_pages(50, 20))
-    bad = tmp_path / "bad.raw"
-    bad.write_bytes(b"\1" * 100)
+def test_error_in_a_worker_reaches_the_caller(tmp_path: Path) -> None:
+    good = write_gzip(tmp_path / "good.raw.gz", make_pages(50, 20).tobytes())
+    bad = write_gzip(tmp_path / "bad.raw.gz", b"\1" * 100)
     with pytest.raises(FormatError) as e:
-        build_indexes([good, bad], OpenOptions(format="raw"), tmp_path / "c", jobs=2)
+        build_indexes([good, bad], OpenOptions(format="raw"), tmp_path / "c", Workers(jobs=2))
     assert e.value.exit_code == 4
-    assert str(e.value) == f"{bad}: at offset 0x0: expected at least one 4096-byte page, found 100 bytes"
+    assert str(e.value) == (
+        f"{bad} (decompressed gzip): at offset 0x0: expected at least one 4096-byte page, found 100 bytes"
+    )
 
 
 def test_compressed_dump_is_indexed_whole_by_one_worker(tmp_path: Path) -> None:
     pages = make_pages(60, 200)
-    packed = tmp_path / "vm.raw.gz"
-    packed.write_bytes(gzip.compress(pages.tobytes(), compresslevel=1))
-    plain = write_raw(tmp_path / "plain.raw", pages)
+    packed = write_gzip(tmp_path / "vm.raw.gz", pages.tobytes())
+    plain = write_raw_image(tmp_path / "plain.raw", pages)
     options = OpenOptions(format="raw")
-    indexes = build_indexes([packed, plain], options, tmp_path / "c", jobs=2, batch_pages=16)
-    assert indexes[0].loaded  # written by the worker that decompressed it
+    indexes = build_indexes([packed, plain], options, tmp_path / "c", Workers(jobs=2), batch_pages=16)
+    assert not indexes[0].loaded  # built now (by this process: one container is not forked)
     assert indexes[0].name == str(packed)
     assert indexes[0].hashes.tolist() == indexes[1].hashes.tolist() == expected_hashes(pages)
 
 
 def test_several_dumps_indexed_by_threads_equal_one_at_a_time(tmp_path: Path) -> None:
-    """Without -j, several dumps are indexed by threads of this process: the same indexes as
-    building them one by one."""
+    """Where no worker is forked, several dumps are indexed by threads of this process: the same
+    indexes as building them one by one."""
     rng = np.random.default_rng(11)
     paths = []
     for k in range(3):
@@ -368,8 +378,8 @@ def test_several_dumps_indexed_by_threads_equal_one_at_a_time(tmp_path: Path) ->
         image[:: k + 2] = rng.integers(0, 256, (len(image[:: k + 2]), PAGE_SIZE), dtype=np.uint8)
         paths.append(tmp_path / f"t{k}.raw")
         paths[-1].write_bytes(image.tobytes())
-    threaded = build_indexes(paths, index_dir=tmp_path / "a")
-    single = build_indexes(paths, index_dir=tmp_path / "b", jobs=1)
+    threaded = build_indexes(paths, index_dir=tmp_path / "a", workers=Workers(jobs=2))
+    single = build_indexes(paths, index_dir=tmp_path / "b", workers=Workers(jobs=1))
     for x, y in zip(threaded, single, strict=True):
         assert np.array_equal(x.hashes, y.hashes) and np.array_equal(x.zero, y.zero)
         assert np.array_equal(x.gfns, y.gfns)

@@ -8,7 +8,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ from tests.builders.kdump import (
     reassemble,
     record,
 )
-from tests.conftest import FIXTURES, oracle_pages, page_digests, read_pages
+from tests.conftest import FIXTURES, needs_oracle, oracle_pages, page_digests, read_pages
 
 CODECS = ["zlib", "lzo", "snappy", "zstd", "none"]
 ZERO = bytes(4096)
@@ -273,13 +273,6 @@ def test_qemu_device_memory_dropped_unless_asked(tmp_path: Path) -> None:
 
 
 # --- cross-checks: libkdumpfile and real pages ----------------------------------------------------
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def needs_oracle(test: F) -> F:
-    """Marks tests that run Debian's libkdumpfile (CI installs it: they must not skip)."""
-    return test
 
 
 @needs_oracle

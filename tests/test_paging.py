@@ -10,7 +10,7 @@ import pytest
 from dengine_cli.engine.paging import SwapClass, choose_swap, vms_per_host
 from dengine_cli.engine.plan.model import COMPRESS, PATCH, SWAP, WHOLE
 from dengine_cli.pages import PAGE_SIZE
-from tests.test_plan import Planned, mixed_vms, workload_image, write_images
+from tests.vms import Planned, mixed_vms, workload_image, write_raw_images
 
 
 def cls(*per_vm: list[tuple[int, int]]) -> SwapClass:
@@ -52,7 +52,7 @@ def test_vms_per_host() -> None:
 
 def test_plan_pages_out_coldest_first(tmp_path: Path) -> None:
     image, where = workload_image("alpha")
-    planned = Planned(write_images(tmp_path, [image]))
+    planned = Planned(write_raw_images(tmp_path, [image]))
     free = planned.plan()
     need = free.total.footprint_bytes
     # 40 pages short: random.bin's 32 whole pages go first, then 8+ compressed text pages.
@@ -79,7 +79,7 @@ def test_plan_pages_out_coldest_first(tmp_path: Path) -> None:
 
 def test_host_too_small(tmp_path: Path) -> None:
     image, where = workload_image("alpha")
-    planned = Planned(write_images(tmp_path, [image]))
+    planned = Planned(write_raw_images(tmp_path, [image]))
     report = planned.plan(host_memory=PAGE_SIZE)
     assert report.host is not None and not report.host.fits
     assert report.host.sets_per_host == 0
@@ -93,14 +93,14 @@ def test_host_too_small(tmp_path: Path) -> None:
 
 def test_hot_pages_are_never_paged(tmp_path: Path) -> None:
     vms = mixed_vms(4, [100])
-    planned = Planned(write_images(tmp_path, vms))
+    planned = Planned(write_raw_images(tmp_path, vms))
     hot = np.ones(100, dtype=np.bool_)
     report = planned.plan(hot=[hot], host_memory=PAGE_SIZE)
     assert report.vms[0].paged_out == 0 and not report.host.fits  # type: ignore[union-attr]
 
 
 def test_vms_per_host_in_report(tmp_path: Path) -> None:
-    planned = Planned(write_images(tmp_path, mixed_vms(4, [100, 80])))
+    planned = Planned(write_raw_images(tmp_path, mixed_vms(4, [100, 80])))
     free = planned.plan()
     host = 10 * free.total.footprint_bytes
     report = planned.plan(host_memory=host)
@@ -109,10 +109,16 @@ def test_vms_per_host_in_report(tmp_path: Path) -> None:
     assert report.to_dict()["vms"][0]["vms_per_host"] == report.vms[0].per_host
 
 
-@pytest.mark.parametrize("bad", [0, -5])
-def test_bad_host_memory(tmp_path: Path, bad: int) -> None:
-    from dengine_cli.errors import UsageError
+@pytest.mark.parametrize("bad", ["0", "-5", "0.0M"])
+def test_bad_host_memory(tmp_path: Path, bad: str) -> None:
+    """Checked once, where users give it: the command line."""
+    from click.testing import CliRunner
 
-    planned = Planned(write_images(tmp_path, mixed_vms(4, [10])))
-    with pytest.raises(UsageError, match="host memory must be positive"):
-        planned.plan(host_memory=bad)
+    from dengine_cli.cli import cli
+
+    (path,) = write_raw_images(tmp_path, mixed_vms(4, [10]))
+    result = CliRunner().invoke(
+        cli, ["plan", "--index-dir", str(tmp_path / "i"), f"--host-memory={bad}", str(path)]
+    )
+    assert result.exit_code == 2
+    assert "a size must be positive" in result.output

@@ -5,7 +5,6 @@ its page, sampling estimates, the plan file."""
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,28 +15,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dengine_cli.codecs import compression_codec, patch_codec
-from dengine_cli.engine.index import PageIndex, index_dump
-from dengine_cli.engine.plan.choice import plan_dumps
+from dengine_cli.engine.index import index_dump
 from dengine_cli.engine.plan.model import ACTIONS, COMPRESS, PATCH, SCHEMA, SHARE, WHOLE, ZERO, PlanReport
 from dengine_cli.engine.plan.planfile import write_plan
 from dengine_cli.engine.policy import Policy
-from dengine_cli.engine.sharing import share
-from dengine_cli.errors import UsageError
 from dengine_cli.formats import open_dump
-from dengine_cli.formats.base import Dump, OpenOptions
+from dengine_cli.formats.base import OpenOptions
 from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.parallel import Workers
 from dengine_cli.policies import POLICIES
 from dengine_cli.session import share_and_plan
 from fixtures.workload import workload_files
+from tests.vms import ZERO_LEAD, Planned, mixed_vms, workload_image, write_raw_images
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DE = POLICIES["de"]
 
 # --- data -----------------------------------------------------------------------------------------
-
-#: Workload files in the order the raw test images lay them out (after ZERO_LEAD zero pages).
-LAYOUT = ("identical.bin", "base.bin", "similar.bin", "text.txt", "random.bin")
-ZERO_LEAD = 8
 
 
 def plan_of(*args: Any, **kwargs: Any) -> PlanReport:
@@ -45,85 +39,10 @@ def plan_of(*args: Any, **kwargs: Any) -> PlanReport:
     return share_and_plan(*args, **kwargs)[1]
 
 
-def workload_image(guest: str) -> tuple[bytes, dict[str, range]]:
-    """A raw image holding the fixture guests' workload files page-aligned, and where each is
-    (page ranges)."""
-    files = workload_files(guest)
-    parts = [bytes(ZERO_LEAD * PAGE_SIZE)]
-    where: dict[str, range] = {}
-    at = ZERO_LEAD
-    for name in LAYOUT:
-        n = len(files[name]) // PAGE_SIZE
-        where[name] = range(at, at + n)
-        parts.append(files[name])
-        at += n
-    return b"".join(parts), where
-
-
-def text_page(rng: random.Random) -> bytes:
-    words = ["page", "frame", "memory", "guest", "kernel", "buffer", "cache", "host"]
-    out = ""
-    while len(out) < PAGE_SIZE:
-        out += " ".join(rng.choice(words) for _ in range(8)) + f" {rng.randrange(10**6)}\n"
-    return out[:PAGE_SIZE].encode()
-
-
-def mixed_vms(seed: int, sizes: Sequence[int]) -> list[np.ndarray]:
-    """VMs of zero, duplicate, similar (a few bytes changed), text and random pages."""
-    rng = random.Random(seed)
-    library = [rng.randbytes(PAGE_SIZE) for _ in range(12)] + [text_page(rng) for _ in range(6)]
-    vms = []
-    for n in sizes:
-        pages = []
-        for _ in range(n):
-            kind = rng.random()
-            if kind < 0.15:
-                page = bytes(PAGE_SIZE)
-            elif kind < 0.35:
-                page = rng.choice(library)
-            elif kind < 0.65:
-                base = bytearray(rng.choice(library))
-                for _ in range(rng.randint(1, 40)):
-                    base[rng.randrange(PAGE_SIZE)] = rng.randrange(256)
-                page = bytes(base)
-            elif kind < 0.85:
-                page = text_page(rng)
-            else:
-                page = rng.randbytes(PAGE_SIZE)
-            pages.append(np.frombuffer(page, dtype=np.uint8))
-        vms.append(np.stack(pages))
-    return vms
-
-
-class Planned:
-    """Dumps, indexes and sharing of raw images, ready to plan."""
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = list(paths)
-        self.dumps: list[Dump] = [open_dump(p, OpenOptions(format="raw")) for p in paths]
-        self.indexes: list[PageIndex] = [index_dump(d) for d in self.dumps]
-        self.sharing = share(self.indexes, self.dumps)
-
-    def plan(self, policy: Policy = DE, **kwargs: object) -> PlanReport:
-        return plan_dumps(self.dumps, self.indexes, self.sharing, policy, **kwargs)  # type: ignore[arg-type]
-
-    def page(self, v: int, pos: int) -> bytes:
-        return self.dumps[v].read_page(int(self.indexes[v].gfns[pos])).tobytes()
-
-
-def write_images(tmp_path: Path, images: Sequence[bytes | np.ndarray], stem: str = "vm") -> list[Path]:
-    paths = []
-    for i, image in enumerate(images):
-        p = tmp_path / f"{stem}{i}.raw"
-        p.write_bytes(image if isinstance(image, bytes) else np.ascontiguousarray(image).tobytes())
-        paths.append(p)
-    return paths
-
-
 @pytest.fixture
 def alpha(tmp_path: Path) -> tuple[Planned, dict[str, range]]:
     image, where = workload_image("alpha")
-    return Planned(write_images(tmp_path, [image])), where
+    return Planned(write_raw_images(tmp_path, [image])), where
 
 
 # --- known content ----------------------------------------------------------------------------
@@ -174,7 +93,7 @@ def test_policies_on_the_workload(alpha: tuple[Planned, dict[str, range]]) -> No
 
 def test_shared_content_stays_whole_across_vms(tmp_path: Path) -> None:
     images = [workload_image(g)[0] for g in ("alpha", "beta")]
-    planned = Planned(write_images(tmp_path, images))
+    planned = Planned(write_raw_images(tmp_path, images))
     report = planned.plan()
     _, where = workload_image("alpha")
     similar = slice(where["similar.bin"].start, where["similar.bin"].stop)
@@ -198,14 +117,14 @@ def test_history_makes_changed_pages_hot(tmp_path: Path) -> None:
     for page in range(text.start, text.start + 8):
         later[page * PAGE_SIZE] ^= 0xFF
     later[where["similar.bin"].start * PAGE_SIZE + 5] ^= 0x01
-    earlier_path, later_path = write_images(tmp_path, [image, bytes(later)])
+    earlier_path, later_path = write_raw_images(tmp_path, [image, bytes(later)])
     options = OpenOptions(format="raw")
     report = plan_of(
         [later_path],
         DE,
         options=options,
         index_dir=tmp_path / "idx",
-        jobs=1,
+        workers=Workers(jobs=1),
         history={str(later_path): earlier_path},
     )
     assert not report.upper_bound
@@ -214,13 +133,11 @@ def test_history_makes_changed_pages_hot(tmp_path: Path) -> None:
     assert vm.compressed == 64 - 8 and vm.patched == 63
     actions = report.pages[0].actions
     assert (actions[text.start : text.start + 8] == WHOLE).all()
-    no_history = plan_of([later_path], DE, options=options, index_dir=tmp_path / "idx", jobs=1)
+    no_history = plan_of(
+        [later_path], DE, options=options, index_dir=tmp_path / "idx", workers=Workers(jobs=1)
+    )
     assert no_history.upper_bound and no_history.vms[0].hot == 0
     assert no_history.vms[0].footprint_bytes < vm.footprint_bytes
-    with pytest.raises(UsageError, match="not one of the dumps"):
-        plan_of(
-            [later_path], DE, options=options, index_dir=tmp_path / "idx", history={"x.raw": earlier_path}
-        )
 
 
 @pytest.mark.parametrize("guest", ["alpha", "beta"])
@@ -232,7 +149,7 @@ def test_real_qemu_fixture(real_dump: Callable[[str], Path], guest: str, tmp_pat
         path = real_dump(f"{guest}.elf")
     except FileNotFoundError:
         pytest.skip("QEMU fixtures not generated")
-    report = plan_of([path], DE, index_dir=tmp_path / "idx", jobs=1)
+    report = plan_of([path], DE, index_dir=tmp_path / "idx", workers=Workers(jobs=1))
     dump = open_dump(path)
     index = index_dump(dump)
     files = workload_files(guest)
@@ -353,7 +270,7 @@ def brute_force(vms: Sequence[np.ndarray], policy: Policy) -> list[tuple[list[in
 )
 def test_plan_equals_brute_force(tmp_path: Path, policy: Policy) -> None:
     vms = mixed_vms(7, [150, 120, 90])
-    planned = Planned(write_images(tmp_path, vms))
+    planned = Planned(write_raw_images(tmp_path, vms))
     report = planned.plan(policy)
     expected = brute_force(vms, policy)
     assert report.total.patched > 0 or not policy.patch
@@ -365,7 +282,7 @@ def test_plan_equals_brute_force(tmp_path: Path, policy: Policy) -> None:
 
 def test_patch_references_are_whole_and_earlier(tmp_path: Path) -> None:
     vms = mixed_vms(3, [200, 200])
-    planned = Planned(write_images(tmp_path, vms))
+    planned = Planned(write_raw_images(tmp_path, vms))
     report = planned.plan()
     for v, pp in enumerate(report.pages):
         for p, rv, rp in zip(
@@ -394,7 +311,7 @@ def page_sets(draw: st.DrawFn) -> list[np.ndarray]:
 def test_every_patch_and_compressed_page_decodes(
     tmp_path_factory: pytest.TempPathFactory, vms: list[np.ndarray]
 ) -> None:
-    planned = Planned(write_images(tmp_path_factory.mktemp("dec"), vms))
+    planned = Planned(write_raw_images(tmp_path_factory.mktemp("dec"), vms))
     report = planned.plan()
     pcodec = patch_codec(DE.patch_codec)
     ccodec = compression_codec(DE.compression_codec)
@@ -420,7 +337,7 @@ def test_every_patch_and_compressed_page_decodes(
 
 
 def test_accounting_adds_up(tmp_path: Path) -> None:
-    planned = Planned(write_images(tmp_path, mixed_vms(11, [300, 250])))
+    planned = Planned(write_raw_images(tmp_path, mixed_vms(11, [300, 250])))
     report = planned.plan(baseline=POLICIES["ksm"])
     for vm, pp in zip(report.vms, report.pages, strict=True):
         assert vm.present == vm.zero + vm.shared + vm.whole + vm.patched + vm.compressed + vm.paged_out
@@ -448,7 +365,7 @@ def test_accounting_adds_up(tmp_path: Path) -> None:
 
 
 def test_sample_of_everything_is_the_exact_plan(tmp_path: Path) -> None:
-    planned = Planned(write_images(tmp_path, mixed_vms(5, [300, 200])))
+    planned = Planned(write_raw_images(tmp_path, mixed_vms(5, [300, 200])))
     exact = planned.plan()
     full = planned.plan(sample=1.0, seed=9)
     assert full.estimate and full.sample is not None
@@ -464,7 +381,7 @@ def test_sample_of_everything_is_the_exact_plan(tmp_path: Path) -> None:
 
 
 def test_sample_interval_covers_the_exact_figure(tmp_path: Path) -> None:
-    planned = Planned(write_images(tmp_path, mixed_vms(21, [600, 500])))
+    planned = Planned(write_raw_images(tmp_path, mixed_vms(21, [600, 500])))
     exact = planned.plan()
     covered = 0
     seeds = range(20)
@@ -482,11 +399,11 @@ def test_sample_interval_covers_the_exact_figure(tmp_path: Path) -> None:
 
 
 def test_plan_file_refuses_an_estimate(tmp_path: Path) -> None:
-    planned = Planned(write_images(tmp_path, mixed_vms(1, [20])))
-    with pytest.raises(UsageError, match="exact plan"):
-        write_plan(planned.plan(sample=0.5), tmp_path / "p.json")
-    with pytest.raises(UsageError, match="sample fraction"):
-        planned.plan(sample=0.0)
+    planned = Planned(write_raw_images(tmp_path, mixed_vms(1, [20])))
+    out = tmp_path / "p.json"
+    with pytest.raises(ValueError, match="exact plan"):
+        write_plan(planned.plan(sample=0.5), out)
+    assert not out.exists()
 
 
 # --- the plan file ----------------------------------------------------------------------------
@@ -497,7 +414,7 @@ def test_plan_file_accounts_for_every_page(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(plan_module, "_WRITE_CHUNK", 7)  # several chunks per column
     vms = mixed_vms(2, [60, 50])
-    planned = Planned(write_images(tmp_path, vms))
+    planned = Planned(write_raw_images(tmp_path, vms))
     report = planned.plan(host_memory=60 * PAGE_SIZE)
     out = tmp_path / "plan.json"
     write_plan(report, out)
@@ -533,7 +450,7 @@ def test_plan_file_accounts_for_every_page(tmp_path: Path, monkeypatch: pytest.M
 def test_plan_file_is_never_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dengine_cli.engine.plan.planfile as plan_module
 
-    planned = Planned(write_images(tmp_path, mixed_vms(2, [30])))
+    planned = Planned(write_raw_images(tmp_path, mixed_vms(2, [30])))
     report = planned.plan()
     out = tmp_path / "plan.json"
     out.write_text("old")

@@ -18,6 +18,7 @@ from dengine_cli.formats.base import SCAN_PAGES, Dump, OpenOptions, PageBatch, S
 from dengine_cli.formats.raw import open_raw
 from dengine_cli.pages import PAGE_SIZE
 from dengine_cli.parallel.threads import map_in_threads
+from tests.vms import write_raw_image
 
 
 def collect(batches: Iterator[PageBatch]) -> tuple[np.ndarray, np.ndarray]:
@@ -66,10 +67,10 @@ def test_scan_never_reads_a_file_put_in_place_of_the_mapped_one(tmp_path: Path) 
     old = np.full((20, PAGE_SIZE), 1, dtype=np.uint8)
     new = np.full((20, PAGE_SIZE), 2, dtype=np.uint8)
     path = tmp_path / "vm.raw"
-    path.write_bytes(old.tobytes())
+    write_raw_image(path, old)
     with open_dump(path) as dump:
         replacement = tmp_path / "other.raw"
-        replacement.write_bytes(new.tobytes())
+        write_raw_image(replacement, new)
         os.replace(replacement, path)  # same path and size, another file
         _, got = collect(dump.scan(8))
         assert np.array_equal(got, old)  # what the mapping holds, as batches() reads it
@@ -78,7 +79,7 @@ def test_scan_never_reads_a_file_put_in_place_of_the_mapped_one(tmp_path: Path) 
 def test_scan_after_the_file_is_gone_reads_the_mapping(tmp_path: Path) -> None:
     old = np.arange(20 * PAGE_SIZE, dtype=np.uint64).astype(np.uint8).reshape(20, PAGE_SIZE)
     path = tmp_path / "vm.raw"
-    path.write_bytes(old.tobytes())
+    write_raw_image(path, old)
     with open_dump(path) as dump:
         path.unlink()
         _, got = collect(dump.scan(8))
@@ -119,8 +120,7 @@ def test_map_in_threads_raises_the_error_and_stops_taking_items() -> None:
 
 def test_a_dump_that_shrinks_while_scanned_is_an_error_not_a_crash(tmp_path: Path) -> None:
     pages = np.full((40, PAGE_SIZE), 3, dtype=np.uint8)
-    path = tmp_path / "vm.raw"
-    path.write_bytes(pages.tobytes())
+    path = write_raw_image(tmp_path / "vm.raw", pages)
     with open_dump(path) as dump:
         batches = dump.scan(8)
         next(batches)

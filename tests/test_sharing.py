@@ -17,46 +17,19 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dengine_cli.engine import sharing
+from dengine_cli.cache.spill import SpilledRuns
 from dengine_cli.engine.index import PageIndex, index_dump
-from dengine_cli.engine.sharing import KSM_RMAP_ITEM_BYTES, SCHEMA, SharingReport, share
+from dengine_cli.engine.sharing import KSM_RMAP_ITEM_BYTES, SCHEMA, Shape, SharingReport, confirm, share
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import Dump, OpenOptions, Source
 from dengine_cli.formats.raw import open_raw
 from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.parallel import Workers
 from dengine_cli.session import analyze
 from dengine_cli.session.indexing import load_or_build
+from tests.vms import design_vms, write_raw_image, write_raw_images
 
 # --- building VMs ------------------------------------------------------------------------------
-
-
-def design_vms(seed: int, sizes: list[int], library: int = 40) -> list[np.ndarray]:
-    """Page arrays of VMs with zero pages, contents shared within and across VMs (drawn from a
-    small library), contents differing in one byte only, and unique random pages."""
-    rng = np.random.default_rng(seed)
-    lib = rng.integers(0, 256, (library, PAGE_SIZE), dtype=np.uint8)
-    lib[0] = 0
-    lib[0, 4095] = 1  # differs from the zero page in its last byte only
-    lib[1] = lib[2]
-    lib[1, 0] ^= 0xFF  # lib[1] and lib[2] differ in their first byte only
-    vms = []
-    for n in sizes:
-        pages = rng.integers(0, 256, (n, PAGE_SIZE), dtype=np.uint8)
-        kind = rng.integers(0, 4, n)
-        pages[kind == 0] = 0
-        pick = kind == 1
-        pages[pick] = lib[rng.integers(0, library, int(pick.sum()))]
-        vms.append(pages)
-    return vms
-
-
-def write_raw(tmp_path: Path, vms: list[np.ndarray]) -> list[Path]:
-    paths = []
-    for k, pages in enumerate(vms):
-        path = tmp_path / f"vm{k}.raw"
-        pages.tofile(path)
-        paths.append(path)
-    return paths
 
 
 def open_all(paths: list[Path]) -> list[Dump]:
@@ -66,7 +39,9 @@ def open_all(paths: list[Path]) -> list[Dump]:
 # --- the independent count ---------------------------------------------------------------------
 
 
-def dict_count(vms: list[np.ndarray], cross_vm: bool = True, hash_bits: int = 64) -> dict:
+def dict_count(
+    vms: list[np.ndarray], cross_vm: bool = True, hash_bits: int = 128, verified: bool = True
+) -> dict:
     """Every figure, counted the simple way."""
     where: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
     for v, pages in enumerate(vms):
@@ -112,10 +87,12 @@ def dict_count(vms: list[np.ndarray], cross_vm: bool = True, hash_bits: int = 64
     for content, places in where.items():
         if content == zero:
             continue
-        h = xxhash.xxh3_64_intdigest(content) & mask
+        # What the stages group by: the low hash_bits of the 128-bit hash (below 64 bits, of
+        # its low half alone).
+        h = xxhash.xxh3_128_intdigest(content) & mask
         by_hash[h].add(content)
         count_of[h] += len(places)
-    collisions = sum(count_of[h] for h, contents in by_hash.items() if len(contents) > 1)
+    collisions = sum(count_of[h] for h, contents in by_hash.items() if len(contents) > 1) if verified else 0
     contents = sum(1 for c in where if c != zero)
     return {
         **fig,
@@ -156,11 +133,20 @@ def assert_figures(report: SharingReport, vms: list[np.ndarray], expected: dict)
     assert 0 not in {i for b, i in id_of.items() if b != bytes(PAGE_SIZE)}
 
 
-def run_share(tmp_path: Path, vms: list[np.ndarray], **kwargs: object) -> SharingReport:
-    dumps = open_all(write_raw(tmp_path, vms))
-    batch = int(kwargs.pop("batch_pages", 64))  # type: ignore[call-overload]
-    indexes = [index_dump(d, batch_pages=batch) for d in dumps]
-    return share(indexes, dumps, batch_pages=batch, **kwargs)  # type: ignore[arg-type]
+def run_share(tmp_path: Path, vms: list[np.ndarray], bits: int = 0, **kwargs: object) -> SharingReport:
+    """Share with every match compared byte by byte (so that forced collisions are split), in
+    ``2 ** bits`` partitions; without verification the figures must be the same when the hash
+    is whole."""
+    dumps = open_all(write_raw_images(tmp_path, vms))
+    indexes = [index_dump(d, batch_pages=64) for d in dumps]
+    # A truncated hash is grouped within a partition only (partitions are cut by the whole
+    # hash), while dict_count counts its collisions over all pages: one partition then.
+    shape = Shape(bits=bits if kwargs.get("hash_bits", 128) == 128 else 0, slice_pages=50, threads=2)
+    report = share(indexes, dumps, verify=True, shape=shape, **kwargs)  # type: ignore[arg-type]
+    if kwargs.get("hash_bits", 128) == 128:
+        trusted = share(indexes, cross_vm=bool(kwargs.get("cross_vm", True)), shape=shape)
+        assert trusted.to_dict() | {"verified": True} == report.to_dict()
+    return report
 
 
 # --- tests -------------------------------------------------------------------------------------
@@ -168,7 +154,7 @@ def run_share(tmp_path: Path, vms: list[np.ndarray], **kwargs: object) -> Sharin
 
 def test_figures_equal_dict_count(tmp_path: Path) -> None:
     vms = design_vms(1, [300, 500, 200])
-    report = run_share(tmp_path, vms, group_pages=100)  # several buckets
+    report = run_share(tmp_path, vms, bits=3)  # several partitions
     expected = dict_count(vms)
     assert_figures(report, vms, expected)
     assert sum(expected["across"]) > 0 and sum(expected["within"]) > 0
@@ -207,16 +193,17 @@ def test_without_cross_vm_sharing(tmp_path: Path) -> None:
 def test_forced_collisions_give_the_same_figures(tmp_path: Path) -> None:
     vms = design_vms(4, [200, 300])
     exact = run_share(tmp_path, vms)
-    forced = run_share(tmp_path, vms, hash_bits=3, group_pages=50)
+    forced = run_share(tmp_path, vms, hash_bits=3)
     expected = dict_count(vms, hash_bits=3)
     assert_figures(forced, vms, expected)
     assert forced.collisions == expected["collisions"] > 100
-    assert exact.to_dict() | {"hash_collisions": 0} == forced.to_dict() | {"hash_collisions": 0}
+    same = {"hash_collisions": 0, "hash_bits": 128}
+    assert exact.to_dict() | same == forced.to_dict() | same
 
 
 def test_one_bit_hash_collides_everything(tmp_path: Path) -> None:
     vms = design_vms(5, [80, 80, 80])
-    report = run_share(tmp_path, vms, hash_bits=1, batch_pages=8)
+    report = run_share(tmp_path, vms, hash_bits=1)
     assert_figures(report, vms, dict_count(vms, hash_bits=1))
 
 
@@ -263,38 +250,38 @@ def test_empty_and_all_zero_vms(tmp_path: Path) -> None:
 
 
 def test_index_and_dump_must_agree(tmp_path: Path) -> None:
-    a, b = open_all(write_raw(tmp_path, design_vms(9, [10, 20])))
+    a, b = open_all(write_raw_images(tmp_path, design_vms(9, [10, 20])))
     with pytest.raises(ValueError, match="the index has 10 pages, the dump 20"):
-        share([index_dump(a)], [b])
+        share([index_dump(a)], [b], verify=True)
 
 
 def test_analyze_end_to_end_with_workers(tmp_path: Path) -> None:
     vms = design_vms(10, [600, 300, 400])
-    paths = write_raw(tmp_path, vms)
+    paths = write_raw_images(tmp_path, vms)
     seen: list[tuple[str, int, int]] = []
     report = analyze(
         paths,
         index_dir=tmp_path / "cache",
-        jobs=2,
+        workers=Workers(jobs=2, fork_min_bytes=0),
         batch_pages=32,
         on_progress=lambda *a: seen.append(a),
     )
-    assert_figures(report, vms, dict_count(vms))
+    assert_figures(report, vms, dict_count(vms, verified=False))
     assert ("sharing", 1, 1) in seen
-    again = analyze(paths, index_dir=tmp_path / "cache", jobs=1)
+    again = analyze(paths, index_dir=tmp_path / "cache", workers=Workers(jobs=1))
     assert again.to_dict() == report.to_dict()
 
 
 def test_confirmation_reads_the_dump(tmp_path: Path) -> None:
     # An index that lies (two different pages given the same hash) is caught by the byte compare.
     vms = design_vms(11, [64])
-    (dump,) = open_all(write_raw(tmp_path, vms))
+    (dump,) = open_all(write_raw_images(tmp_path, vms))
     honest = index_dump(dump)
     nonzero = np.flatnonzero(~honest.zero)
-    hashes = honest.hashes.copy()
-    hashes[nonzero] = 7
-    liar = PageIndex(honest.name, honest.gfns, hashes, honest.zero)
-    report = share([liar], [dump])
+    hashes, check = honest.hashes.copy(), honest.check.copy()
+    hashes[nonzero] = check[nonzero] = 7
+    liar = PageIndex(honest.name, honest.gfns, hashes, check, honest.zero)
+    report = share([liar], [dump], verify=True)
     # Every non-zero page now shares its hash with a different content.
     assert_figures(report, vms, dict_count(vms) | {"collisions": len(nonzero)})
 
@@ -304,7 +291,7 @@ def peaks(tmp_path: Path, n: int, batch: int, group: int) -> tuple[int, int]:
     from their cached indexes (memory-mapped, as analyze gets them)."""
     vms = design_vms(12, [n, n, n], library=500)
     tmp_path.mkdir()
-    paths = write_raw(tmp_path, vms)
+    paths = write_raw_images(tmp_path, vms)
     del vms
     dumps = open_all(paths)
     cache = tmp_path / "cache"
@@ -317,7 +304,8 @@ def peaks(tmp_path: Path, n: int, batch: int, group: int) -> tuple[int, int]:
         assert all(ix.loaded for ix in indexes)
         tracemalloc.reset_peak()
         base, _ = tracemalloc.get_traced_memory()
-        report = share(indexes, dumps, batch_pages=batch, group_pages=group)
+        with SpilledRuns(tmp_path / "spill") as runs:
+            report = share(indexes, dumps, shape=Shape(bits=group, slice_pages=4096), runs=runs)
         share_peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
@@ -326,14 +314,15 @@ def peaks(tmp_path: Path, n: int, batch: int, group: int) -> tuple[int, int]:
 
 
 def test_memory_stays_bounded(tmp_path: Path) -> None:
-    """Indexing and analysing dumps many batches long: the traced peak grows by less than 24
-    bytes per page, and stays under 24 bytes per page plus batch- and group-sized constants."""
-    batch, group = 64, 1024
+    """Indexing and analysing dumps many batches long, sorted runs spilled to files: the traced
+    peak grows by less than 24 bytes per page with the pages (content ids and one partition of
+    the 16 at a time), and stays under 24 bytes per page plus batch-sized constants."""
+    batch, group = 64, 4
     peaks(tmp_path / "warm", 100, batch, group)  # first calls allocate numpy's lazy imports
     small, large = 3 * 3000, 3 * 9000
     build_small, share_small = peaks(tmp_path / "small", small // 3, batch, group)
     build_large, share_large = peaks(tmp_path / "large", large // 3, batch, group)
-    constant = 4 * batch * PAGE_SIZE + 64 * group
+    constant = 4 * batch * PAGE_SIZE + (1 << 20)
     for low, high in ((build_small, build_large), (share_small, share_large)):
         assert (high - low) / (large - small) < 24, (low, high)
         assert high < 24 * large + constant, high
@@ -354,7 +343,7 @@ def page_sets(draw: st.DrawFn) -> tuple[list[np.ndarray], int]:
     for _ in range(draw(st.integers(1, 4))):
         picks = draw(st.lists(st.integers(0, n_contents - 1), min_size=1, max_size=30))
         vms.append(pool[picks])
-    return vms, draw(st.sampled_from([1, 2, 3, 64]))
+    return vms, draw(st.sampled_from([1, 2, 3, 64, 128]))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -364,13 +353,13 @@ def test_property_grouping_equals_dict_count(
 ) -> None:
     vms, bits = case
     tmp = tmp_path_factory.mktemp("prop")
-    report = run_share(tmp, vms, cross_vm=cross_vm, hash_bits=bits, batch_pages=4, group_pages=8)
+    report = run_share(tmp, vms, bits=2, cross_vm=cross_vm, hash_bits=bits)
     assert_figures(report, vms, dict_count(vms, cross_vm=cross_vm, hash_bits=bits))
 
 
 def test_pages_at_reads_any_gfns(tmp_path: Path) -> None:
     (vm,) = design_vms(13, [100])
-    (dump,) = open_all(write_raw(tmp_path, [vm]))
+    (dump,) = open_all(write_raw_images(tmp_path, [vm]))
     gfns = np.array([99, 3, 4, 5, 50], dtype=np.uint64)
     assert (dump.pages_at(gfns) == vm[[99, 3, 4, 5, 50]]).all()
     # The generic way (runs read with _pages) agrees with the page-table override.
@@ -386,7 +375,7 @@ def test_real_dumps_equal_dict_count(
     """QEMU dumps of two guests (or one guest twice): figures equal a dict count of the pages
     the reader yields."""
     paths = [real_dump(n) for n in names]
-    report = analyze(paths, index_dir=tmp_path, jobs=2)
+    report = analyze(paths, index_dir=tmp_path, workers=Workers(jobs=2), verify=True)
     where: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
     for v, path in enumerate(paths):
         with open_dump(path) as dump:
@@ -414,17 +403,17 @@ def test_forced_collisions_with_compressed_pages_and_a_raw_image(tmp_path: Path)
 
     vms = design_vms(8, [150, 150])
     (tmp_path / "vm0.kdump").write_bytes(build_kdump({g: p.tobytes() for g, p in enumerate(vms[0])}).data)
-    (tmp_path / "vm1.raw").write_bytes(vms[1].tobytes())
+    write_raw_image(tmp_path / "vm1.raw", vms[1])
     dumps = [open_dump(tmp_path / "vm0.kdump"), open_dump(tmp_path / "vm1.raw")]
     assert dumps[0].mapped_pages() is None and dumps[1].mapped_pages() is not None
     indexes = [index_dump(d, batch_pages=64) for d in dumps]
-    report = share(indexes, dumps, batch_pages=64, hash_bits=2)
+    report = share(indexes, dumps, verify=True, hash_bits=2)
     expected = dict_count(vms, hash_bits=2)
     assert_figures(report, vms, expected)
     assert report.collisions == expected["collisions"] > 50
 
 
-@pytest.mark.parametrize("hash_bits", [64, 6])
+@pytest.mark.parametrize("hash_bits", [128, 6])
 def test_runs_of_matching_pages_compared_as_blocks(tmp_path: Path, hash_bits: int) -> None:
     """VMs that hold the same long runs of pages (as identical guests do) are compared run by
     run; pages inside a run that differ (one byte), and forced hash collisions inside and
@@ -438,7 +427,7 @@ def test_runs_of_matching_pages_compared_as_blocks(tmp_path: Path, hash_bits: in
     third = np.concatenate((base[200:500], rng.integers(0, 256, (100, PAGE_SIZE), dtype=np.uint8)))
     third[50, 4095] ^= 0x80  # last byte of a page in a run
     vms = [base, second, third]
-    assert sharing.RUN_MIN_PAGES <= 50
+    assert confirm.RUN_MIN_PAGES <= 50
     report = run_share(tmp_path, vms, hash_bits=hash_bits)
     expected = dict_count(vms, hash_bits=hash_bits)
     assert_figures(report, vms, expected)
@@ -453,7 +442,7 @@ def test_a_collision_inside_a_run_is_split(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
 
     def low(page: np.ndarray) -> int:
-        return xxhash.xxh3_64_intdigest(page.tobytes()) & ((1 << bits) - 1)
+        return xxhash.xxh3_128_intdigest(page.tobytes()) & ((1 << bits) - 1)
 
     refs: list[np.ndarray] = []
     seen: set[int] = set()

@@ -21,18 +21,9 @@ from dengine_cli.formats.base import OpenOptions
 from dengine_cli.policies import POLICIES
 from dengine_cli.session import analyze, share_and_plan
 from dengine_cli.session.indexing import build_indexes
-from tests.test_sharing import design_vms
+from tests.vms import design_vms, write_raw_images
 
 RAW = OpenOptions(format="raw")
-
-
-def write(tmp_path: Path, vms: list[np.ndarray]) -> list[Path]:
-    paths = []
-    for k, pages in enumerate(vms):
-        path = tmp_path / f"vm{k}.raw"
-        pages.tofile(path)
-        paths.append(path)
-    return paths
 
 
 def computed(paths: list[Path], cross_vm: bool = True) -> SharingReport:
@@ -67,7 +58,7 @@ def no_sharing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_second_analyze_reads_the_stored_sharing(tmp_path: Path, no_sharing: list[int]) -> None:
-    paths = write(tmp_path, design_vms(1, [300, 200, 250]))
+    paths = write_raw_images(tmp_path, design_vms(1, [300, 200, 250]))
     first = analyze(paths, RAW, index_dir=tmp_path / "idx")
     assert no_sharing == [1]
     again = analyze(paths, RAW, index_dir=tmp_path / "idx")
@@ -78,7 +69,7 @@ def test_second_analyze_reads_the_stored_sharing(tmp_path: Path, no_sharing: lis
 
 
 def test_order_and_cross_vm_are_part_of_the_key(tmp_path: Path, no_sharing: list[int]) -> None:
-    paths = write(tmp_path, design_vms(2, [200, 200, 150]))
+    paths = write_raw_images(tmp_path, design_vms(2, [200, 200, 150]))
     idx = tmp_path / "idx"
     analyze(paths, RAW, index_dir=idx)
     backwards = analyze(paths[::-1], RAW, index_dir=idx)
@@ -92,7 +83,7 @@ def test_order_and_cross_vm_are_part_of_the_key(tmp_path: Path, no_sharing: list
 
 def test_a_rewritten_dump_is_shared_again(tmp_path: Path, no_sharing: list[int]) -> None:
     vms = design_vms(3, [200, 200])
-    paths = write(tmp_path, vms)
+    paths = write_raw_images(tmp_path, vms)
     idx = tmp_path / "idx"
     before = analyze(paths, RAW, index_dir=idx)
     st = os.stat(paths[1])
@@ -110,7 +101,7 @@ def test_a_rewritten_dump_is_shared_again(tmp_path: Path, no_sharing: list[int])
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
 def test_a_damaged_file_is_never_trusted(tmp_path: Path, no_sharing: list[int], damage: str) -> None:
-    paths = write(tmp_path, design_vms(4, [300, 300]))
+    paths = write_raw_images(tmp_path, design_vms(4, [300, 300]))
     idx = tmp_path / "idx"
     analyze(paths, RAW, index_dir=idx)
     (file,) = idx.glob("*.shr")
@@ -128,10 +119,10 @@ def test_a_damaged_file_is_never_trusted(tmp_path: Path, no_sharing: list[int], 
 
 
 def test_sharing_that_cannot_be_stored_is_computed(tmp_path: Path, no_sharing: list[int]) -> None:
-    paths = write(tmp_path, design_vms(5, [100, 120]))
+    paths = write_raw_images(tmp_path, design_vms(5, [100, 120]))
     idx = tmp_path / "idx"
     indexes = build_indexes(paths, RAW, idx)
-    key = sharing_cache.sharing_key(indexes, True, 64)
+    key = sharing_cache.sharing_key(indexes, True, 128)
     assert key is not None
     sharing_cache.file_for(key, idx).mkdir()  # where the result would go: the rename fails
     same(analyze(paths, RAW, index_dir=idx), computed(paths))
@@ -141,7 +132,7 @@ def test_sharing_that_cannot_be_stored_is_computed(tmp_path: Path, no_sharing: l
 
 
 def test_plan_reads_what_analyze_stored(tmp_path: Path, no_sharing: list[int]) -> None:
-    paths = write(tmp_path, design_vms(6, [250, 250]))
+    paths = write_raw_images(tmp_path, design_vms(6, [250, 250]))
     idx = tmp_path / "idx"
     plan_cold = share_and_plan(paths, POLICIES["de"], options=RAW, index_dir=tmp_path / "other")[1]
     analyze(paths, RAW, index_dir=idx)
@@ -155,7 +146,7 @@ def test_plan_reads_what_analyze_stored(tmp_path: Path, no_sharing: list[int]) -
 
 
 def test_prune_removes_sharing_of_changed_dumps(tmp_path: Path) -> None:
-    paths = write(tmp_path, design_vms(7, [100, 100, 100]))
+    paths = write_raw_images(tmp_path, design_vms(7, [100, 100, 100]))
     idx = tmp_path / "idx"
     analyze(paths[:2], RAW, index_dir=idx)
     analyze(paths[1:], RAW, index_dir=idx)

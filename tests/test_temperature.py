@@ -12,13 +12,9 @@ from dengine_cli.engine.temperature import hot_pages
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import OpenOptions
 from dengine_cli.pages import PAGE_SIZE
+from tests.vms import write_raw_image
 
 RAW = OpenOptions(format="raw")
-
-
-def write(path: Path, pages: np.ndarray) -> Path:
-    path.write_bytes(pages.tobytes())
-    return path
 
 
 def test_changed_and_new_pages_are_hot(tmp_path: Path) -> None:
@@ -30,8 +26,8 @@ def test_changed_and_new_pages_are_hot(tmp_path: Path) -> None:
     after[1, 100] ^= 1
     after[3, 7] = 9  # zero before, not now
     after[5] = 0  # zeroed
-    a = open_dump(write(tmp_path / "a.raw", after), RAW)
-    b = open_dump(write(tmp_path / "b.raw", before), RAW)
+    a = open_dump(write_raw_image(tmp_path / "a.raw", after), RAW)
+    b = open_dump(write_raw_image(tmp_path / "b.raw", before), RAW)
     hot = hot_pages(a, index_dump(a), b, index_dump(b), batch_pages=4)
     assert np.flatnonzero(hot).tolist() == [1, 3, 5, 20, 21, 22, 23, 24]
 
@@ -41,8 +37,8 @@ def test_equal_hashes_are_confirmed_byte_by_byte(tmp_path: Path) -> None:
     before = rng.integers(0, 256, (6, PAGE_SIZE), dtype=np.uint8)
     after = before.copy()
     after[2, 0] ^= 0xFF
-    a = open_dump(write(tmp_path / "a.raw", after), RAW)
-    b = open_dump(write(tmp_path / "b.raw", before), RAW)
+    a = open_dump(write_raw_image(tmp_path / "a.raw", after), RAW)
+    b = open_dump(write_raw_image(tmp_path / "b.raw", before), RAW)
     ia, ib = index_dump(a), index_dump(b)
     # A forged collision: the index says page 2 is unchanged, its bytes say otherwise.
     forged = dataclasses.replace(ia, hashes=ib.hashes.copy())
@@ -51,7 +47,7 @@ def test_equal_hashes_are_confirmed_byte_by_byte(tmp_path: Path) -> None:
 
 def test_no_earlier_pages_means_all_hot(tmp_path: Path) -> None:
     pages = np.ones((3, PAGE_SIZE), dtype=np.uint8)
-    a = open_dump(write(tmp_path / "a.raw", pages), RAW)
+    a = open_dump(write_raw_image(tmp_path / "a.raw", pages), RAW)
     ia = index_dump(a)
     empty = dataclasses.replace(ia, gfns=ia.gfns[:0], hashes=ia.hashes[:0], zero=ia.zero[:0])
     assert hot_pages(a, ia, a, empty).all()

@@ -13,7 +13,7 @@ from dengine_cli.errors import FormatError, UnsupportedFeature
 from dengine_cli.formats import open_dump, xc_core
 from dengine_cli.formats.base import Dump
 from tests.builders.xc_core import build_xc_core, pre_elf_xc_core, xen_version_desc
-from tests.conftest import kdumpfile_available, oracle_pages, page_digests, read_pages
+from tests.conftest import needs_oracle, oracle_pages, page_digests, read_pages
 
 PAGE = 4096
 
@@ -229,7 +229,7 @@ def test_random_page_maps_read_back(
 # -- the libkdumpfile oracle -----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not kdumpfile_available(), reason="Debian python3-libkdumpfile missing")
+@needs_oracle
 @pytest.mark.parametrize("hvm", [True, False])
 def test_oracle_agrees(tmp_path: Path, hvm: bool) -> None:
     # libkdumpfile 0.5.1 leaves file.pagemap empty for xc_core, so the oracle probes every pfn

@@ -2,7 +2,7 @@
 
 On disk (the framing of :mod:`dengine_cli.cache.files`): magic b"DENGIDX\\0", version
 :data:`INDEX_VERSION`, a JSON header (the cache key, page count, checksum, guest facts), then
-u64[n] gfns, u64[n] hashes, u8[n] zero flags.
+u64[n] gfns, u64[n] hashes (high half of xxh3-128), u64[n] check (low half), u8[n] zero flags.
 
 The cache key names the dump as it is now: real path, device, inode, size, mtime and ctime (which
 no user can set back, so any rewrite of the file changes it), plus the index version and the
@@ -20,18 +20,21 @@ import numpy as np
 
 from dengine_cli.cache import files
 from dengine_cli.cache.keys import default_index_dir, dump_identity
-from dengine_cli.engine.index import HASH_NAME, PageIndex
+from dengine_cli.engine.index import HASH_NAME, HashArray, PageIndex, ZeroArray
 from dengine_cli.errors import UnreadableFile
 from dengine_cli.formats.base import OpenOptions
+from dengine_cli.pages import GfnArray
 
 INDEX_MAGIC = b"DENGIDX\0"
 
 
 #: Bump whenever the layout, the hash function or what a page set means changes.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 INDEX_SUFFIX = ".idx"
+#: gfn, hash, check (8 bytes each) and the zero flag.
+BYTES_PER_PAGE = 25
 
 
 def index_key(path: Path | str, options: OpenOptions) -> dict[str, Any]:
@@ -59,6 +62,20 @@ def file_for(key: dict[str, Any], index_dir: Path | str | None) -> Path:
     return files.name_for(key, folder, INDEX_SUFFIX)
 
 
+def map_arrays(file: Path, data: int, n: int) -> tuple[GfnArray, HashArray, HashArray, ZeroArray]:
+    """The four arrays of an index file of ``n`` pages whose data starts at ``data``, mapped
+    read-only (page cache, not this process's memory)."""
+    if n == 0:
+        empty = np.zeros(0, dtype=np.uint64)
+        return empty, empty, empty, np.zeros(0, dtype=np.bool_)
+    arrays = np.memmap(file, dtype=np.uint8, mode="r", offset=data, shape=(BYTES_PER_PAGE * n,))
+    gfns = arrays[: 8 * n].view(np.uint64)
+    hashes = arrays[8 * n : 16 * n].view(np.uint64)
+    check = arrays[16 * n : 24 * n].view(np.uint64)
+    zero = arrays[24 * n :].view(np.bool_)
+    return gfns, hashes, check, zero
+
+
 def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
     """The index stored in ``file`` if it is intact and made for ``key``; ``None`` otherwise
     (missing, truncated, corrupt, another version, another dump)."""
@@ -72,24 +89,17 @@ def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
         n = header["page_count"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             return None
-        if size != data + 17 * n:
+        if size != data + BYTES_PER_PAGE * n:
             return None
-        if n == 0:
-            gfns = np.zeros(0, dtype=np.uint64)
-            hashes = np.zeros(0, dtype=np.uint64)
-            zero = np.zeros(0, dtype=np.bool_)
-        else:
-            arrays = np.memmap(file, dtype=np.uint8, mode="r", offset=data, shape=(17 * n,))
-            gfns = arrays[: 8 * n].view(np.uint64)
-            hashes = arrays[8 * n : 16 * n].view(np.uint64)
-            zero = arrays[16 * n :].view(np.bool_)
-        if header.get("checksum") != files.checksum((gfns, hashes, zero)):
+        gfns, hashes, check, zero = map_arrays(file, data, n)
+        if header.get("checksum") != files.checksum((gfns, hashes, check, zero)):
             return None
         facts = header.get("facts")
         return PageIndex(
             str(header.get("name", key["path"])),
             gfns,
             hashes,
+            check,
             zero,
             facts if isinstance(facts, dict) else {},
             loaded=True,
@@ -124,7 +134,9 @@ def write_index(index: PageIndex, key: dict[str, Any], file: Path) -> bool:
         "name": index.name,
         "page_count": index.page_count,
         "zero_pages": index.zero_pages,
-        "checksum": files.checksum((index.gfns, index.hashes, index.zero)),
+        "checksum": files.checksum((index.gfns, index.hashes, index.check, index.zero)),
         "facts": index.facts,
     }
-    return files.write(file, INDEX_MAGIC, INDEX_VERSION, header, (index.gfns, index.hashes, index.zero))
+    return files.write(
+        file, INDEX_MAGIC, INDEX_VERSION, header, (index.gfns, index.hashes, index.check, index.zero)
+    )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from dengine_cli.cache import index_store, sharing_store
 from dengine_cli.cache.keys import default_index_dir
+from dengine_cli.cache.spill import stale_spills
 from dengine_cli.errors import OutputError
 
 
@@ -15,8 +17,9 @@ def prune_indexes(index_dir: Path | str | None = None) -> tuple[int, int, int]:
     left by an interrupted write.  Returns ``(kept, removed, bytes_freed)``.
 
     Sharing results stored beside the indexes (:mod:`dengine_cli.cache.sharing_store`) go when any
-    of their dumps is gone or has changed.  Only files named like ours (``*.idx``, ``*.shr``
-    and their ``.tmp-*`` forms) in ``index_dir`` are looked at."""
+    of their dumps is gone or has changed, and spill directories no running command holds
+    (:func:`~dengine_cli.cache.spill.stale_spills`).  Only files named like ours (``*.idx``,
+    ``*.shr``, their ``.tmp-*`` forms, ``.spill-*``) in ``index_dir`` are looked at."""
     folder = Path(index_dir if index_dir is not None else default_index_dir())
     kept = removed = freed = 0
     if not folder.is_dir():
@@ -40,6 +43,11 @@ def prune_indexes(index_dir: Path | str | None = None) -> tuple[int, int, int]:
             continue
         except OSError as e:
             raise OutputError(file, e.strerror or str(e)) from e
+        removed += 1
+        freed += size
+    for spill in stale_spills(folder):
+        size = sum(f.stat().st_size for f in spill.iterdir() if f.is_file())
+        shutil.rmtree(spill, ignore_errors=True)
         removed += 1
         freed += size
     return kept, removed, freed

@@ -39,19 +39,27 @@ SHARING_MAGIC = b"DENGSHR\0"
 
 
 #: Bump whenever the layout or the meaning of a figure changes.
-SHARING_VERSION = 1
+SHARING_VERSION = 2
 
 
 SHARING_SUFFIX = ".shr"
 
 
-def sharing_key(indexes: Sequence[PageIndex], cross_vm: bool, hash_bits: int) -> dict[str, Any] | None:
+def sharing_key(
+    indexes: Sequence[PageIndex], cross_vm: bool, hash_bits: int, verified: bool = False
+) -> dict[str, Any] | None:
     """What a stored sharing result is valid for; ``None`` when an index has no key (built in
     memory only: its dump cannot be named)."""
     keys = [ix.key for ix in indexes]
     if any(k is None for k in keys):
         return None
-    return {"sharing_version": SHARING_VERSION, "indexes": keys, "cross_vm": cross_vm, "hash_bits": hash_bits}
+    return {
+        "sharing_version": SHARING_VERSION,
+        "indexes": keys,
+        "cross_vm": cross_vm,
+        "hash_bits": hash_bits,
+        "verified": verified,
+    }
 
 
 def file_for(key: dict[str, Any], index_dir: Path | str | None) -> Path:
@@ -94,6 +102,7 @@ def load(
             cross_vm=bool(header["cross_vm"]),
             hash_bits=int(header["hash_bits"]),
             content_ids=content_ids,
+            verified=bool(header["verified"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable or not ours: a cache miss, never a crash
@@ -104,11 +113,8 @@ def store(report: SharingReport, key: dict[str, Any], file: Path) -> bool:
     (a read-only or full cache directory is not an error)."""
     wide = any(ids.dtype == np.uint64 for ids in report.content_ids)
     dtype = np.uint64 if wide else np.uint32
-    ids = (
-        np.concatenate([np.asarray(a, dtype=dtype) for a in report.content_ids])
-        if report.content_ids
-        else np.zeros(0, dtype=dtype)
-    )
+    # VM by VM, never one copy of them all: they may be larger than memory (mapped files).
+    ids = [np.asarray(a, dtype=dtype) for a in report.content_ids]
 
     def figures(vm: VmSharing) -> dict[str, int]:
         return {k: v for k, v in dataclasses.asdict(vm).items() if k != "name"}
@@ -125,9 +131,10 @@ def store(report: SharingReport, key: dict[str, Any], file: Path) -> bool:
         "collisions": report.collisions,
         "cross_vm": report.cross_vm,
         "hash_bits": report.hash_bits,
-        "checksum": files.checksum((ids,)),
+        "verified": report.verified,
+        "checksum": files.checksum(ids),
     }
-    return files.write(file, SHARING_MAGIC, SHARING_VERSION, header, (ids,))
+    return files.write(file, SHARING_MAGIC, SHARING_VERSION, header, ids)
 
 
 def still_valid(file: Path) -> bool:

@@ -1,5 +1,10 @@
-"""The page index of a dump: for every present page its gfn, its xxh3-64 hash and whether it is
-all zeros, in three numpy arrays (17 bytes per page).
+"""The page index of a dump: for every present page its gfn, its 128-bit xxh3 hash (two 64-bit
+halves) and whether it is all zeros, in four numpy arrays (25 bytes per page).
+
+Two pages count as one content when their 128-bit hashes are equal (see docs/ARCHITECTURE.md,
+"Why a 128-bit hash"): with n distinct non-zero contents, the chance that any two of them are
+merged wrongly is below n * (n - 1) / 2 ** 129 (10 ** -21 for 10 ** 9 pages).  ``--verify``
+compares the bytes of every merged page as well.
 
 An index is what sharing groups pages by: it is built once per dump with one pass over its pages
 (:func:`index_dump`, or :func:`hash_dump` over a page range, which the session spreads over
@@ -23,13 +28,13 @@ import xxhash
 from dengine_cli.formats.base import Dump
 from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE, GfnArray, PageArray
 
-#: What the hashes are: xxh3-64 (seed 0) of the 4096 bytes of a page.
-HASH_NAME = "xxh3_64"
+#: What the hashes are: xxh3-128 (seed 0) of the 4096 bytes of a page; ``hashes`` holds its high
+#: 64 bits (what pages are sorted and partitioned by), ``check`` its low 64 bits.
+HASH_NAME = "xxh3_128"
 
-
-#: The hash of an all-zero page; zero pages carry it so the hash array needs no holes.
-ZERO_PAGE_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
-
+#: The hash of an all-zero page; zero pages carry it so the hash arrays need no holes.
+ZERO_PAGE_HASH = xxhash.xxh3_128_intdigest(bytes(PAGE_SIZE)) >> 64
+ZERO_PAGE_CHECK = xxhash.xxh3_128_intdigest(bytes(PAGE_SIZE)) & ((1 << 64) - 1)
 
 HashArray = npt.NDArray[np.uint64]
 
@@ -43,7 +48,8 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True, eq=False)
 class PageIndex:
-    """The index of one dump: per present page (ascending gfn) its gfn, hash and zero flag.
+    """The index of one dump: per present page (ascending gfn) its gfn, the high (``hashes``) and
+    low (``check``) 64 bits of its xxh3-128 hash, and its zero flag.
 
     ``facts`` summarizes the dump (its :class:`~dengine_cli.formats.base.GuestFacts` as a dict).
     ``loaded`` says the index was read from the cache rather than built; ``path`` is its cache
@@ -53,12 +59,13 @@ class PageIndex:
     name: str
     gfns: GfnArray
     hashes: HashArray
+    check: HashArray
     zero: ZeroArray
     facts: dict[str, Any] = field(default_factory=dict)
     loaded: bool = False
     path: Path | None = None
     #: The cache key it was stored or loaded under (the dump as it was): what names this exact
-    #: dump content for caches built on indexes (:mod:`dengine_cli.sharing_cache`).
+    #: dump content for caches built on indexes (:mod:`dengine_cli.cache.sharing_store`).
     key: dict[str, Any] | None = None
 
     @property
@@ -70,11 +77,15 @@ class PageIndex:
         return int(np.count_nonzero(self.zero))
 
 
-def hash_pages(pages: PageArray) -> tuple[HashArray, ZeroArray]:
-    """The xxh3-64 hashes and zero flags of a batch of pages (``(n, 4096) uint8``).
+Hashed = tuple[HashArray, HashArray, ZeroArray]
 
-    Zero pages are found with one vectorized pass and get :data:`ZERO_PAGE_HASH` without being
-    hashed; only the others go through xxh3.
+
+def hash_pages(pages: PageArray) -> Hashed:
+    """``(hashes, check, zero)`` of a batch of pages (``(n, 4096) uint8``): the high and low 64
+    bits of each page's xxh3-128 hash, and whether it is all zeros.
+
+    Zero pages are found with one vectorized pass and get :data:`ZERO_PAGE_HASH` and
+    :data:`ZERO_PAGE_CHECK` without being hashed; only the others go through xxh3.
     """
     n = len(pages)
     if pages.flags.c_contiguous:
@@ -84,16 +95,19 @@ def hash_pages(pages: PageArray) -> tuple[HashArray, ZeroArray]:
         pages = flat.reshape(n, PAGE_SIZE)
     zero: ZeroArray = np.logical_not(pages.view(np.uint64).any(axis=1))
     hashes = np.full(n, ZERO_PAGE_HASH, dtype=np.uint64)
+    check = np.full(n, ZERO_PAGE_CHECK, dtype=np.uint64)
     nonzero = np.flatnonzero(~zero).tolist()
     if nonzero:
         views = _page_views(flat, n)
-        hash_of = xxhash.xxh3_64_intdigest
-        hashes[nonzero] = np.fromiter(
-            map(hash_of, [views[i] for i in nonzero] if views else _slices(flat, nonzero)),
-            dtype=np.uint64,
-            count=len(nonzero),
+        # digest() is the 128-bit hash big-endian: its first 8 bytes are the high half.  One
+        # join of 16-byte digests costs 0.1 us a page more than xxh3-64's integers.
+        digests = b"".join(
+            map(xxhash.xxh3_128_digest, [views[i] for i in nonzero] if views else _slices(flat, nonzero))
         )
-    return hashes, zero
+        halves = np.frombuffer(digests, dtype=">u8").reshape(-1, 2)
+        hashes[nonzero] = halves[:, 0]
+        check[nonzero] = halves[:, 1]
+    return hashes, check, zero
 
 
 _seen = threading.local()
@@ -129,23 +143,24 @@ def hash_dump(
     *,
     batch_pages: int = BATCH_PAGES,
     on_pages: Callable[[int], None] | None = None,
-) -> tuple[HashArray, ZeroArray]:
-    """Hashes and zero flags of the pages at positions ``start:stop`` of ``dump.gfns``, read in
-    batches of at most ``batch_pages``; ``on_pages(count)`` after each batch."""
+) -> Hashed:
+    """``(hashes, check, zero)`` of the pages at positions ``start:stop`` of ``dump.gfns``, read
+    in batches of at most ``batch_pages``; ``on_pages(count)`` after each batch."""
     stop = dump.page_count if stop is None else min(stop, dump.page_count)
     n = max(stop - start, 0)
     hashes = np.empty(n, dtype=np.uint64)
+    check = np.empty(n, dtype=np.uint64)
     zero = np.empty(n, dtype=np.bool_)
     at = 0
     for batch in dump.scan(batch_pages, start=start, stop=stop):
         k = len(batch)
-        hashes[at : at + k], zero[at : at + k] = hash_pages(batch.pages)
+        hashes[at : at + k], check[at : at + k], zero[at : at + k] = hash_pages(batch.pages)
         at += k
         if on_pages is not None:
             on_pages(k)
     if at != n:
         raise ValueError(f"{dump.name}: batches gave {at} pages, expected {n}")
-    return hashes, zero
+    return hashes, check, zero
 
 
 def index_dump(
@@ -161,8 +176,8 @@ def index_dump(
         if on_progress is not None:
             on_progress(dump.name, done, total)
 
-    hashes, zero = hash_dump(dump, batch_pages=batch_pages, on_pages=step)
-    return PageIndex(dump.name, dump.gfns, hashes, zero, facts_of(dump))
+    hashes, check, zero = hash_dump(dump, batch_pages=batch_pages, on_pages=step)
+    return PageIndex(dump.name, dump.gfns, hashes, check, zero, facts_of(dump))
 
 
 # --- the cache -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dengine_cli.codecs import CompressionCodec, PatchCodec, compression_codec, patch_codec
 from dengine_cli.engine.costs import CostModel
 from dengine_cli.engine.similarity import HashSimilarityDetector
 
@@ -36,6 +37,22 @@ class Policy:
     detector: HashSimilarityDetector = field(default_factory=HashSimilarityDetector)
     costs: CostModel = field(default_factory=CostModel)
     zero_frame: bool = False
+
+    def __post_init__(self) -> None:
+        # The codec names are looked up once, here: an unknown one is refused when the policy is
+        # made (UnknownCodec; policy files turn it into a usage error naming the key).
+        self.patcher  # noqa: B018
+        self.compressor  # noqa: B018
+
+    @property
+    def patcher(self) -> PatchCodec:
+        """The patch codec :attr:`patch_codec` names."""
+        return patch_codec(self.patch_codec)
+
+    @property
+    def compressor(self) -> CompressionCodec:
+        """The compression codec :attr:`compression_codec` names."""
+        return compression_codec(self.compression_codec)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -8,8 +8,9 @@ compressed.  Reads leave no trace in memory, so pages only read in between count
 history a plan is closer to the truth, not a guarantee; without history every page is cold and the
 plan's savings are an upper bound.
 
-Exact: pages whose hashes differ are hot; pages at the same gfn with equal hashes are compared byte
-by byte (both dumps read in batches of gfns), so a hash collision never makes a changed page cold.
+Pages whose 128-bit hashes differ are hot; pages at the same gfn with equal hashes are cold (the
+bound of docs/ARCHITECTURE.md, "Why a 128-bit hash"), or with ``verify`` compared byte by byte
+(both dumps read in batches of gfns), so that not even a collision makes a changed page cold.
 Zero pages known zero in both indexes are equal without reading.
 """
 
@@ -31,10 +32,12 @@ def hot_pages(
     earlier: Dump,
     earlier_index: PageIndex,
     *,
+    verify: bool = False,
     batch_pages: int = BATCH_PAGES,
 ) -> HotMask:
     """For each present page of ``current`` (ascending gfn): whether it is hot, i.e. absent from
-    ``earlier`` or with different content there."""
+    ``earlier`` or with different content there: a different 128-bit hash, or with ``verify``
+    different bytes (pages are then compared, ``batch_pages`` at a time)."""
     gfns = current_index.gfns
     n = len(gfns)
     hot = np.ones(n, dtype=np.bool_)
@@ -45,8 +48,12 @@ def hot_pages(
     before = np.zeros(n, dtype=np.bool_)
     before[inside] = earlier_index.gfns[at[inside]] == gfns[inside]
     same_hash = np.zeros(n, dtype=np.bool_)
-    same_hash[before] = earlier_index.hashes[at[before]] == current_index.hashes[before]
+    same_hash[before] = (earlier_index.hashes[at[before]] == current_index.hashes[before]) & (
+        earlier_index.check[at[before]] == current_index.check[before]
+    )
     hot[same_hash] = False
+    if not verify:
+        return hot
     both_zero = np.zeros(n, dtype=np.bool_)
     both_zero[same_hash] = (
         np.asarray(current_index.zero)[same_hash] & np.asarray(earlier_index.zero)[at[same_hash]]

@@ -1,4 +1,5 @@
-"""Hashing the pages of open dumps in forked worker processes.
+"""Forked worker processes: work where Python holds the GIL (hashing pages, bsdiff4 patches,
+opening and decompressing containers).
 
 Hashing a page is one xxh3 call made from Python, which holds the GIL: threads cannot share that
 work, processes can.  Forking this process is the cheapest way to get them (about 10 ms a
@@ -30,6 +31,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +41,7 @@ from dengine_cli.pages import BATCH_PAGES
 
 #: ``on_progress(dump_name, pages_done, pages_total)``.
 Progress = Callable[[str, int, int], None]
-Hashed = tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]
+Hashed = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.bool_]]
 
 #: A range is at least this many pages (fewer ranges: less to hand out; more: better balance).
 MIN_RANGE_PAGES = 8192
@@ -50,6 +52,7 @@ RANGES_PER_WORKER = 4
 MAX_TASKS = 8192
 
 _TASK = struct.Struct("<I")
+_LENGTH = struct.Struct("<Q")
 #: An error sent back by a worker must fit in a pipe's buffer (64 KiB on Linux).
 _ERROR_MAX = 60000
 
@@ -66,24 +69,29 @@ def hash_forked(
     *,
     on_progress: Progress | None = None,
     batch_pages: int = BATCH_PAGES,
+    min_range_pages: int = MIN_RANGE_PAGES,
 ) -> list[Hashed]:
-    """``(hashes, zero)`` of every page of each dump, computed by this process and
+    """``(hashes, check, zero)`` of every page of each dump, computed by this process and
     ``workers - 1`` forked ones.  ``hash_range(dump, lo, hi, on_pages)`` hashes positions
-    ``lo:hi`` (calling ``on_pages(count)`` as it goes) and returns ``(uint64[], bool[])``."""
+    ``lo:hi`` (calling ``on_pages(count)`` as it goes) and returns
+    ``(uint64[], uint64[], bool[])``; dumps are cut into ranges of at least ``min_range_pages``.
+    The arrays returned are views of one shared mapping, which goes when the last of them does."""
     counts = [d.page_count for d in dumps]
     total = sum(counts)
     starts = [0, *itertools.accumulate(counts)]
-    size = max(1, min(workers, -(-total // MIN_RANGE_PAGES)))
-    ranges = _cut(counts, size * RANGES_PER_WORKER, max(MIN_RANGE_PAGES, batch_pages // 4))
+    size = max(1, min(workers, -(-total // min_range_pages)))
+    ranges = _cut(counts, size * RANGES_PER_WORKER, max(min_range_pages, batch_pages // 4))
     # A task is a few consecutive ranges when there are more ranges (dumps) than the task pipe
     # holds records.
     per_task = -(-len(ranges) // MAX_TASKS)
     tasks = [ranges[k : k + per_task] for k in range(0, len(ranges), per_task)]
-    # Shared with the workers: hashes (8 B/page), zero flags (1 B/page), page counters.
-    counters = -(-9 * total // 8) * 8  # aligned for int64
+    # Shared with the workers: hashes and checks (8 B/page each), zero flags (1 B/page), page
+    # counters.
+    counters = -(-17 * total // 8) * 8  # aligned for int64
     shared = mmap.mmap(-1, max(1, counters + 8 * size * len(dumps)))
     hashes = np.frombuffer(shared, dtype=np.uint64, count=total)
-    zero = np.frombuffer(shared, dtype=np.bool_, count=total, offset=8 * total)
+    check = np.frombuffer(shared, dtype=np.uint64, count=total, offset=8 * total)
+    zero = np.frombuffer(shared, dtype=np.bool_, count=total, offset=16 * total)
     done = np.frombuffer(shared, dtype=np.int64, count=size * len(dumps), offset=counters).reshape(
         size, len(dumps)
     )
@@ -104,8 +112,9 @@ def hash_forked(
                     done[row, v] += k
                     between()
 
-                h, z = hash_range(dumps[v], lo, hi, step)
+                h, c, z = hash_range(dumps[v], lo, hi, step)
                 hashes[starts[v] + lo : starts[v] + hi] = h
+                check[starts[v] + lo : starts[v] + hi] = c
                 zero[starts[v] + lo : starts[v] + hi] = z
 
     def report() -> None:
@@ -129,11 +138,128 @@ def hash_forked(
         os.close(tasks_r)
         _stop(children)
     report()
-    # Copies: the shared mapping goes when the last view of it does.
     return [
-        (hashes[starts[v] : starts[v + 1]].copy(), zero[starts[v] : starts[v + 1]].copy())
+        (hashes[starts[v] : starts[v + 1]], check[starts[v] : starts[v + 1]], zero[starts[v] : starts[v + 1]])
         for v in range(len(dumps))
     ]
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def fork_map(
+    work: Callable[[T], R],
+    items: Sequence[T],
+    workers: int,
+    *,
+    on_result: Callable[[int, R], None] | None = None,
+) -> list[R]:
+    """``[work(item) for item in items]`` by this process and ``workers - 1`` forked ones, which
+    inherit everything this process has open (dumps, codecs) and take items through a pipe as
+    they finish the last.  Results come back pickled through one pipe per worker, so they
+    should be small (sizes of a chunk, a file name).  ``on_result(k, result)`` is called in this
+    process, in the order results arrive.  Errors and deaths are raised as by
+    :func:`hash_forked`; the caller must be single-threaded (:func:`fork_usable`)."""
+    n = len(items)
+    if n > MAX_TASKS:
+        raise ValueError(f"fork_map takes at most {MAX_TASKS} items, not {n}: hand out chunks")
+    results: list[R | None] = [None] * n
+    size = max(1, min(workers, n))
+    if size == 1:
+        for k, item in enumerate(items):
+            results[k] = work(item)
+            if on_result is not None:
+                on_result(k, cast(R, results[k]))
+        return cast(list[R], results)
+    tasks_r, tasks_w = os.pipe()
+    try:
+        os.write(tasks_w, b"".join(_TASK.pack(k) for k in range(n)))
+    finally:
+        os.close(tasks_w)
+    outputs: dict[int, _Output] = {}
+
+    def take(k: int, result: R) -> None:
+        results[k] = result
+        if on_result is not None:
+            on_result(k, result)
+
+    def drain() -> None:
+        for out in outputs.values():
+            for k, result in out.read():
+                take(k, result)
+
+    children: dict[int, int] = {}
+    try:
+        for _ in range(1, size):
+            err_r, err_w = os.pipe()
+            out_r, out_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child; its results are checked by tests
+                os.close(out_r)
+                _child(functools.partial(_serve, work, items, tasks_r, out_w), err_w)
+            os.close(err_w)
+            os.close(out_w)
+            children[pid] = err_r
+            outputs[pid] = _Output(out_r)
+        while record := os.read(tasks_r, _TASK.size):
+            k = _TASK.unpack(record)[0]
+            take(k, work(items[k]))
+            drain()
+        _wait(children, drain)
+        drain()
+    finally:
+        os.close(tasks_r)
+        _stop(children)
+        for out in outputs.values():
+            out.close()
+    return cast(list[R], results)
+
+
+def _serve(
+    work: Callable[[T], R], items: Sequence[T], tasks_r: int, out_w: int
+) -> None:  # pragma: no cover - runs in the child
+    while record := os.read(tasks_r, _TASK.size):
+        k = _TASK.unpack(record)[0]
+        payload = pickle.dumps((k, work(items[k])))
+        _write_all(out_w, _LENGTH.pack(len(payload)) + payload)
+
+
+def _write_all(fd: int, data: bytes) -> None:  # pragma: no cover - runs in the child
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Output:
+    """The result pipe of one worker, read without blocking: length-prefixed pickles."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self.buf = bytearray()
+
+    def read(self) -> list[tuple[int, Any]]:
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+        got = []
+        while len(self.buf) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self.buf)
+            if len(self.buf) < _LENGTH.size + length:
+                break
+            got.append(pickle.loads(bytes(self.buf[_LENGTH.size : _LENGTH.size + length])))
+            del self.buf[: _LENGTH.size + length]
+        return got
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def _nothing() -> None:
@@ -158,7 +284,7 @@ def _child(work: Callable[[], None], err_w: int) -> None:  # pragma: no cover - 
         code = 1
         with contextlib.suppress(BaseException):
             if not hasattr(e, "exit_code"):  # a bug: keep the worker's traceback for --debug
-                e.add_note("in an index worker process:\n" + "".join(traceback.format_exception(e)))
+                e.add_note("in a worker process:\n" + "".join(traceback.format_exception(e)))
             try:
                 payload = pickle.dumps(e)
             except Exception:
@@ -204,8 +330,8 @@ def _failure(err_r: int, status: int) -> BaseException:
         if os.WTERMSIG(status) == signal.SIGINT:
             # Ctrl-C reaches the whole process group: this process is being interrupted too.
             return KeyboardInterrupt()
-        return RuntimeError(f"an index worker process was killed by signal {os.WTERMSIG(status)}")
-    return RuntimeError(f"an index worker process exited with status {os.waitstatus_to_exitcode(status)}")
+        return RuntimeError(f"a worker process was killed by signal {os.WTERMSIG(status)}")
+    return RuntimeError(f"a worker process exited with status {os.waitstatus_to_exitcode(status)}")
 
 
 def _stop(children: dict[int, int]) -> None:

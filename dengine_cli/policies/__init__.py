@@ -190,15 +190,20 @@ def policy_from_dict(data: dict[str, Any], path: Path) -> Policy:
         candidates=f.integer(similarity, "candidates", base.detector.candidates, 1, 64, "similarity."),
         seed=f.integer(similarity, "seed", base.detector.seed, 0, 2**63 - 1, "similarity."),
     )
+    codec_names = _check_codecs(
+        f,
+        f.string(patch, "codec", base.patch_codec, "patch."),
+        f.string(compression, "codec", base.compression_codec, "compression."),
+    )
     policy = Policy(
         name=f.string(data, "name", path.stem),
         description=f.string(data, "description", f"from {path}"),
         cross_vm=f.boolean(data, "cross_vm", base.cross_vm),
         patch=f.boolean(patch, "enabled", base.patch, "patch."),
         compress=f.boolean(compression, "enabled", base.compress, "compression."),
-        patch_codec=f.string(patch, "codec", base.patch_codec, "patch."),
+        patch_codec=codec_names[0],
         patch_threshold=f.integer(patch, "threshold", base.patch_threshold, 1, PAGE_SIZE, "patch."),
-        compression_codec=f.string(compression, "codec", base.compression_codec, "compression."),
+        compression_codec=codec_names[1],
         compression_threshold=f.integer(
             compression, "threshold", base.compression_threshold, 1, PAGE_SIZE, "compression."
         ),
@@ -208,7 +213,6 @@ def policy_from_dict(data: dict[str, Any], path: Path) -> Policy:
         ),
         zero_frame=base.zero_frame,
     )
-    _check_codecs(f, policy)
     return policy
 
 
@@ -221,16 +225,17 @@ def _check_blocks(f: _File, similarity: dict[str, Any], base: Policy) -> None:
         )
 
 
-def _check_codecs(f: _File, policy: Policy) -> None:
-    """Refuse codec names the codec registry does not know."""
+def _check_codecs(f: _File, patcher: str, compressor: str) -> tuple[str, str]:
+    """Refuse codec names the codec registry does not know; the names when it knows them."""
     from dengine_cli import codecs
 
     checks = [
-        ("patch.codec", policy.patch_codec, codecs.patch_codec),
-        ("compression.codec", policy.compression_codec, codecs.compression_codec),
+        ("patch.codec", patcher, codecs.patch_codec),
+        ("compression.codec", compressor, codecs.compression_codec),
     ]
     for key, name, lookup in checks:
         try:
             lookup(name)
-        except Exception as e:
+        except codecs.UnknownCodec as e:
             raise f.fail(key, "a known codec", name) from e
+    return patcher, compressor

@@ -2,157 +2,219 @@
 stages for each command (``index``, ``analyze``, ``plan``).
 
 Stages (:mod:`dengine_cli.engine`) take arrays and open dumps and return data; the session decides
-what comes from a cache, what is computed, and in how many threads or processes
-(:mod:`dengine_cli.parallel`)."""
+what comes from a cache, what is computed, where arrays wait when they do not fit in memory
+(:mod:`~dengine_cli.session.memory`), and how many threads or processes work
+(:class:`~dengine_cli.parallel.Workers`).  A dump is opened at most once per session, and only
+when its pages must be read: building its index, verifying matches, planning.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from dengine_cli.cache import sharing_store
+from dengine_cli.cache.keys import default_index_dir
+from dengine_cli.cache.spill import SpilledRuns
 from dengine_cli.engine.index import PageIndex, Progress
-from dengine_cli.engine.plan import PlanReport, plan_dumps
-from dengine_cli.engine.plan import measure as codec_pool
-from dengine_cli.engine.plan.measure import CodecWorker
-from dengine_cli.engine.plan.model import Bool
 from dengine_cli.engine.policy import Policy
-from dengine_cli.engine.sharing import SharingReport, share
-from dengine_cli.engine.temperature import hot_pages
-from dengine_cli.errors import UsageError
-from dengine_cli.formats import open_dump
+from dengine_cli.engine.sharing import ContentIds, MemoryRuns, RunStore, SharingReport, share
 from dengine_cli.formats.base import Dump, OpenOptions
 from dengine_cli.pages import BATCH_PAGES
-from dengine_cli.session.indexing import build_indexes
+from dengine_cli.parallel import Workers
+from dengine_cli.session.indexing import IndexBuild
+
+if TYPE_CHECKING:
+    # Imported where a plan is made: analyze pays for none of the planner (25 ms).
+    from dengine_cli.engine.plan.model import Bool, PlanReport
+
+from dengine_cli.session.memory import MemoryPlan, default_memory_limit, index_group_pages, plan_memory
 
 
-def analyze(
-    paths: Sequence[Path | str],
-    options: OpenOptions | None = None,
-    *,
-    index_dir: Path | str | None = None,
-    jobs: int | None = None,
-    cross_vm: bool = True,
-    batch_pages: int = BATCH_PAGES,
-    on_progress: Progress | None = None,
-) -> SharingReport:
-    """Index the dumps at ``paths`` (from the cache where possible, building the others in
-    ``jobs`` processes) and compute their exact sharing (or read it from the cache, where an
-    earlier command stored it for these very dumps: :mod:`dengine_cli.sharing_cache`)."""
-    options = options or OpenOptions()
-    opened: dict[int, Dump] = {}
-    try:
-        indexes = build_indexes(
-            paths, options, index_dir, jobs, on_progress, batch_pages=batch_pages, keep_open=opened
+@dataclass(frozen=True)
+class Settings:
+    """What every command that reads pages is given: how dumps are opened, where caches and
+    temporary files go, how much memory and how many CPUs it may use, whether matches are
+    compared byte by byte."""
+
+    options: OpenOptions = dataclasses.field(default_factory=OpenOptions)
+    index_dir: Path | None = None
+    tmp_dir: Path | None = None
+    workers: Workers = dataclasses.field(default_factory=Workers)
+    memory_limit: int | None = None
+    verify: bool = False
+    batch_pages: int = BATCH_PAGES
+
+    @property
+    def limit(self) -> int:
+        return self.memory_limit if self.memory_limit is not None else default_memory_limit()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.index_dir if self.index_dir is not None else default_index_dir()
+
+
+class Session:
+    """The dumps at ``paths`` under ``settings``: their indexes, their sharing, their plans.
+    Close it (or use it as a context manager) to close the dumps it opened."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        settings: Settings | None = None,
+        on_progress: Progress | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self.settings = settings or Settings()
+        self.on_progress = on_progress
+        self._opened: dict[int, Dump] = {}
+        self._indexes: list[PageIndex] | None = None
+        self._extra: dict[str, PageIndex] = {}
+
+    # --- dumps and indexes ---------------------------------------------------------------------
+
+    def _build(self, group_pages: int | None = None) -> IndexBuild:
+        s = self.settings
+        return IndexBuild(
+            s.options,
+            s.index_dir,
+            s.workers,
+            batch_pages=s.batch_pages,
+            group_pages=group_pages if group_pages is not None else index_group_pages(s.limit),
+            on_progress=self.on_progress,
         )
-        for i, path in enumerate(paths):
-            if i not in opened:
-                opened[i] = open_dump(path, options)
-        dumps = [opened[i] for i in range(len(paths))]
-        return cached_share(
-            indexes, dumps, index_dir, cross_vm=cross_vm, batch_pages=batch_pages, on_progress=on_progress
-        )
-    finally:
-        for dump in opened.values():
+
+    def indexes(self, also: Sequence[Path | str] = (), *, keep_open: bool = False) -> list[PageIndex]:
+        """The index of every dump (cached or built), in order; ``also``: more dumps indexed in
+        the same pass (earlier snapshots), kept for :meth:`index_of`.  ``keep_open``: the dumps
+        opened to build indexes stay open for :meth:`dumps` (a plan reads them again); else
+        they are closed as soon as their group is indexed (an open dump holds 16 bytes a page of
+        page table)."""
+        if self._indexes is None or any(str(p) not in self._extra for p in also):
+            everything = [*self.paths, *also]
+            keep: dict[int, Dump] | None = dict(self._opened) if keep_open else None
+            built = self._build().indexes(everything, keep)
+            for i, dump in (keep or {}).items():
+                if i < len(self.paths):
+                    self._opened[i] = dump
+                else:
+                    dump.close()
+            self._indexes = built[: len(self.paths)]
+            for p, index in zip(also, built[len(self.paths) :], strict=True):
+                self._extra[str(p)] = index
+        return self._indexes
+
+    def index_of(self, path: Path | str) -> PageIndex:
+        """The index of a dump given in ``also`` to :meth:`indexes`."""
+        return self._extra[str(path)]
+
+    def dumps(self) -> list[Dump]:
+        """Every dump, open (each opened once per session)."""
+        from dengine_cli.formats import open_dump
+
+        for i, path in enumerate(self.paths):
+            if i not in self._opened:
+                self._opened[i] = open_dump(path, self.settings.options)
+        return [self._opened[i] for i in range(len(self.paths))]
+
+    def close(self) -> None:
+        for dump in self._opened.values():
             dump.close()
+        self._opened.clear()
 
+    def __enter__(self) -> Session:
+        return self
 
-def cached_share(
-    indexes: Sequence[PageIndex],
-    dumps: Sequence[Dump],
-    index_dir: Path | str | None,
-    *,
-    cross_vm: bool = True,
-    batch_pages: int = BATCH_PAGES,
-    on_progress: Progress | None = None,
-) -> SharingReport:
-    """:func:`~dengine_cli.sharing.share`, read from the cache when it holds this very set of
-    dumps, else computed and stored (when the cache directory is writable)."""
-    key = sharing_store.sharing_key(indexes, cross_vm, 64)
-    if key is not None:
-        file = sharing_store.file_for(key, index_dir)
-        names = [d.name for d in dumps]
-        found = sharing_store.load(file, key, names, [ix.page_count for ix in indexes])
-        if found is not None:
-            return found
-    report = share(indexes, dumps, cross_vm=cross_vm, batch_pages=batch_pages, on_progress=on_progress)
-    if key is not None:
-        sharing_store.store(report, key, file)
-    return report
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
+    # --- sharing -------------------------------------------------------------------------------
 
-def share_and_plan(
-    paths: Sequence[Path | str],
-    policy: Policy,
-    *,
-    options: OpenOptions | None = None,
-    index_dir: Path | str | None = None,
-    jobs: int | None = None,
-    history: Mapping[str, Path | str] | None = None,
-    host_memory: int | None = None,
-    sample: float | None = None,
-    seed: int = 0,
-    baseline: Policy | None = None,
-    batch_pages: int = BATCH_PAGES,
-    on_progress: Progress | None = None,
-    codec_worker: bool | None = None,
-) -> tuple[SharingReport, PlanReport]:
-    """Index the dumps at ``paths`` (cached), share them exactly and plan them with ``policy``.
+    def memory_plan(self) -> MemoryPlan:
+        indexes = self.indexes()
+        total = sum(ix.page_count for ix in indexes)
+        nonzero = total - sum(ix.zero_pages for ix in indexes)
+        return plan_memory(self.settings.limit, total, nonzero, self.settings.workers.count)
 
-    Returns the exact sharing (across VMs as ``policy.cross_vm`` says) beside the plan.
-    ``history`` maps a dump's path (as given in ``paths``) to an earlier snapshot of the same VM:
-    that VM's changed pages are hot.  VMs without history count as all cold, and the plan is
-    then an upper bound.  ``baseline``: a second policy planned on the same VMs for comparison.
-    ``codec_worker``: measure patches and compressed pages in two processes (``None``: when
-    ``jobs`` allows it and there is enough to measure, see :mod:`dengine_cli.codec_pool`;
-    ``True``: always, for any amount, waiting for the worker to start; ``False``: never).
-    """
-    options = options or OpenOptions()
-    history = dict(history or {})
-    unknown = [k for k in history if k not in {str(p) for p in paths}]
-    if unknown:
-        raise UsageError(f"history given for {unknown[0]}, which is not one of the dumps planned")
-    earlier_paths = [history[str(p)] for p in paths if str(p) in history]
-    opened: dict[int, Dump] = {}
-    dumps: list[Dump] = []
-    worker: CodecWorker | None = None
-    try:
-        indexes = build_indexes(
-            [*paths, *earlier_paths],
-            options,
-            index_dir,
-            jobs,
-            on_progress,
-            batch_pages=batch_pages,
-            keep_open=opened,
-        )
-        current, earlier = indexes[: len(paths)], indexes[len(paths) :]
-        # Earlier snapshots are opened again below, one at a time.
-        for i in [i for i in opened if i >= len(paths)]:
-            opened.pop(i).close()
-        for i, path in enumerate(paths):
-            dumps.append(opened.pop(i) if i in opened else open_dump(path, options))
-        worker = _start_worker(paths, options, dumps, current, (policy, baseline), jobs, codec_worker, sample)
-        hot: list[Bool | None] = []
-        k = 0
-        for v, path in enumerate(paths):
-            if str(path) not in history:
-                hot.append(None)
-                continue
-            with open_dump(history[str(path)], options) as before:
-                hot.append(hot_pages(dumps[v], current[v], before, earlier[k], batch_pages=batch_pages))
-            k += 1
-        sharing = cached_share(
-            current,
-            dumps,
-            index_dir,
-            cross_vm=policy.cross_vm,
-            batch_pages=batch_pages,
-            on_progress=on_progress,
-        )
+    def sharing(self, cross_vm: bool = True) -> SharingReport:
+        """The exact sharing of the dumps: read from the cache when an earlier command stored it
+        for these very dumps, else computed stage by stage and stored."""
+        verify = self.settings.verify
+        indexes = self.indexes(keep_open=verify)
+        key = sharing_store.sharing_key(indexes, cross_vm, 128, verify)
+        file = None
+        if key is not None:
+            file = sharing_store.file_for(key, self.settings.index_dir)
+            names = [ix.name for ix in indexes]
+            found = sharing_store.load(file, key, names, [ix.page_count for ix in indexes])
+            if found is not None:
+                return found
+        report = self._share(indexes, cross_vm, verify)
+        if key is not None and file is not None and sharing_store.store(report, key, file):
+            # Read back mapped: the content ids then live in the page cache, not in memory.
+            names = [ix.name for ix in indexes]
+            report = sharing_store.load(file, key, names, [ix.page_count for ix in indexes]) or report
+        return report
+
+    def _share(self, indexes: Sequence[PageIndex], cross_vm: bool, verify: bool) -> SharingReport:
+        plan = self.memory_plan()
+        dumps = self.dumps() if verify else None
+        with contextlib.ExitStack() as stack:
+            runs: RunStore = MemoryRuns()
+            ids: list[ContentIds] | None = None
+            if plan.spill_runs or plan.ids_in_file:
+                spill = stack.enter_context(SpilledRuns(self.settings.tmp_dir or self.settings.cache_dir))
+                if plan.spill_runs:
+                    runs = spill
+                if plan.ids_in_file:
+                    ids = _mapped_ids(spill.dir, indexes)
+            return share(
+                indexes,
+                dumps,
+                cross_vm=cross_vm,
+                verify=verify,
+                shape=plan.shape,
+                runs=runs,
+                content_ids=ids,
+                on_progress=self.on_progress,
+            )
+
+    # --- plans ---------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        policy: Policy,
+        *,
+        history: Mapping[str, Path | str] | None = None,
+        host_memory: int | None = None,
+        sample: float | None = None,
+        seed: int = 0,
+        baseline: Policy | None = None,
+    ) -> tuple[SharingReport, PlanReport]:
+        """The exact sharing (across VMs as ``policy.cross_vm`` says) and the plan under
+        ``policy`` (beside ``baseline``).  ``history`` maps a dump's path, as given, to an
+        earlier snapshot of the same VM: that VM's changed pages are hot; VMs without history
+        count as all cold, and the plan is then an upper bound.  Keys of ``history`` that name
+        no dump are not used (the command line refuses them)."""
+        from dengine_cli.engine.plan import plan_dumps
+
+        history = dict(history or {})
+        indexes = self.indexes(also=list(history.values()), keep_open=True)
+        dumps = self.dumps()
+        hot = [self._hot(v, history.get(str(path))) for v, path in enumerate(self.paths)]
+        sharing = self.sharing(policy.cross_vm)
         return sharing, plan_dumps(
             dumps,
-            current,
+            indexes,
             sharing,
             policy,
             hot=hot,
@@ -160,66 +222,94 @@ def share_and_plan(
             sample=sample,
             seed=seed,
             baseline=baseline,
-            batch_pages=batch_pages,
-            on_progress=on_progress,
-            codec_worker=worker,
+            batch_pages=self.settings.batch_pages,
+            on_progress=self.on_progress,
+            workers=self.settings.workers,
         )
-    finally:
-        if worker is not None:
-            worker.close()
-        for dump in [*dumps, *opened.values()]:
-            dump.close()
+
+    def _hot(self, v: int, earlier: Path | str | None) -> Bool | None:
+        if earlier is None:
+            return None
+        from dengine_cli.engine.temperature import hot_pages
+        from dengine_cli.formats import open_dump
+
+        with open_dump(earlier, self.settings.options) as before:
+            return hot_pages(
+                self.dumps()[v],
+                self.indexes()[v],
+                before,
+                self.index_of(earlier),
+                verify=self.settings.verify,
+                batch_pages=self.settings.batch_pages,
+            )
 
 
-def _start_worker(
-    paths: Sequence[Path | str],
-    options: OpenOptions,
-    dumps: Sequence[Dump],
-    indexes: Sequence[PageIndex],
-    policies: Sequence[Policy | None],
-    jobs: int | None,
-    wanted: bool | None,
-    sample: float | None = None,
-) -> CodecWorker | None:
-    """A codec worker when one may be needed (:func:`plan_dumps` decides whether it is used): a
-    fork of this process made when first used, or, where forking is not safe, a spawned one
-    started now (before sharing: it takes about half a second to be ready)."""
-    from dengine_cli.parallel.forked import fork_usable
-
-    counts = [d.page_count for d in dumps]
-    if wanted:
-        return CodecWorker(paths, options, counts, min_pages=0, wait=True, dumps=dumps)
-    if wanted is False or not any(p is not None and (p.patch or p.compress) for p in policies):
-        return None
-    if not codec_pool.worker_pays(dumps, jobs):
-        return None
-    if codec_pool.CODEC_THREADS > 1 and all(_codecs_release_gil(p) for p in policies if p is not None):
-        # Threads of this process measure instead: faster than a worker process here (exact
-        # plan of 1.5 GiB: 0.59-0.69 s against 0.75-0.78 s), with no fork, no pages read
-        # twice, no results pickled.
-        return None
-    if fork_usable():
-        # Forked only if plan_dumps gives it work (see CodecWorker): costs nothing meanwhile.
-        return CodecWorker(paths, options, counts, dumps=dumps)
-    # A spawned worker starts now.  The non-zero pages bound the pages that will be measured
-    # (distinct contents only); a sampled plan measures about that fraction of them.  A worker
-    # that is not needed costs twice: its start-up (0.5 s of CPU) slows the sharing that runs
-    # meanwhile on both CPUs.
+def _mapped_ids(folder: Path, indexes: Sequence[PageIndex]) -> list[ContentIds]:
+    """Zeroed content id arrays in a file under ``folder`` (mapped; the file goes with it)."""
     nonzero = sum(ix.page_count - ix.zero_pages for ix in indexes)
-    if sample is not None:
-        nonzero = int(nonzero * sample)
-    if nonzero < codec_pool.MIN_PAGES:
-        return None
-    return CodecWorker(paths, options, counts)
+    dtype = np.uint32 if nonzero < (1 << 32) - 1 else np.uint64
+    ids: list[ContentIds] = []
+    for v, ix in enumerate(indexes):
+        if ix.page_count == 0:
+            ids.append(np.zeros(0, dtype=dtype))
+            continue
+        ids.append(np.memmap(folder / f"ids-{v:06d}", dtype=dtype, mode="w+", shape=(ix.page_count,)))
+    return ids
 
 
-def _codecs_release_gil(policy: Policy) -> bool:
-    """Whether the codecs ``policy`` measures with let go of the GIL (threads can share them)."""
-    from dengine_cli.codecs import compression_codec, patch_codec
+def analyze(
+    paths: Sequence[Path | str],
+    options: OpenOptions | None = None,
+    *,
+    settings: Settings | None = None,
+    index_dir: Path | str | None = None,
+    cross_vm: bool = True,
+    on_progress: Progress | None = None,
+    **given: Any,
+) -> SharingReport:
+    """The exact sharing of the dumps at ``paths``: :meth:`Session.sharing`.  Keywords beyond
+    these are :class:`Settings` fields."""
+    settings = _settings(settings, options, index_dir, given)
+    with Session(paths, settings, on_progress) as session:
+        return session.sharing(cross_vm)
 
-    return (not policy.patch or patch_codec(policy.patch_codec).releases_gil) and (
-        not policy.compress or compression_codec(policy.compression_codec).releases_gil
-    )
+
+def share_and_plan(
+    paths: Sequence[Path | str],
+    policy: Policy,
+    *,
+    settings: Settings | None = None,
+    options: OpenOptions | None = None,
+    index_dir: Path | str | None = None,
+    history: Mapping[str, Path | str] | None = None,
+    host_memory: int | None = None,
+    sample: float | None = None,
+    seed: int = 0,
+    baseline: Policy | None = None,
+    on_progress: Progress | None = None,
+    **given: Any,
+) -> tuple[SharingReport, PlanReport]:
+    """Index, share and plan the dumps at ``paths``: :meth:`Session.plan`.  Keywords beyond
+    these are :class:`Settings` fields."""
+    settings = _settings(settings, options, index_dir, given)
+    with Session(paths, settings, on_progress) as session:
+        return session.plan(
+            policy, history=history, host_memory=host_memory, sample=sample, seed=seed, baseline=baseline
+        )
 
 
-# --- the plan file -------------------------------------------------------------------------------
+def _settings(
+    settings: Settings | None,
+    options: OpenOptions | None,
+    index_dir: Path | str | None,
+    given: dict[str, Any],
+) -> Settings:
+    settings = settings or Settings()
+    if options is not None:
+        given["options"] = options
+    if index_dir is not None:
+        given["index_dir"] = Path(index_dir)
+    return dataclasses.replace(settings, **given) if given else settings
+
+
+__all__ = ["Session", "Settings", "analyze", "share_and_plan"]

@@ -4,6 +4,7 @@ of every VM."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -12,7 +13,6 @@ from dengine_cli.engine.costs import OperationCounts, PlanCost
 from dengine_cli.engine.index import PageIndex, Progress
 from dengine_cli.engine.paging import SwapClass, choose_swap, vms_per_host
 from dengine_cli.engine.plan import measure as codec_pool
-from dengine_cli.engine.plan.measure import CodecWorker
 from dengine_cli.engine.plan.model import (
     ACTIONS,
     COMPRESS,
@@ -30,14 +30,14 @@ from dengine_cli.engine.plan.model import (
     count_of,
     total_of,
 )
-from dengine_cli.engine.plan.sampling import extrapolate, sample_groups
+from dengine_cli.engine.plan.sampling import Sampling, extrapolate, sample_groups
 from dengine_cli.engine.plan.scope import Scope, scope_of, similarity_keys
 from dengine_cli.engine.policy import Policy
 from dengine_cli.engine.sharing import SharingReport
 from dengine_cli.engine.similarity import candidate_pairs
-from dengine_cli.errors import UsageError
 from dengine_cli.formats.base import Dump
 from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE
+from dengine_cli.parallel import Workers
 
 
 def _patch(
@@ -47,12 +47,12 @@ def _patch(
     scope: Scope,
     pages: I64,
     refs: I64,
-    worker: CodecWorker | None,
+    workers: Workers,
     on_progress: Progress | None,
 ) -> tuple[I64, npt.NDArray[np.int32], Bool]:
-    """Measure every pair's patch (sharing the work with ``worker`` if given), then choose in
-    scan order.  Returns, over E: the chosen reference (-1: not patched), the patch size, and
-    whether the page is a reference."""
+    """Measure every pair's patch (spread over ``workers``), then choose in scan order.
+    Returns, over E: the chosen reference (-1: not patched), the patch size, and whether the
+    page is a reference."""
     n = len(scope.e_vm)
     sizes = codec_pool.patch_sizes(
         dumps,
@@ -63,7 +63,7 @@ def _patch(
         scope.e_pos[pages],
         scope.e_vm[refs],
         scope.e_pos[refs],
-        worker,
+        workers,
         progress_of(on_progress, "patching", len(pages)),
     )
     good = sizes < policy.patch_threshold
@@ -98,11 +98,10 @@ def _compress(
     policy: Policy,
     scope: Scope,
     todo: Bool,
-    worker: CodecWorker | None,
+    workers: Workers,
     on_progress: Progress | None,
 ) -> npt.NDArray[np.int32]:
-    """Compressed sizes of the E pages marked ``todo`` (0 elsewhere), sharing the work with
-    ``worker`` if given."""
+    """Compressed sizes of the E pages marked ``todo`` (0 elsewhere), spread over ``workers``."""
     sizes = np.zeros(len(scope.e_vm), dtype=np.int32)
     where = np.flatnonzero(todo)
     sizes[where] = codec_pool.compressed_sizes(
@@ -111,7 +110,7 @@ def _compress(
         policy.compression_codec,
         scope.e_vm[where],
         scope.e_pos[where],
-        worker,
+        workers,
         progress_of(on_progress, "compressing", len(where)),
     )
     return sizes
@@ -122,6 +121,23 @@ def progress_of(on_progress: Progress | None, what: str, total: int) -> Callable
         return None
     report = on_progress
     return lambda done: report(what, done, total)
+
+
+@dataclass(frozen=True, eq=False)
+class Choices:
+    """Over the offered pages E (scan order): the chosen reference (-1: not patched), patch and
+    compressed sizes, which pages are references, patched, compressed; and the sample."""
+
+    ref_of: I64
+    patch_size: npt.NDArray[np.int32]
+    is_ref: Bool
+    comp_size: npt.NDArray[np.int32]
+    compressed: Bool
+    sampling: Sampling | None
+
+    @property
+    def patched(self) -> Bool:
+        return self.ref_of >= 0
 
 
 def plan_dumps(
@@ -137,28 +153,93 @@ def plan_dumps(
     baseline: Policy | None = None,
     batch_pages: int = BATCH_PAGES,
     on_progress: Progress | None = None,
-    codec_worker: CodecWorker | None = None,
+    workers: Workers | None = None,
 ) -> PlanReport:
     """The plan of VMs given open dumps, their indexes and their exact sharing (any
     ``cross_vm``: the plan uses only the content ids).  ``hot[v]``: per page of VM v, whether it
     changed since an earlier snapshot (``None``: no history for that VM, or for any when ``hot``
-    is ``None``: every page cold, and the plan is an upper bound).  ``codec_worker``: a worker
-    process over the same dumps that measures part of the patches and compressed pages when
-    there are enough of them (:mod:`dengine_cli.codec_pool`)."""
+    is ``None``: every page cold, and the plan is an upper bound).  ``workers``: the threads or
+    processes that measure patches and compressed pages."""
     if len(dumps) != len(indexes) or len(sharing.content_ids) != len(dumps):
         raise ValueError("one dump, index and content id array per VM is needed")
-    if sample is not None and not 0.0 < sample <= 1.0:
-        raise UsageError(f"the sample fraction must be within (0, 1], not {sample}")
-    if host_memory is not None and host_memory <= 0:
-        raise UsageError(f"host memory must be positive, not {host_memory}")
+    workers = workers or Workers()
     n_vms = len(dumps)
     hot_of: list[Bool | None] = list(hot) if hot is not None else [None] * n_vms
     if len(hot_of) != n_vms:
         raise ValueError("one hot mask (or None) per VM is needed")
-    want = policy.patch or policy.compress
-    scope = scope_of(sharing, policy, hot_of, want)
-    n_e = len(scope.e_vm)
+    scope = scope_of(sharing, policy, hot_of, policy.patch or policy.compress)
+    choices = _choose(dumps, indexes, policy, scope, sample, seed, workers, on_progress, batch_pages)
+    bounds = np.searchsorted(scope.e_vm, np.arange(n_vms + 1))
+    page_plans = _page_plans(sharing, indexes, scope, choices, bounds)
+    zero_frame_vm = next((v for v in range(n_vms) if indexes[v].zero_pages), -1) if policy.zero_frame else -1
+    footprints = [
+        int(pp.sizes.sum(dtype=np.int64)) + (PAGE_SIZE if v == zero_frame_vm else 0)
+        for v, pp in enumerate(page_plans)
+    ]
+    host, swapped = _page_out(host_memory, footprints, page_plans, scope, choices, hot_of, bounds)
+    vms = _vm_plans(dumps, page_plans, scope, choices, hot_of, bounds, footprints, swapped, host_memory)
+    total_half: float | None = None
+    if choices.sampling is not None:
+        vms, total_half = extrapolate(
+            vms, scope, choices.sampling, choices.patched, choices.patch_size, choices.compressed,
+            choices.comp_size, bounds, zero_frame_vm, host_memory,
+        )  # fmt: skip
+    total = total_of(vms, host_memory, total_half)
+    base_report = None
+    if baseline is not None:
+        base_report = plan_dumps(
+            dumps,
+            indexes,
+            sharing,
+            baseline,
+            hot=hot_of,
+            host_memory=host_memory,
+            sample=sample,
+            seed=seed,
+            batch_pages=batch_pages,
+            on_progress=on_progress,
+            workers=workers,
+        )
+    return PlanReport(
+        policy=policy,
+        vms=tuple(vms),
+        total=total,
+        cost=PlanCost(policy.costs, _operations(vms, scope, total)),
+        upper_bound=any(h is None for h in hot_of),
+        sample=choices.sampling.info if choices.sampling is not None else None,
+        host=host,
+        baseline=base_report,
+        pages=tuple(page_plans),
+        content_ids=sharing.content_ids,
+        estimate=choices.sampling is not None,
+    )
 
+
+def _operations(vms: Sequence[VmPlan], scope: Scope, total: VmPlan) -> OperationCounts:
+    """What the host does to build the plan and touch its pages again, for the cost model."""
+    return OperationCounts(
+        shared=sum(vm.zero + vm.shared for vm in vms),
+        cow_mapped=sum(vm.zero + vm.shared + int(scope.shared_kept[v].sum()) for v, vm in enumerate(vms)),
+        patched=total.patched,
+        compressed=total.compressed,
+        paged_out=total.paged_out,
+    )
+
+
+def _choose(
+    dumps: Sequence[Dump],
+    indexes: Sequence[PageIndex],
+    policy: Policy,
+    scope: Scope,
+    sample: float | None,
+    seed: int,
+    workers: Workers,
+    on_progress: Progress | None,
+    batch_pages: int,
+) -> Choices:
+    """Similarity, sampling, patches and compression: what becomes of each offered page."""
+    n_e = len(scope.e_vm)
+    want = policy.patch or policy.compress
     pages = refs = np.zeros(0, dtype=np.int64)
     if policy.patch and scope.e_cand.any():
         keys = similarity_keys(dumps, policy, scope, batch_pages)
@@ -175,41 +256,41 @@ def plan_dumps(
     if sampling is not None:
         keep = active[pages]
         pages, refs = pages[keep], refs[keep]
-    # Every active candidate is measured at least once (patched, compressed or both).
-    worker = codec_worker if codec_worker is not None and codec_worker.takes(int(active.sum())) else None
-
     ref_of = np.full(n_e, -1, dtype=np.int64)
     patch_size = np.zeros(n_e, dtype=np.int32)
     is_ref = np.zeros(n_e, dtype=np.bool_)
     if len(pages):
-        ref_of, patch_size, is_ref = _patch(dumps, indexes, policy, scope, pages, refs, worker, on_progress)
-    patched = ref_of >= 0
+        ref_of, patch_size, is_ref = _patch(dumps, indexes, policy, scope, pages, refs, workers, on_progress)
     comp_size = np.zeros(n_e, dtype=np.int32)
     compressed = np.zeros(n_e, dtype=np.bool_)
     if policy.compress:
-        todo = active & ~patched & ~is_ref
-        comp_size = _compress(dumps, indexes, policy, scope, todo, worker, on_progress)
+        todo = active & (ref_of < 0) & ~is_ref
+        comp_size = _compress(dumps, indexes, policy, scope, todo, workers, on_progress)
         compressed = todo & (comp_size < policy.compression_threshold)
+    return Choices(ref_of, patch_size, is_ref, comp_size, compressed, sampling)
 
-    # Per-page plan.
-    bounds = np.searchsorted(scope.e_vm, np.arange(n_vms + 1))
+
+def _page_plans(
+    sharing: SharingReport, indexes: Sequence[PageIndex], scope: Scope, choices: Choices, bounds: I64
+) -> list[PagePlan]:
+    """Every page's action and size, VM by VM."""
     page_plans: list[PagePlan] = []
-    for v in range(n_vms):
-        ids = sharing.content_ids[v]
+    patched = choices.patched
+    for v, ids in enumerate(sharing.content_ids):
         actions = np.full(len(ids), SHARE, dtype=np.uint8)
-        actions[ids == 0] = ZERO
+        actions[np.asarray(ids) == 0] = ZERO
         actions[scope.kept[v]] = WHOLE
         sizes = np.zeros(len(ids), dtype=np.int32)
         sizes[scope.kept[v]] = PAGE_SIZE
         lo, hi = int(bounds[v]), int(bounds[v + 1])
         pos = scope.e_pos[lo:hi]
         p = patched[lo:hi]
-        c = compressed[lo:hi]
+        c = choices.compressed[lo:hi]
         actions[pos[p]] = PATCH
-        sizes[pos[p]] = patch_size[lo:hi][p]
+        sizes[pos[p]] = choices.patch_size[lo:hi][p]
         actions[pos[c]] = COMPRESS
-        sizes[pos[c]] = comp_size[lo:hi][c]
-        refs_e = ref_of[lo:hi][p]
+        sizes[pos[c]] = choices.comp_size[lo:hi][c]
+        refs_e = choices.ref_of[lo:hi][p]
         page_plans.append(
             PagePlan(
                 gfns=indexes[v].gfns,
@@ -220,110 +301,75 @@ def plan_dumps(
                 patch_ref_pos=scope.e_pos[refs_e],
             )
         )
+    return page_plans
 
-    # Paging (exact plans only: it needs every page's size).
-    zero_frame_vm = -1
-    if policy.zero_frame:
-        for v in range(n_vms):
-            if indexes[v].zero_pages:
-                zero_frame_vm = v
-                break
-    footprints = [
-        int(pp.sizes.sum(dtype=np.int64)) + (PAGE_SIZE if v == zero_frame_vm else 0)
-        for v, pp in enumerate(page_plans)
-    ]
-    host: HostFit | None = None
-    swapped_bytes = [0] * n_vms
-    if host_memory is not None:
-        before = sum(footprints)
-        fits = before <= host_memory
-        if not fits and sampling is None:
-            choice = choose_swap(
-                before - host_memory, _swap_classes(scope, page_plans, is_ref, hot_of, bounds), n_vms
-            )
-            for v, pp in enumerate(page_plans):
-                pp.actions[choice.positions[v]] = SWAP
-                pp.sizes[choice.positions[v]] = 0
-            swapped_bytes = list(choice.freed_bytes)
-            fits = choice.fits
-        host = HostFit(host_memory, before, fits, vms_per_host(host_memory, before))
 
+def _page_out(
+    host_memory: int | None,
+    footprints: Sequence[int],
+    page_plans: Sequence[PagePlan],
+    scope: Scope,
+    choices: Choices,
+    hot: Sequence[Bool | None],
+    bounds: I64,
+) -> tuple[HostFit | None, list[int]]:
+    """Page out the coldest pages beyond ``host_memory`` (exact plans only: it needs every
+    page's size); the host's fit and the bytes paged out per VM."""
+    swapped = [0] * len(page_plans)
+    if host_memory is None:
+        return None, swapped
+    before = sum(footprints)
+    fits = before <= host_memory
+    if not fits and choices.sampling is None:
+        classes = _swap_classes(scope, page_plans, choices.is_ref, hot, bounds)
+        choice = choose_swap(before - host_memory, classes, len(page_plans))
+        for v, pp in enumerate(page_plans):
+            pp.actions[choice.positions[v]] = SWAP
+            pp.sizes[choice.positions[v]] = 0
+        swapped = list(choice.freed_bytes)
+        fits = choice.fits
+    return HostFit(host_memory, before, fits, vms_per_host(host_memory, before)), swapped
+
+
+def _vm_plans(
+    dumps: Sequence[Dump],
+    page_plans: Sequence[PagePlan],
+    scope: Scope,
+    choices: Choices,
+    hot: Sequence[Bool | None],
+    bounds: I64,
+    footprints: Sequence[int],
+    swapped: Sequence[int],
+    host_memory: int | None,
+) -> list[VmPlan]:
+    """The per-VM figures of the per-page plans."""
     vms = []
-    for v in range(n_vms):
-        pp = page_plans[v]
-        counts = np.bincount(pp.actions, minlength=len(ACTIONS))
+    for v, pp in enumerate(page_plans):
         at = pp.actions
+        counts = np.bincount(at, minlength=len(ACTIONS))
         lo, hi = int(bounds[v]), int(bounds[v + 1])
-        fp = footprints[v] - swapped_bytes[v]
-        vm = VmPlan(
-            name=dumps[v].name,
-            present=len(at),
-            zero=int(counts[ZERO]),
-            shared_within=scope.within[v],
-            shared_across=scope.across[v],
-            whole=int(counts[WHOLE]),
-            hot=count_of(hot_of[v]),
-            references=int(is_ref[lo:hi].sum()),
-            patched=int(counts[PATCH]),
-            patch_bytes=int(pp.sizes[at == PATCH].sum(dtype=np.int64)),
-            compressed=int(counts[COMPRESS]),
-            compressed_bytes=int(pp.sizes[at == COMPRESS].sum(dtype=np.int64)),
-            paged_out=int(counts[SWAP]),
-            paged_out_bytes=swapped_bytes[v],
-            footprint_bytes=fp,
-            per_host=vms_per_host(host_memory, fp) if host_memory is not None else None,
+        fp = footprints[v] - swapped[v]
+        vms.append(
+            VmPlan(
+                name=dumps[v].name,
+                present=len(at),
+                zero=int(counts[ZERO]),
+                shared_within=scope.within[v],
+                shared_across=scope.across[v],
+                whole=int(counts[WHOLE]),
+                hot=count_of(hot[v]),
+                references=int(choices.is_ref[lo:hi].sum()),
+                patched=int(counts[PATCH]),
+                patch_bytes=int(pp.sizes[at == PATCH].sum(dtype=np.int64)),
+                compressed=int(counts[COMPRESS]),
+                compressed_bytes=int(pp.sizes[at == COMPRESS].sum(dtype=np.int64)),
+                paged_out=int(counts[SWAP]),
+                paged_out_bytes=swapped[v],
+                footprint_bytes=fp,
+                per_host=vms_per_host(host_memory, fp) if host_memory is not None else None,
+            )
         )
-        vms.append(vm)
-    total_half: float | None = None
-    if sampling is not None:
-        vms, total_half = extrapolate(
-            vms,
-            scope,
-            sampling,
-            patched,
-            patch_size,
-            compressed,
-            comp_size,
-            bounds,
-            zero_frame_vm,
-            host_memory,
-        )
-    total = total_of(vms, host_memory, total_half)
-    operations = OperationCounts(
-        shared=sum(vm.zero + vm.shared for vm in vms),
-        cow_mapped=sum(vm.zero + vm.shared + int(scope.shared_kept[v].sum()) for v, vm in enumerate(vms)),
-        patched=total.patched,
-        compressed=total.compressed,
-        paged_out=total.paged_out,
-    )
-    base_report = None
-    if baseline is not None:
-        base_report = plan_dumps(
-            dumps,
-            indexes,
-            sharing,
-            baseline,
-            hot=hot_of,
-            host_memory=host_memory,
-            sample=sample,
-            seed=seed,
-            batch_pages=batch_pages,
-            on_progress=on_progress,
-            codec_worker=codec_worker,
-        )
-    return PlanReport(
-        policy=policy,
-        vms=tuple(vms),
-        total=total,
-        cost=PlanCost(policy.costs, operations),
-        upper_bound=any(h is None for h in hot_of),
-        sample=sampling.info if sampling is not None else None,
-        host=host,
-        baseline=base_report,
-        pages=tuple(page_plans),
-        content_ids=sharing.content_ids,
-        estimate=sampling is not None,
-    )
+    return vms
 
 
 def _swap_classes(

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from dengine_cli.arrays import unique
 from dengine_cli.engine.plan.model import ACTIONS, I64, PATCH, SHARE, PagePlan, PlanReport
-from dengine_cli.errors import OutputError, UsageError
+from dengine_cli.errors import OutputError
 
 #: Pages written per JSON chunk.
 _WRITE_CHUNK = 1 << 16
@@ -40,7 +40,7 @@ def write_plan(plan: PlanReport, path: Path | str) -> None:
     sampled plan has no size for the pages it did not compute).
     """
     if plan.estimate:
-        raise UsageError("a plan file needs an exact plan: run without --sample")
+        raise ValueError("a plan file needs an exact plan, not an estimate")
     path = Path(path)
     tmp: str | None = None
     try:
