@@ -13,7 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from dengine_cli.engine.sharing import KSM_RMAP_ITEM_BYTES, SharingReport
+from dengine_cli.engine.sharing.model import KSM_RMAP_ITEM_BYTES, SharingReport
 from dengine_cli.pages import PAGE_SIZE
 
 if TYPE_CHECKING:  # for annotations only: rendering sharing needs no planner

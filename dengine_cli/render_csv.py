@@ -7,7 +7,7 @@ import csv
 import io
 from typing import TYPE_CHECKING
 
-from dengine_cli.engine.sharing import SharingReport
+from dengine_cli.engine.sharing.model import SharingReport
 
 if TYPE_CHECKING:
     from dengine_cli.engine.plan.model import PlanReport

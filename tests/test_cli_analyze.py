@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from dengine_cli.cli import cli
-from dengine_cli.engine.sharing import SharingReport
+from dengine_cli.engine.sharing.model import SharingReport
 from dengine_cli.parallel import Workers
 from dengine_cli.render import render_sharing
 from tests.vms import write_raw_image

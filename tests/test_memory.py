@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from dengine_cli.cli import cli
-from dengine_cli.engine.sharing import Shape
+from dengine_cli.engine.sharing.pipeline import Shape
 from dengine_cli.formats.base import OpenOptions
 from dengine_cli.parallel import Workers
 from dengine_cli.session import Session, Settings

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from dengine_cli.cache.spill import SpilledRuns
 from dengine_cli.engine.index import PageIndex, index_dump
-from dengine_cli.engine.sharing import MemoryRuns, Shape, SharingReport, share
+from dengine_cli.engine.sharing.model import SharingReport
 from dengine_cli.engine.sharing.partitions import gather, group_partition, partition_starts, sort_run
+from dengine_cli.engine.sharing.pipeline import MemoryRuns, Shape, share
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import Dump, OpenOptions
 from tests.vms import design_vms, write_raw_images

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 
 from dengine_cli.cache.spill import SpilledRuns
 from dengine_cli.engine.index import PageIndex, index_dump
-from dengine_cli.engine.sharing import KSM_RMAP_ITEM_BYTES, SCHEMA, Shape, SharingReport, confirm, share
+from dengine_cli.engine.sharing import confirm
+from dengine_cli.engine.sharing.model import KSM_RMAP_ITEM_BYTES, SCHEMA, SharingReport
+from dengine_cli.engine.sharing.pipeline import Shape, share
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import Dump, OpenOptions, Source
 from dengine_cli.formats.raw import open_raw

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dengine_cli import session
 from dengine_cli.cache import sharing_store as sharing_cache
 from dengine_cli.cache.prune import prune_indexes
 from dengine_cli.engine.index import index_dump
-from dengine_cli.engine.sharing import SharingReport, share
+from dengine_cli.engine.sharing import pipeline
+from dengine_cli.engine.sharing.model import SharingReport
+from dengine_cli.engine.sharing.pipeline import share
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import OpenOptions
 from dengine_cli.policies import POLICIES
@@ -47,13 +48,13 @@ def same(a: SharingReport, b: SharingReport) -> None:
 def no_sharing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the sharing computations made through the cache (the real share() still runs)."""
     calls: list[int] = []
-    real = session.share
+    real = pipeline.share
 
     def counting(*args: Any, **kwargs: Any) -> SharingReport:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(session, "share", counting)
+    monkeypatch.setattr(pipeline, "share", counting)
     return calls
 
 

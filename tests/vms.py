@@ -17,7 +17,7 @@ from dengine_cli.engine.index import PageIndex, index_dump
 from dengine_cli.engine.plan.choice import plan_dumps
 from dengine_cli.engine.plan.model import PlanReport
 from dengine_cli.engine.policy import Policy
-from dengine_cli.engine.sharing import share
+from dengine_cli.engine.sharing.pipeline import share
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import Dump, OpenOptions
 from dengine_cli.pages import PAGE_SIZE

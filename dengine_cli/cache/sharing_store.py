@@ -31,7 +31,7 @@ from dengine_cli.cache import files
 from dengine_cli.cache.index_store import index_key
 from dengine_cli.cache.keys import default_index_dir
 from dengine_cli.engine.index import PageIndex
-from dengine_cli.engine.sharing import ContentIds, KsmView, SharingReport, VmSharing
+from dengine_cli.engine.sharing.model import ContentIds, KsmView, SharingReport, VmSharing
 from dengine_cli.errors import UnreadableFile
 from dengine_cli.formats.base import OpenOptions
 

@@ -22,10 +22,8 @@ import numpy as np
 
 from dengine_cli.cache import sharing_store
 from dengine_cli.cache.keys import default_index_dir
-from dengine_cli.cache.spill import SpilledRuns
 from dengine_cli.engine.index import PageIndex, Progress
-from dengine_cli.engine.policy import Policy
-from dengine_cli.engine.sharing import ContentIds, MemoryRuns, RunStore, SharingReport, share
+from dengine_cli.engine.sharing.model import ContentIds, SharingReport
 from dengine_cli.formats.base import Dump, OpenOptions
 from dengine_cli.pages import BATCH_PAGES
 from dengine_cli.parallel import Workers
@@ -34,6 +32,8 @@ from dengine_cli.session.indexing import IndexBuild
 if TYPE_CHECKING:
     # Imported where a plan is made: analyze pays for none of the planner (25 ms).
     from dengine_cli.engine.plan.model import Bool, PlanReport
+    from dengine_cli.engine.policy import Policy
+    from dengine_cli.engine.sharing.pipeline import RunStore
 
 from dengine_cli.session.memory import MemoryPlan, default_memory_limit, index_group_pages, plan_memory
 
@@ -166,6 +166,10 @@ class Session:
         return report
 
     def _share(self, indexes: Sequence[PageIndex], cross_vm: bool, verify: bool) -> SharingReport:
+        # Imported here: a command that finds the result cached needs none of the stages.
+        from dengine_cli.cache.spill import SpilledRuns
+        from dengine_cli.engine.sharing.pipeline import MemoryRuns, share
+
         plan = self.memory_plan()
         dumps = self.dumps() if verify else None
         with contextlib.ExitStack() as stack:

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from dengine_cli.engine.sharing import Shape
-from dengine_cli.engine.sharing.partitions import MAX_BITS
+if TYPE_CHECKING:
+    from dengine_cli.engine.sharing.pipeline import Shape
 
 #: The default limit: this fraction of the machine's physical memory.
 DEFAULT_FRACTION = 0.25
@@ -73,6 +74,10 @@ class MemoryPlan:
 def plan_memory(limit: int, total_pages: int, nonzero_pages: int, threads: int) -> MemoryPlan:
     """The :class:`MemoryPlan` for dumps of ``total_pages`` pages (``nonzero_pages`` of them
     not zero), ``threads`` partitions grouped at once, within ``limit`` bytes."""
+    # Imported here: a command that finds its sharing cached needs none of the stages.
+    from dengine_cli.engine.sharing.partitions import MAX_BITS
+    from dengine_cli.engine.sharing.pipeline import Shape
+
     threads = max(1, threads)
     quarter = max(1, limit // 4)
     part_pages = min(MAX_PARTITION_PAGES, limit // 2 // (GROUP_BYTES_PER_PAGE * threads))

@@ -33,7 +33,7 @@ from dengine_cli.engine.plan.model import (
 from dengine_cli.engine.plan.sampling import Sampling, extrapolate, sample_groups
 from dengine_cli.engine.plan.scope import Scope, scope_of, similarity_keys
 from dengine_cli.engine.policy import Policy
-from dengine_cli.engine.sharing import SharingReport
+from dengine_cli.engine.sharing.model import SharingReport
 from dengine_cli.engine.similarity import candidate_pairs
 from dengine_cli.formats.base import Dump
 from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE

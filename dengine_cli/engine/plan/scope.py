@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from dengine_cli.engine.plan.model import I64, Bool
 from dengine_cli.engine.policy import Policy
-from dengine_cli.engine.sharing import SharingReport
+from dengine_cli.engine.sharing.model import SharingReport
 from dengine_cli.formats.base import Dump
 from dengine_cli.parallel.threads import map_in_threads
 
