@@ -219,3 +219,40 @@ def test_spread_forks_for_codecs_that_hold_the_gil(tmp_path: Path) -> None:
     assert len(set(sizes.tolist())) == 2 and os.getpid() in set(sizes.tolist())
     # Runs of one pid are whole chunks: each chunk went to one process, once.
     assert all(len(set(sizes[k : k + 50].tolist())) == 1 for k in range(0, 1000, 50))
+
+
+def test_workers_die_with_a_killed_command(tmp_path: Path) -> None:
+    """SIGKILL of the command (nothing it can catch) takes its forked workers with it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, time, pathlib\n"
+        "from dengine_cli.parallel import fork_map\n"
+        f"d = pathlib.Path({str(tmp_path)!r})\n"
+        "def work(k):\n"
+        "    (d / f'pid-{os.getpid()}').touch()\n"
+        "    time.sleep(60)\n"
+        "fork_map(work, list(range(3)), 3)\n"
+    )
+    command = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("pid-*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = {int(p.name[4:]) for p in tmp_path.glob("pid-*")} - {command.pid}
+    assert len(workers) == 2
+    command.kill()
+    command.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(alive(pid) for pid in workers)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for init to reap it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

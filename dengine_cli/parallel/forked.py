@@ -52,6 +52,8 @@ RANGES_PER_WORKER = 4
 MAX_TASKS = 8192
 
 _TASK = struct.Struct("<I")
+#: prctl(2) option: the signal a child gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 _LENGTH = struct.Struct("<Q")
 #: An error sent back by a worker must fit in a pipe's buffer (64 KiB on Linux).
 _ERROR_MAX = 60000
@@ -81,8 +83,7 @@ def hash_forked(
     starts = [0, *itertools.accumulate(counts)]
     size = max(1, min(workers, -(-total // min_range_pages)))
     ranges = _cut(counts, size * RANGES_PER_WORKER, max(min_range_pages, batch_pages // 4))
-    # A task is a few consecutive ranges when there are more ranges (dumps) than the task pipe
-    # holds records.
+    # Several consecutive ranges a task when there are more ranges than the task pipe holds.
     per_task = -(-len(ranges) // MAX_TASKS)
     tasks = [ranges[k : k + per_task] for k in range(0, len(ranges), per_task)]
     # Shared with the workers: hashes and checks (8 B/page each), zero flags (1 B/page), page
@@ -123,13 +124,14 @@ def hash_forked(
             for v, dump in enumerate(dumps):
                 on_progress(dump.name, int(sums[v]), counts[v])
 
+    me = os.getpid()
     children: dict[int, int] = {}  # pid -> read end of its error pipe
     try:
         for row in range(1, size):
             err_r, err_w = os.pipe()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child; what it computes is checked by tests
-                _child(functools.partial(work, row, _nothing), err_w)
+                _child(functools.partial(work, row, _nothing), err_w, me)
             os.close(err_w)
             children[pid] = err_r
         work(0, report)
@@ -189,6 +191,7 @@ def fork_map(
             for k, result in out.read():
                 take(k, result)
 
+    me = os.getpid()
     children: dict[int, int] = {}
     try:
         for _ in range(1, size):
@@ -197,7 +200,7 @@ def fork_map(
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child; its results are checked by tests
                 os.close(out_r)
-                _child(functools.partial(_serve, work, items, tasks_r, out_w), err_w)
+                _child(functools.partial(_serve, work, items, tasks_r, out_w), err_w, me)
             os.close(err_w)
             os.close(out_w)
             children[pid] = err_r
@@ -273,12 +276,25 @@ def _cut(counts: Sequence[int], parts: int, min_pages: int) -> list[tuple[int, i
     return [(v, lo, min(lo + step, n)) for v, n in enumerate(counts) for lo in range(0, n, step)]
 
 
-def _child(work: Callable[[], None], err_w: int) -> None:  # pragma: no cover - runs in the child
+def _die_with(parent: int) -> None:  # pragma: no cover - runs in the child
+    """Be killed when ``parent`` dies, even by SIGKILL (Linux: PR_SET_PDEATHSIG), so that a
+    killed command leaves no worker hashing on; if it is already gone, leave now."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _child(work: Callable[[], None], err_w: int, parent: int) -> None:  # pragma: no cover - in the child
     """Run ``work`` and leave: exit 0, or send the exception and exit 1.  Never returns: the
     child must not run the parent's cleanup (``finally`` blocks, atexit, buffered output)."""
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: the parent reports it
+        _die_with(parent)
         work()
     except BaseException as e:
         code = 1
