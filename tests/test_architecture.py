@@ -62,6 +62,63 @@ def test_no_import_cycle_between_modules() -> None:
     assert _cycles(graph) == []
 
 
+def import_edges(root: Path, package: str) -> dict[str, set[str]]:
+    """Every module's imports of the package's modules, read from the source (imports inside
+    functions included).  ``from pkg import name`` imports ``pkg`` itself (its ``__init__`` runs
+    and must be complete), and ``pkg.name`` too when that is a module; ``import pkg.mod`` and
+    ``from pkg.mod import name`` import ``pkg.mod``."""
+    modules = {}
+    for file in root.rglob("*.py"):
+        parts = list(file.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = file
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for name, file in modules.items():
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module in modules:
+                    edges[name].add(node.module)
+                edges[name].update(
+                    f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules
+                )
+            elif isinstance(node, ast.Import):
+                edges[name].update(a.name for a in node.names if a.name in modules)
+    for name in edges:
+        edges[name].discard(name)
+    return edges
+
+
+def _edge_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Modules that reach themselves (each cycle reported by its sorted members)."""
+    found = set()
+    for start in edges:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges[node]:
+                if nxt == start:
+                    found.add(tuple(sorted(path)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    return sorted(list(c) for c in found)
+
+
+def test_no_import_cycle_through_a_package_init() -> None:
+    assert _edge_cycles(import_edges(PACKAGE, "dengine_cli")) == []
+
+
+def test_the_package_cycle_finder_finds_one(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from pkg.sub.a import f\n")
+    (pkg / "sub" / "a.py").write_text("def f():\n    from pkg.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("")
+    assert _edge_cycles(import_edges(pkg, "pkg")) == [["pkg.sub", "pkg.sub.a"]]
+
+
 def test_the_cycle_finder_finds_a_cycle(tmp_path: Path, monkeypatch: object) -> None:
     pkg = tmp_path / "cyclic_pkg"
     pkg.mkdir()

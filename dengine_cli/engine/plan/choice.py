@@ -12,7 +12,7 @@ import numpy.typing as npt
 from dengine_cli.engine.costs import OperationCounts, PlanCost
 from dengine_cli.engine.index import PageIndex, Progress
 from dengine_cli.engine.paging import SwapClass, choose_swap, vms_per_host
-from dengine_cli.engine.plan import measure as codec_pool
+from dengine_cli.engine.plan.measure import compressed_sizes, patch_sizes
 from dengine_cli.engine.plan.model import (
     ACTIONS,
     COMPRESS,
@@ -54,7 +54,7 @@ def _patch(
     Returns, over E: the chosen reference (-1: not patched), the patch size, and whether the
     page is a reference."""
     n = len(scope.e_vm)
-    sizes = codec_pool.patch_sizes(
+    sizes = patch_sizes(
         dumps,
         indexes,
         policy.patch_codec,
@@ -104,7 +104,7 @@ def _compress(
     """Compressed sizes of the E pages marked ``todo`` (0 elsewhere), spread over ``workers``."""
     sizes = np.zeros(len(scope.e_vm), dtype=np.int32)
     where = np.flatnonzero(todo)
-    sizes[where] = codec_pool.compressed_sizes(
+    sizes[where] = compressed_sizes(
         dumps,
         indexes,
         policy.compression_codec,
