@@ -120,8 +120,17 @@ def still_valid(file: Path) -> bool:
         return False
     try:
         key = found[0]["key"]
+        return still_current(key) and file_for(key, file.parent) == file
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def still_current(key: dict[str, Any]) -> bool:
+    """Whether the dump an index key names is still the file it was (``False`` when it is gone,
+    changed, or the key is not one of ours)."""
+    try:
         options = OpenOptions(format=key["format"], device_memory=bool(key["device_memory"]))
-        return bool(index_key(key["path"], options) == key and file_for(key, file.parent) == file)
+        return bool(index_key(key["path"], options) == key)
     except (OSError, ValueError, KeyError, TypeError, UnreadableFile):
         return False
 

@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 
 from dengine_cli.cache import files
-from dengine_cli.cache.index_store import index_key
+from dengine_cli.cache.index_store import still_current
 from dengine_cli.cache.keys import default_index_dir
 from dengine_cli.engine.index import PageIndex
 from dengine_cli.engine.sharing.model import ContentIds, KsmView, SharingReport, VmSharing
 from dengine_cli.errors import UnreadableFile
-from dengine_cli.formats.base import OpenOptions
 
 SHARING_MAGIC = b"DENGSHR\0"
 
@@ -146,10 +145,8 @@ def still_valid(file: Path) -> bool:
         return False
     try:
         key = found[0]["key"]
-        for ix_key in key["indexes"]:
-            options = OpenOptions(format=ix_key["format"], device_memory=bool(ix_key["device_memory"]))
-            if index_key(ix_key["path"], options) != ix_key:
-                return False
+        if not all(still_current(ix_key) for ix_key in key["indexes"]):
+            return False
         return bool(file_for(key, file.parent) == file)
     except (OSError, ValueError, KeyError, TypeError, UnreadableFile):
         return False
