@@ -452,6 +452,23 @@ def index_command(
     help="Leave out the Difference Engine figures (share + patch + compress) shown beside sharing.",
 )
 @sample_options
+@click.option(
+    "--ksm-max-page-sharing",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="KSM view: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing).",
+)
+@click.option(
+    "--ksm-use-zero-pages",
+    is_flag=True,
+    help="KSM view: empty pages merge with the kernel's zero page (ksm_zero_pages), as use_zero_pages=1.",
+)
+@click.option(
+    "--ksm-zero-pages-backed",
+    is_flag=True,
+    help="KSM view: take the dumps' zero pages as backed by host memory (default: never touched).",
+)
 @verify_option
 @index_options
 @dump_options
@@ -463,6 +480,9 @@ def analyze_command(
     sharing_only: bool,
     sample: float | None,
     seed: int,
+    ksm_max_page_sharing: int,
+    ksm_use_zero_pages: bool,
+    ksm_zero_pages_backed: bool,
     verify: bool,
     index_dir: Path | None,
     jobs: int | None,
@@ -491,6 +511,9 @@ def analyze_command(
                 report, de = session.plan(policy, sample=sample, seed=seed)
     finally:
         bar.close()
+    from dengine_cli.engine.sharing.model import KsmModel
+
+    report = report.with_ksm(KsmModel(ksm_max_page_sharing, ksm_use_zero_pages, ksm_zero_pages_backed))
     if output_format == "json":
         doc = report.to_dict()
         if not matrix:

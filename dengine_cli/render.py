@@ -13,7 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from dengine_cli.engine.sharing.model import KSM_RMAP_ITEM_BYTES, SharingReport
+from dengine_cli.engine.sharing.model import KSM_RMAP_ITEM_BYTES, KsmView, SharingReport
 from dengine_cli.pages import PAGE_SIZE
 
 if TYPE_CHECKING:  # for annotations only: rendering sharing needs no planner
@@ -98,6 +98,26 @@ def _fact_text(value: object) -> str:
     return str(value)
 
 
+def ksm_text(ksm: KsmView) -> str:
+    """The KSM view as the kernel's counters, and what it assumed of the zero pages."""
+    profit = ksm.general_profit
+    model = ksm.model
+    knobs = f"max_page_sharing {model.max_page_sharing}, use_zero_pages {int(model.use_zero_pages)}"
+    if model.zero_pages_backed:
+        zero = f"zero pages: {ksm.zero_pages} in the dumps, all taken as backed by the host (an upper bound)"
+    else:
+        zero = (
+            f"zero pages: {ksm.zero_pages} in the dumps, taken as never backed and not counted "
+            "(a dump cannot tell; --ksm-zero-pages-backed counts them)"
+        )
+    return (
+        f"KSM view (all VMs on one host; {knobs}): pages_shared {ksm.pages_shared}, pages_sharing "
+        f"{ksm.pages_sharing}, ksm_zero_pages {ksm.ksm_zero_pages}, general_profit "
+        f"{'-' if profit < 0 else ''}{size_text(abs(profit))} (after "
+        f"{size_text(ksm.rmap_items * KSM_RMAP_ITEM_BYTES)} of rmap_items)\n  {zero}"
+    )
+
+
 def _pct(x: float) -> str:
     return f"{100.0 * x:.1f}%"
 
@@ -140,13 +160,7 @@ def render_sharing(
     con.print(table)
     if de is not None:
         con.print(_plan_notes(de))
-    ksm = report.ksm
-    profit = ksm.general_profit
-    con.print(
-        f"KSM view (all VMs on one host): pages_shared {ksm.pages_shared}, pages_sharing "
-        f"{ksm.pages_sharing}, general_profit {'-' if profit < 0 else ''}{size_text(abs(profit))} "
-        f"(after {size_text(ksm.rmap_items * KSM_RMAP_ITEM_BYTES)} of rmap_items)"
-    )
+    con.print(ksm_text(report.ksm))
     if report.verified:
         con.print(
             f"{report.contents} distinct non-zero contents; every match compared byte by byte, "

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from dengine_cli.cache.spill import SpilledRuns
 from dengine_cli.engine.index import PageIndex, index_dump
 from dengine_cli.engine.sharing import confirm
-from dengine_cli.engine.sharing.model import KSM_RMAP_ITEM_BYTES, SCHEMA, SharingReport
+from dengine_cli.engine.sharing.model import KSM_RMAP_ITEM_BYTES, SCHEMA, KsmModel, SharingReport
 from dengine_cli.engine.sharing.pipeline import Shape, share
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import Dump, OpenOptions, Source
@@ -55,9 +55,13 @@ def dict_count(
     matrix = [[0] * n for _ in range(n)]
     ksm_shared = ksm_sharing = 0
     for content, places in where.items():
-        if len(places) >= 2:
+        # KSM by default: zero pages never backed, 256 mappings a KSM page at most.
+        left = len(places) if content != zero else 0
+        while left >= 2:
+            held = min(left, 256)
             ksm_shared += 1
-            ksm_sharing += len(places) - 1
+            ksm_sharing += held - 1
+            left -= held
         for v, _ in places:
             fig["present"][v] += 1
         if content == zero:
@@ -215,10 +219,23 @@ def test_ksm_view(tmp_path: Path) -> None:
     expected = dict_count(vms)
     zero = sum(expected["zero"])
     nonzero = sum(len(p) for p in vms) - zero
-    # Zero pages merge into one KSM page (use_zero_pages=0).
-    assert report.ksm.pages_sharing == (zero - 1) + (nonzero - report.contents)
-    assert report.ksm.rmap_items == 400
-    assert report.ksm.general_profit == report.ksm.pages_sharing * 4096 - 400 * KSM_RMAP_ITEM_BYTES
+    assert zero >= 2 and report.contents < nonzero
+    # By default the zero pages were never backed: KSM never saw them.
+    ksm = report.ksm
+    assert ksm.pages_sharing == nonzero - report.contents
+    assert ksm.rmap_items == nonzero and ksm.ksm_zero_pages == 0 and ksm.zero_pages == zero
+    assert ksm.general_profit == ksm.pages_sharing * 4096 - nonzero * KSM_RMAP_ITEM_BYTES
+    # Backed, they are one more content (use_zero_pages=0) ...
+    backed = report.with_ksm(KsmModel(zero_pages_backed=True)).ksm
+    assert backed.pages_shared == ksm.pages_shared + 1
+    assert backed.pages_sharing == (zero - 1) + (nonzero - report.contents)
+    assert backed.rmap_items == 400
+    assert backed.general_profit == backed.pages_sharing * 4096 - 400 * KSM_RMAP_ITEM_BYTES
+    # ... or KSM zero pages, without rmap_items once merged (use_zero_pages=1).
+    zero_merged = report.with_ksm(KsmModel(use_zero_pages=True, zero_pages_backed=True)).ksm
+    assert (zero_merged.pages_shared, zero_merged.pages_sharing) == (ksm.pages_shared, ksm.pages_sharing)
+    assert zero_merged.ksm_zero_pages == zero and zero_merged.rmap_items == nonzero
+    assert zero_merged.general_profit == (ksm.pages_sharing + zero) * 4096 - nonzero * KSM_RMAP_ITEM_BYTES
     assert KSM_RMAP_ITEM_BYTES == 64
 
 
@@ -248,7 +265,13 @@ def test_empty_and_all_zero_vms(tmp_path: Path) -> None:
     assert report.vms[0].zero == 50 and report.vms[0].kept == 0
     assert report.vms[0].savings == 1.0
     assert report.contents == 0 and report.matrix.tolist() == [[0]]
-    assert (report.ksm.pages_shared, report.ksm.pages_sharing) == (1, 49)
+    assert (report.ksm.pages_shared, report.ksm.pages_sharing, report.ksm.rmap_items) == (0, 0, 0)
+    backed = report.with_ksm(KsmModel(zero_pages_backed=True)).ksm
+    assert (backed.pages_shared, backed.pages_sharing, backed.rmap_items) == (1, 49, 50)
+    capped = report.with_ksm(KsmModel(max_page_sharing=16, zero_pages_backed=True)).ksm
+    # 50 = 3 full KSM pages of 16 and one of 2.
+    assert (capped.pages_shared, capped.pages_sharing) == (4, 3 * 15 + 1)
+    assert (capped.stable_node_chains, capped.stable_node_dups) == (1, 4)
 
 
 def test_index_and_dump_must_agree(tmp_path: Path) -> None:

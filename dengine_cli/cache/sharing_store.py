@@ -31,14 +31,14 @@ from dengine_cli.cache import files
 from dengine_cli.cache.index_store import still_current
 from dengine_cli.cache.keys import default_index_dir
 from dengine_cli.engine.index import PageIndex
-from dengine_cli.engine.sharing.model import ContentIds, KsmView, SharingReport, VmSharing
+from dengine_cli.engine.sharing.model import ContentIds, CopyCounts, SharingReport, VmSharing
 from dengine_cli.errors import UnreadableFile
 
 SHARING_MAGIC = b"DENGSHR\0"
 
 
 #: Bump whenever the layout or the meaning of a figure changes.
-SHARING_VERSION = 2
+SHARING_VERSION = 3
 
 
 SHARING_SUFFIX = ".shr"
@@ -94,7 +94,10 @@ def load(
         return SharingReport(
             vms=vms,
             total=VmSharing(name="total", **header["total"]),
-            ksm=KsmView(**header["ksm"]),
+            copy_counts=CopyCounts(
+                np.array(header["copy_counts"]["copies"], dtype=np.int64),
+                np.array(header["copy_counts"]["contents"], dtype=np.int64),
+            ),
             matrix=np.array(header["matrix"], dtype=np.int64).reshape(len(counts), len(counts)),
             contents=int(header["contents"]),
             collisions=int(header["collisions"]),
@@ -124,7 +127,7 @@ def store(report: SharingReport, key: dict[str, Any], file: Path) -> bool:
         "id_dtype": "uint64" if wide else "uint32",
         "vms": [figures(vm) for vm in report.vms],
         "total": figures(report.total),
-        "ksm": dataclasses.asdict(report.ksm),
+        "copy_counts": report.copy_counts.to_dict(),
         "matrix": report.matrix.tolist(),
         "contents": report.contents,
         "collisions": report.collisions,

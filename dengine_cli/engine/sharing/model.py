@@ -3,6 +3,7 @@ content id of every page, and their JSON form (``dengine.analyze/1``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,42 +77,151 @@ class VmSharing:
         }
 
 
+#: The kernel's default of ``/sys/kernel/mm/ksm/max_page_sharing``.
+KSM_MAX_PAGE_SHARING = 256
+
+
+@dataclass(frozen=True)
+class KsmModel:
+    """The knobs of ``/sys/kernel/mm/ksm`` that change what KSM reports, and the one thing a
+    dump cannot tell: whether its zero pages were ever backed by host memory.
+
+    * ``max_page_sharing``: mappings one KSM page may hold (the kernel's default 256, at least
+      2).  A content with more copies is held by several KSM pages (stable_node_dups of one
+      stable_node_chain).
+    * ``use_zero_pages``: empty pages are merged with the kernel's zero page and counted as
+      ``ksm_zero_pages``, not as ``pages_shared`` / ``pages_sharing`` (off by default, as in the
+      kernel).
+    * ``zero_pages_backed``: take every zero page of the dumps to be backed by a host page that
+      KSM scans.  Off by default: a zero page in a guest's dump is almost always memory the
+      guest never wrote, which the host never backed (KSM sees no page there); measured on QEMU
+      guests under real KSM, 99 of some 93,000 zero pages were.  Guests that zero their free
+      memory (Windows) back theirs: turn it on for them.
+    """
+
+    max_page_sharing: int = KSM_MAX_PAGE_SHARING
+    use_zero_pages: bool = False
+    zero_pages_backed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_page_sharing < 2:
+            raise ValueError("max_page_sharing must be at least 2, as in the kernel")
+
+
+@dataclass(frozen=True, eq=False)
+class CopyCounts:
+    """How many non-zero contents have exactly ``copies[i]`` copies: ``contents[i]`` (only
+    contents with two or more copies; ``copies`` ascending, distinct).  What the KSM view needs
+    of the grouping, whatever its knobs: a few hundred numbers, never one per content."""
+
+    copies: npt.NDArray[np.int64]
+    contents: npt.NDArray[np.int64]
+
+    @staticmethod
+    def of(copies: npt.NDArray[np.int64]) -> CopyCounts:
+        """The counts of ``copies``, the copies of each content."""
+        values, counts = np.unique(copies[copies >= 2], return_counts=True)
+        return CopyCounts(values.astype(np.int64), counts.astype(np.int64))
+
+    @staticmethod
+    def none() -> CopyCounts:
+        return CopyCounts(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def __add__(self, other: CopyCounts) -> CopyCounts:
+        values = np.concatenate((self.copies, other.copies))
+        counts = np.concatenate((self.contents, other.contents))
+        merged, at = np.unique(values, return_inverse=True)
+        return CopyCounts(merged.astype(np.int64), np.bincount(at, weights=counts).astype(np.int64))
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"copies": self.copies.tolist(), "contents": self.contents.tolist()}
+
+
 @dataclass(frozen=True)
 class KsmView:
-    """What Linux KSM would report after merging every present page of all the VMs on one host
-    (KSM has no salting: always across VMs).
+    """What Linux KSM would report once it has merged all the VMs on one host and its counters
+    are stable (KSM has no salting: always across VMs), under ``model``.
 
-    * ``pages_shared``: distinct contents with at least two copies (KSM pages).  The zero page
-      counts like any other content: that is KSM's default (``use_zero_pages=0``).
-    * ``pages_sharing``: copies beyond the first of those contents (page table entries that point
-      to a KSM page instead of their own page).
-    * ``rmap_items``: every present page.  An approximation: KSM allocates one rmap_item per page
-      it scans, and we take it to scan every page of guest RAM.
-    * ``general_profit``: bytes, as ``/sys/kernel/mm/ksm/general_profit`` computes it
-      (mm/ksm.c, general_profit_show, Linux 6.1+)::
+    A content with n copies, cut by ``max_page_sharing`` M as mm/ksm.c fills its
+    stable_node_dups (a new KSM page only when every one holding that content is full; a single
+    page left over stays unshared): n // M full KSM pages of M mappings, and one more of
+    n % M mappings when that is at least 2.
 
-          pages_sharing * PAGE_SIZE - rmap_items * sizeof(struct ksm_rmap_item)
+    * ``pages_shared``: KSM pages in use; ``pages_sharing``: mappings beyond the first of each.
+    * ``stable_node_chains`` / ``stable_node_dups``: contents that need two or more KSM pages,
+      and those pages.
+    * ``ksm_zero_pages``: empty pages merged with the kernel's zero page (``use_zero_pages``
+      and backed zero pages only).
+    * ``rmap_items``: one per page KSM scans: every non-zero page, and the backed zero pages
+      that are not KSM zero pages (after a full scan the kernel frees their rmap_items).
+    * ``general_profit``: bytes, by the kernel's formula (mm/ksm.c general_profit_show,
+      Linux 6.5+)::
 
-    ``ksm_max_page_sharing`` (default 256 mappings per KSM page) is not modelled: a content with
-    n > 256 copies is one KSM page here, ceil(n / 256) in the kernel.
+          (pages_sharing + ksm_zero_pages) * PAGE_SIZE - rmap_items * sizeof(struct ksm_rmap_item)
+
+    ``zero_pages``: the zero pages in the dumps, whether or not they are counted.
     """
 
     pages_shared: int
     pages_sharing: int
+    ksm_zero_pages: int
     rmap_items: int
+    stable_node_chains: int
+    stable_node_dups: int
+    zero_pages: int
+    model: KsmModel
 
     @property
     def general_profit(self) -> int:
-        return self.pages_sharing * PAGE_SIZE - self.rmap_items * KSM_RMAP_ITEM_BYTES
+        return (self.pages_sharing + self.ksm_zero_pages) * PAGE_SIZE - self.rmap_items * KSM_RMAP_ITEM_BYTES
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pages_shared": self.pages_shared,
             "pages_sharing": self.pages_sharing,
+            "ksm_zero_pages": self.ksm_zero_pages,
+            "general_profit_bytes": self.general_profit,
             "rmap_items": self.rmap_items,
             "rmap_item_bytes": KSM_RMAP_ITEM_BYTES,
-            "general_profit_bytes": self.general_profit,
+            "stable_node_chains": self.stable_node_chains,
+            "stable_node_dups": self.stable_node_dups,
+            "max_page_sharing": self.model.max_page_sharing,
+            "use_zero_pages": self.model.use_zero_pages,
+            "zero_pages_in_dumps": self.zero_pages,
+            "zero_pages_assumed": "backed" if self.model.zero_pages_backed else "untouched",
         }
+
+
+def ksm_view(counts: CopyCounts, zero_pages: int, present: int, model: KsmModel) -> KsmView:
+    """The :class:`KsmView` of contents with ``counts`` copies beside ``zero_pages`` zero pages,
+    out of ``present`` pages in all, under ``model``."""
+    copies, contents = counts.copies, counts.contents
+    backed_zero = zero_pages if model.zero_pages_backed else 0
+    ksm_zero = backed_zero if model.use_zero_pages else 0
+    if backed_zero >= 2 and not model.use_zero_pages:
+        # The zero page is then a content like any other.
+        at = np.searchsorted(copies, backed_zero)
+        if at < len(copies) and copies[at] == backed_zero:
+            contents = contents.copy()
+            contents[at] += 1
+        else:
+            copies = np.insert(copies, at, backed_zero)
+            contents = np.insert(contents, at, 1)
+    m = model.max_page_sharing
+    full, rest = copies // m, copies % m
+    dups = full + (rest >= 2)
+    sharing = full * (m - 1) + np.where(rest >= 2, rest - 1, 0)
+    chained = dups >= 2
+    return KsmView(
+        pages_shared=int((dups * contents).sum()),
+        pages_sharing=int((sharing * contents).sum()),
+        ksm_zero_pages=ksm_zero,
+        rmap_items=present - zero_pages + backed_zero - ksm_zero,
+        stable_node_chains=int(contents[chained].sum()),
+        stable_node_dups=int((dups * contents)[chained].sum()),
+        zero_pages=zero_pages,
+        model=model,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,12 +238,14 @@ class SharingReport:
     hash equals the hash of a page with different content (all pages of such a hash group),
     which were split by content and so change no figure (without verification it is 0).
     ``content_ids[v]`` is the content id of every present page of VM v (ascending gfn): 0 =
-    zero page, then 1..``contents`` in the order of their hashes.
+    zero page, then 1..``contents`` in the order of their hashes.  ``copy_counts``: how many
+    contents have how many copies, from which :attr:`ksm` is worked out under ``ksm_model``
+    (:meth:`with_ksm` gives the same report under other knobs).
     """
 
     vms: tuple[VmSharing, ...]
     total: VmSharing
-    ksm: KsmView
+    copy_counts: CopyCounts
     matrix: npt.NDArray[np.int64]
     contents: int
     collisions: int
@@ -141,6 +253,15 @@ class SharingReport:
     hash_bits: int
     content_ids: tuple[ContentIds, ...]
     verified: bool = False
+    ksm_model: KsmModel = KsmModel()
+
+    @property
+    def ksm(self) -> KsmView:
+        return ksm_view(self.copy_counts, self.total.zero, self.total.present, self.ksm_model)
+
+    def with_ksm(self, model: KsmModel) -> SharingReport:
+        """This report with its KSM view under ``model``."""
+        return dataclasses.replace(self, ksm_model=model)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.engine.sharing.model import ContentIds, KsmView, SharingReport, VmSharing
+from dengine_cli.engine.sharing.model import ContentIds, CopyCounts, SharingReport, VmSharing
 from dengine_cli.engine.sharing.partitions import I64, Grouping
 
 #: Rows of the (content, VM) incidence matrix built at once when the matrix is summed.
@@ -32,8 +32,7 @@ class PartitionSums:
     across: I64
     kept: I64
     unique: I64
-    ksm_shared: int
-    ksm_sharing: int
+    copy_counts: CopyCounts
     matrix: npt.NDArray[np.int64]
     contents: int
     collisions: int
@@ -54,8 +53,7 @@ def settle(grouping: Grouping, n_vms: int, cross_vm: bool, collisions: int = 0) 
             empty,
             empty,
             empty,
-            0,
-            0,
+            CopyCounts.none(),
             np.zeros((n_vms, n_vms), np.int64),
             0,
             0,
@@ -78,14 +76,12 @@ def settle(grouping: Grouping, n_vms: int, cross_vm: bool, collisions: int = 0) 
     n_contents = int(content[-1]) + 1
     copies = np.bincount(content, minlength=n_contents)
     kept = first_in_content if cross_vm else first_in_vm
-    shared = copies >= 2
     return PartitionSums(
         within=np.bincount(v[~first_in_vm], minlength=n_vms),
         across=np.bincount(v[first_in_vm & ~first_in_content], minlength=n_vms) if cross_vm else empty,
         kept=np.bincount(v[kept], minlength=n_vms),
         unique=np.bincount(v[kept & (copies[content] == 1)], minlength=n_vms),
-        ksm_shared=int(np.count_nonzero(shared)),
-        ksm_sharing=int((copies[shared] - 1).sum()),
+        copy_counts=CopyCounts.of(copies),
         matrix=_matrix(content[first_in_vm], v[first_in_vm], n_contents, n_vms),
         contents=n_contents,
         collisions=collisions,
@@ -146,10 +142,7 @@ class SharingTotals:
         self.kept = np.zeros(n_vms, dtype=np.int64)
         self.unique = np.zeros(n_vms, dtype=np.int64)
         self.matrix = np.zeros((n_vms, n_vms), dtype=np.int64)
-        zero_total = int(self.zero.sum())
-        # The zero page is a content like any other to KSM (use_zero_pages=0).
-        self.ksm_shared = 1 if zero_total >= 2 else 0
-        self.ksm_sharing = zero_total - 1 if zero_total >= 2 else 0
+        self.copy_counts = CopyCounts.none()
         self.collisions = 0
         self.next_id = 1
 
@@ -159,8 +152,7 @@ class SharingTotals:
         self.across += sums.across
         self.kept += sums.kept
         self.unique += sums.unique
-        self.ksm_shared += sums.ksm_shared
-        self.ksm_sharing += sums.ksm_sharing
+        self.copy_counts += sums.copy_counts
         self.matrix += sums.matrix
         self.collisions += sums.collisions
         if len(sums.ids):
@@ -194,7 +186,7 @@ class SharingTotals:
         return SharingReport(
             vms=vms,
             total=total,
-            ksm=KsmView(self.ksm_shared, self.ksm_sharing, int(self.present.sum())),
+            copy_counts=self.copy_counts,
             matrix=matrix,
             contents=self.next_id - 1,
             collisions=self.collisions,
