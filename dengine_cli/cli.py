@@ -228,6 +228,13 @@ output_format_option = click.option(
 )
 
 
+wide_option = click.option(
+    "--wide",
+    is_flag=True,
+    help="On a terminal, show every column however wide (a pipe always gets every column).",
+)
+
+
 def sample_options(f: F) -> F:
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")(f)
     f = click.option(
@@ -269,6 +276,10 @@ def info_command(
     if as_json:
         doc = info_document(infos)
         click.echo(json.dumps(doc, indent=2))
+    elif (width := terminal_width()) is not None:
+        from dengine_cli.render import render_info_terminal
+
+        click.echo(render_info_terminal(infos, width=width, color=terminal_color()), nl=False)
     else:
         click.echo(render_info(infos), nl=False)
 
@@ -451,6 +462,7 @@ def index_command(
     is_flag=True,
     help="Leave out the Difference Engine figures (share + patch + compress) shown beside sharing.",
 )
+@wide_option
 @sample_options
 @verify_option
 @index_options
@@ -458,6 +470,7 @@ def index_command(
 def analyze_command(
     dumps: tuple[str, ...],
     output_format: str,
+    wide: bool,
     no_cross_vm: bool,
     matrix: bool,
     sharing_only: bool,
@@ -504,9 +517,15 @@ def analyze_command(
         click.echo(render_matrix_csv(report) if matrix else render_sharing_csv(report, de), nl=False)
     else:
         # Imported only here: the renderer imports rich (40 ms), which JSON does not need.
-        from dengine_cli.render import render_sharing
+        from dengine_cli.render import render_sharing, render_sharing_terminal
 
-        click.echo(render_sharing(report, matrix=matrix, de=de), nl=False)
+        if (width := terminal_width()) is not None:
+            text = render_sharing_terminal(
+                report, matrix=matrix, de=de, width=width, wide=wide, color=terminal_color()
+            )
+        else:
+            text = render_sharing(report, matrix=matrix, de=de)
+        click.echo(text, nl=False)
 
 
 @cli.command("plan")
@@ -547,6 +566,7 @@ def analyze_command(
     help="Also write the whole plan, page by page, as JSON (schema dengine.plan/1).",
 )
 @output_format_option
+@wide_option
 @verify_option
 @index_options
 @dump_options
@@ -560,6 +580,7 @@ def plan_command(
     seed: int,
     output: Path | None,
     output_format: str,
+    wide: bool,
     verify: bool,
     index_dir: Path | None,
     jobs: int | None,
@@ -592,10 +613,10 @@ def plan_command(
         bar.close()
     if output is not None:
         write_plan(report, output)
-    _print_plan(report, output_format)
+    _print_plan(report, output_format, wide)
 
 
-def _print_plan(report: PlanReport, output_format: str) -> None:
+def _print_plan(report: PlanReport, output_format: str, wide: bool = False) -> None:
     if output_format == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif output_format == "csv":
@@ -604,9 +625,27 @@ def _print_plan(report: PlanReport, output_format: str) -> None:
         click.echo(render_plan_csv(report), nl=False)
     else:
         # Imported only here: the renderer imports rich (40 ms), which JSON does not need.
-        from dengine_cli.render import render_plan
+        from dengine_cli.render import render_plan, render_plan_terminal
 
-        click.echo(render_plan(report), nl=False)
+        if (width := terminal_width()) is not None:
+            click.echo(render_plan_terminal(report, width=width, wide=wide, color=terminal_color()), nl=False)
+        else:
+            click.echo(render_plan(report), nl=False)
+
+
+def terminal_width() -> int | None:
+    """The width of the terminal stdout is, or ``None`` when stdout is a pipe or a file (which
+    get the plain layout: every column, 240 wide, no colour, stable for scripts)."""
+    if not sys.stdout.isatty():
+        return None
+    import shutil
+
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
+
+
+def terminal_color() -> bool:
+    """Colour on a terminal unless NO_COLOR is set (https://no-color.org) or TERM is dumb."""
+    return not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
 
 
 def _open(path: Path, options: OpenOptions) -> Dump:
