@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,36 @@ def test_the_json_has_the_documented_keys(report_data: ReportData) -> None:
     assert all(set(v) == vm for v in doc["vms"])
     assert all(set(c) == change for v in doc["vms"] for c in v["changes"]) and doc["vms"][1]["changes"]
     assert all(set(p) == point for p in doc["series"])
+
+
+def test_snapshots_are_grouped_by_the_guest_their_headers_name(
+    tmp_path: Path, real_dump: Callable[[str], Path]
+) -> None:
+    """libvirt save images (real QEMU streams in a save header) name their guest: two of guest
+    uuid U are one VM's snapshots, a third of another uuid is another VM."""
+    from tests.builders.libvirt_save import build_save, domain_xml
+
+    alpha, beta = real_dump("alpha.qevm").read_bytes(), real_dump("beta.qevm").read_bytes()
+    web = "6c0ffee0-0000-4000-8000-0000000000a1"
+    saves = {
+        "web-mon.save": build_save(alpha, domain_xml("web", web)),
+        "db-mon.save": build_save(beta, domain_xml("db", "6c0ffee0-0000-4000-8000-0000000000d2")),
+        "web-tue.save": build_save(beta, domain_xml("web", web)),
+    }
+    for name, image in saves.items():
+        (tmp_path / name).write_bytes(image)
+    code, _, err = invoke(
+        "-q", "report", "--index-dir", str(tmp_path / "idx"), "-o", str(tmp_path / "r.html"),
+        "--json", str(tmp_path / "r.json"), *(str(tmp_path / n) for n in saves),
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [(vm["name"], vm["grouped_by"], [Path(s).name for s in vm["snapshots"]]) for vm in doc["vms"]] == [
+        ("web", "uuid", ["web-mon.save", "web-tue.save"]),
+        ("db", "uuid", ["db-mon.save"]),
+    ]
+    (change,) = doc["vms"][0]["changes"]
+    # alpha and beta are different guests: most non-zero pages differ, none appear or vanish.
+    assert change["pages_changed"] > 1000 and change["pages_appeared"] == change["pages_disappeared"] == 0
+    assert [Path(d).name for d in doc["series"][1]["dumps"]] == ["web-tue.save", "db-mon.save"]
+    assert 'data-chart="series"' in (tmp_path / "r.html").read_text()

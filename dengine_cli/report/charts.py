@@ -76,7 +76,7 @@ def breakdown_chart(data: ReportData) -> Figure:
     unit = _unit(data)
     names = [vm.name for vm in data.vms]
     with _style():
-        fig = _figure(max(6.0, 1.2 + 0.45 * len(names) * len(plans)), 4.2)
+        fig = _figure(min(14.0, max(6.0, 2.0 + 0.7 * len(names) * len(plans))), 4.4)
         axes = fig.subplots(1, len(plans), sharey=True, squeeze=False)[0]
         for ax, (policy, plan) in zip(axes, plans.items(), strict=True):
             bottom = [0.0] * len(names)
@@ -85,12 +85,12 @@ def breakdown_chart(data: ReportData) -> Figure:
                 ax.bar(names, values, bottom=bottom, color=colour, label=label, width=0.7)
                 bottom = [b + v for b, v in zip(bottom, values, strict=True)]
             for x, vm in enumerate(plan["vms"]):
-                ax.annotate(
-                    f"{vm['savings_percent']:.1f}%", (x, bottom[x]), ha="center", va="bottom", fontsize=8
-                )
+                label = f"{vm['savings_percent']:.1f}%"
+                turn = 90 if len(names) > 2 else 0  # side by side they would overlap
+                ax.annotate(label, (x, bottom[x]), ha="center", va="bottom", fontsize=7, rotation=turn)
             ax.set_title(f"{policy}: saves {plan['total']['savings_percent']:.1f}%")
             ax.tick_params(axis="x", labelrotation=30 if len(names) > 3 else 0)
-            ax.margins(y=0.12)
+            ax.margins(y=0.18)
         axes[0].set_ylabel(f"guest memory ({unit.name})")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right upper", frameon=False)

@@ -52,7 +52,7 @@ def _summary(data: ReportData) -> str:
     plans = data.last.plans
     steps = len(data.points)
     parts = (
-        [f"{len(data.vms)} VM(s)", f"{steps} snapshot(s) each at most"]
+        [f"{len(data.vms)} VM(s)", f"up to {steps} snapshots per VM"]
         if steps > 1
         else [f"{len(data.vms)} VM(s)"]
     )
