@@ -45,6 +45,7 @@ class DengineGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:
         argv = kwargs.get("args")
         argv = list(argv) if argv is not None else sys.argv[1:]
+        self.argv = argv  # the command line as given, which `dengine report` records
         debug = "--debug" in argv
         kwargs["standalone_mode"] = False
         try:
@@ -228,6 +229,13 @@ output_format_option = click.option(
 )
 
 
+wide_option = click.option(
+    "--wide",
+    is_flag=True,
+    help="On a terminal, show every column however wide (a pipe always gets every column).",
+)
+
+
 def sample_options(f: F) -> F:
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")(f)
     f = click.option(
@@ -269,6 +277,10 @@ def info_command(
     if as_json:
         doc = info_document(infos)
         click.echo(json.dumps(doc, indent=2))
+    elif (width := terminal_width()) is not None:
+        from dengine_cli.render import render_info_terminal
+
+        click.echo(render_info_terminal(infos, width=width, color=terminal_color()), nl=False)
     else:
         click.echo(render_info(infos), nl=False)
 
@@ -451,6 +463,7 @@ def index_command(
     is_flag=True,
     help="Leave out the Difference Engine figures (share + patch + compress) shown beside sharing.",
 )
+@wide_option
 @sample_options
 @click.option(
     "--ksm-max-page-sharing",
@@ -475,6 +488,7 @@ def index_command(
 def analyze_command(
     dumps: tuple[str, ...],
     output_format: str,
+    wide: bool,
     no_cross_vm: bool,
     matrix: bool,
     sharing_only: bool,
@@ -527,9 +541,15 @@ def analyze_command(
         click.echo(render_matrix_csv(report) if matrix else render_sharing_csv(report, de), nl=False)
     else:
         # Imported only here: the renderer imports rich (40 ms), which JSON does not need.
-        from dengine_cli.render import render_sharing
+        from dengine_cli.render import render_sharing, render_sharing_terminal
 
-        click.echo(render_sharing(report, matrix=matrix, de=de), nl=False)
+        if (width := terminal_width()) is not None:
+            text = render_sharing_terminal(
+                report, matrix=matrix, de=de, width=width, wide=wide, color=terminal_color()
+            )
+        else:
+            text = render_sharing(report, matrix=matrix, de=de)
+        click.echo(text, nl=False)
 
 
 @cli.command("plan")
@@ -570,6 +590,7 @@ def analyze_command(
     help="Also write the whole plan, page by page, as JSON (schema dengine.plan/1).",
 )
 @output_format_option
+@wide_option
 @verify_option
 @index_options
 @dump_options
@@ -583,6 +604,7 @@ def plan_command(
     seed: int,
     output: Path | None,
     output_format: str,
+    wide: bool,
     verify: bool,
     index_dir: Path | None,
     jobs: int | None,
@@ -615,10 +637,114 @@ def plan_command(
         bar.close()
     if output is not None:
         write_plan(report, output)
-    _print_plan(report, output_format)
+    _print_plan(report, output_format, wide)
 
 
-def _print_plan(report: PlanReport, output_format: str) -> None:
+@cli.command("report")
+@click.argument("inputs", nargs=-1)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The HTML report to write (one self-contained file).",
+)
+@click.option(
+    "--policy",
+    "extra_policies",
+    multiple=True,
+    help="A policy shown beside ksm, esx and de (a name or a TOML file; repeatable).",
+)
+@click.option(
+    "--vm",
+    "vm_specs",
+    multiple=True,
+    metavar="NAME=DUMP,DUMP,...",
+    help="The snapshots of one VM, oldest first (repeatable); other dumps are grouped by guest uuid or name.",
+)
+@click.option(
+    "--host-memory",
+    type=ByteSize(),
+    default=None,
+    help="Host memory (e.g. 512G): pages paged out and VMs per host under each policy.",
+)
+@click.option(
+    "--json",
+    "json_output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the report's figures as JSON (schema dengine.report/1).",
+)
+@click.option(
+    "--csv",
+    "csv_output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the time series (savings and pages changed per VM and snapshot) as CSV.",
+)
+@verify_option
+@index_options
+@dump_options
+def report_command(
+    inputs: tuple[str, ...],
+    output: Path,
+    extra_policies: tuple[str, ...],
+    vm_specs: tuple[str, ...],
+    host_memory: int | None,
+    json_output: Path | None,
+    csv_output: Path | None,
+    verify: bool,
+    index_dir: Path | None,
+    jobs: int | None,
+    memory_limit: int | None,
+    dump_format: str | None,
+    device_memory: bool,
+    tmp_dir: Path | None,
+) -> None:
+    """One self-contained HTML report of DUMPS (or plan files from `plan -o`): each VM's memory
+    under ksm, esx, de and any --policy side by side, the sharing matrix, savings against host
+    memory, and, for VMs with several snapshots, savings over time and the pages changed."""
+    from dengine_cli.errors import OutputError
+    from dengine_cli.policies import resolve_policy
+    from dengine_cli.report.build import ReportRequest, build_report, series_csv, write_atomically
+    from dengine_cli.report.snapshots import parse_vm_option
+
+    outputs = [p for p in (output, json_output, csv_output) if p is not None]
+    for path in outputs:
+        if not (path.parent if str(path.parent) else Path(".")).is_dir():
+            raise OutputError(path, "no such directory")
+    if not inputs and not vm_specs:
+        raise click.UsageError("no dumps given")
+    names = dict.fromkeys(["ksm", "esx", "de", *extra_policies])
+    policies = tuple(resolve_policy(name) for name in names)
+    request = ReportRequest(
+        dumps=tuple(expand_dump_args(inputs)) if inputs else (),
+        vms=tuple(parse_vm_option(vm_specs)),
+        policies=policies,
+        host_memory=host_memory,
+        command=("dengine", *getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:])),
+    )
+    settings = settings_of(
+        open_options(dump_format, device_memory, tmp_dir), index_dir, jobs, memory_limit, verify
+    )
+    bar = PageProgress("report")
+    try:
+        data = build_report(request, settings, bar, _note)
+    finally:
+        bar.close()
+    from dengine_cli.report.page import render_html
+
+    _note("report: drawing the charts")
+    page = render_html(data)
+    if json_output is not None:
+        write_atomically(json_output, (json.dumps(data.to_dict(), indent=1) + "\n").encode())
+    if csv_output is not None:
+        write_atomically(csv_output, series_csv(data).encode())
+    write_atomically(output, page.encode())
+    _note(f"{output}: {len(data.vms)} VM(s), {len(data.points)} snapshot(s), policies {', '.join(names)}")
+
+
+def _print_plan(report: PlanReport, output_format: str, wide: bool = False) -> None:
     if output_format == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif output_format == "csv":
@@ -627,9 +753,27 @@ def _print_plan(report: PlanReport, output_format: str) -> None:
         click.echo(render_plan_csv(report), nl=False)
     else:
         # Imported only here: the renderer imports rich (40 ms), which JSON does not need.
-        from dengine_cli.render import render_plan
+        from dengine_cli.render import render_plan, render_plan_terminal
 
-        click.echo(render_plan(report), nl=False)
+        if (width := terminal_width()) is not None:
+            click.echo(render_plan_terminal(report, width=width, wide=wide, color=terminal_color()), nl=False)
+        else:
+            click.echo(render_plan(report), nl=False)
+
+
+def terminal_width() -> int | None:
+    """The width of the terminal stdout is, or ``None`` when stdout is a pipe or a file (which
+    get the plain layout: every column, 240 wide, no colour, stable for scripts)."""
+    if not sys.stdout.isatty():
+        return None
+    import shutil
+
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
+
+
+def terminal_color() -> bool:
+    """Colour on a terminal unless NO_COLOR is set (https://no-color.org) or TERM is dumb."""
+    return not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
 
 
 def _open(path: Path, options: OpenOptions) -> Dump:
