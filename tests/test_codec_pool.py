@@ -23,18 +23,40 @@ RAW = OpenOptions(format="raw")
 BSDIFF = Policy("de-bsdiff", patch=True, compress=True, patch_codec="bsdiff4")
 
 
+class Measurers:
+    """The threads of this process that measured patches (the real function still runs).  After
+    :meth:`expect`, each thread's first call waits until ``n`` threads have made theirs: under
+    load the calling thread could otherwise take every chunk before a helper starts, and whether
+    the work was spread would depend on the scheduler."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.meet: threading.Barrier | None = None
+        self.lock = threading.Lock()
+
+    def expect(self, n: int) -> None:
+        self.seen.clear()
+        self.meet = threading.Barrier(n, timeout=300)
+
+    def record(self) -> None:
+        with self.lock:
+            first = threading.get_ident() not in self.seen
+            self.seen.add(threading.get_ident())
+        if first and self.meet is not None:
+            self.meet.wait()
+
+
 @pytest.fixture
-def who_measured(monkeypatch: pytest.MonkeyPatch) -> set[int]:
-    """The threads of this process that measured patches (the real function still runs)."""
-    seen: set[int] = set()
+def who_measured(monkeypatch: pytest.MonkeyPatch) -> Measurers:
+    measurers = Measurers()
     real = measure.measure_patches
 
     def recording(*args: Any) -> Any:
-        seen.add(threading.get_ident())
+        measurers.record()
         return real(*args)
 
     monkeypatch.setattr(measure, "measure_patches", recording)
-    return seen
+    return measurers
 
 
 def same_plan(a: PlanReport, b: PlanReport) -> None:
@@ -62,13 +84,14 @@ def test_plan_by_forked_processes_equals_plan_alone(tmp_path: Path, sample: floa
 @pytest.mark.parametrize(
     "policy", [POLICIES["de"], Policy("esx-de", cross_vm=False, patch=True, compress=True)]
 )
-def test_plan_by_threads_equals_plan_alone(tmp_path: Path, policy: Policy, who_measured: set[int]) -> None:
+def test_plan_by_threads_equals_plan_alone(tmp_path: Path, policy: Policy, who_measured: Measurers) -> None:
     paths = write_raw_images(tmp_path, mixed_vms(13, [600, 500]))
     _, alone = share_and_plan(paths, policy, options=RAW, index_dir=tmp_path / "a", workers=Workers(jobs=1))
-    assert len(who_measured) == 1
-    who_measured.clear()
+    assert len(who_measured.seen) == 1
+    # Two threads must each take a chunk (else the barrier times out: the work was not cut).
+    who_measured.expect(2)
     _, threaded = share_and_plan(
         paths, policy, options=RAW, index_dir=tmp_path / "b", workers=Workers(jobs=2)
     )
-    assert len(who_measured) == 2  # two threads really measured
+    assert len(who_measured.seen) == 2
     same_plan(alone, threaded)
