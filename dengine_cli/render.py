@@ -224,7 +224,7 @@ def _plan_notes(plan: PlanReport) -> str:
         )
     )
     if plan.upper_bound:
-        notes.append("upper bound: no --history, so every page counted cold (none in active use)")
+        notes.append("upper bound: every page of a VM without --history counted cold (none in active use)")
     if plan.sample is not None:
         s = plan.sample
         notes.append(

@@ -160,7 +160,7 @@ class PagePlan:
 class PlanReport:
     """A whole plan: the policy, per-VM figures, their total, the baseline policy's figures,
     the run-time cost, sampling and host information, and the per-page plan (for the plan
-    file).  ``upper_bound``: no history was given, every page counted cold."""
+    file).  ``upper_bound``: some VM has no history, all its pages counted cold."""
 
     policy: Policy
     vms: tuple[VmPlan, ...]
