@@ -36,11 +36,13 @@ Sampling (``sample=f``): sharing stays exact; patching and compression are compu
 sample only and the saved bytes extrapolated.  The units sampled are the connected groups of
 candidates linked by proposed (page, reference) pairs: within a group the decisions are exactly
 those of the full plan, and groups do not influence each other (a reference outside the
-candidates is whole whatever happens).  Groups of more than :data:`TAKE_ALL_UNIT` pages and more
-than 1/:data:`TAKE_ALL_SHARE` of the candidates are always computed (a stratum taken whole); of
-the others a simple random sample of ``round(f * N)`` groups is taken.  Saved bytes are
-estimated from the sampled groups (a ratio estimator, see :func:`_extrapolate`), with a 95%
-interval from the normal approximation with finite-population correction.  With ``f = 1`` every
+candidates is whole whatever happens).  Groups of at least 1/f pages are always computed (a
+stratum taken whole); the others are drawn in strata (VM, size class, whether a reference was
+proposed), ``round(f N_h)`` groups of each (at least 2, and at least
+:data:`~dengine_cli.engine.plan.sampling.MIN_SAMPLED` in all).  Saved bytes are estimated by the
+stratified expansion estimator (unbiased; the VMs' figures add up to the total), with a 95%
+interval from the normal approximation with finite-population correction (see
+:mod:`~dengine_cli.engine.plan.sampling` for the design and why).  With ``f = 1`` every
 group is computed and the plan is the exact one.
 """
 

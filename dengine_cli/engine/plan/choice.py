@@ -182,7 +182,7 @@ def plan_dumps(
     if choices.sampling is not None:
         vms, total_half = extrapolate(
             vms, scope, choices.sampling, choices.patched, choices.patch_size, choices.compressed,
-            choices.comp_size, bounds, zero_frame_vm, host_memory,
+            choices.comp_size, zero_frame_vm, host_memory,
         )  # fmt: skip
     total = total_of(vms, host_memory, total_half)
     base_report = None
