@@ -345,12 +345,8 @@ def _zstd_stream(source: Source, data: memoryview) -> Iterator[bytes]:
 def _lzop_stream(source: Source, data: memoryview) -> Iterator[bytes]:
     """lzop files (lzop 1.04 ``x_header``/``x_decompress``): a header, then blocks of
     ``be32 uncompressed length, be32 compressed length, checksums, data`` up to a zero length."""
-    try:
-        import lzo
-    except ImportError:
-        raise UnsupportedFeature(
-            source.name, source.start, feature="lzop compression (install python-lzo)"
-        ) from None
+    from lzallright import LZOCompressor, LZOError
+
     pos = source.start
     end = len(data)
 
@@ -435,8 +431,8 @@ def _lzop_stream(source: Source, data: memoryview) -> Iterator[bytes]:
                 ):
                     raise _codec_error(source, "lzop", payload_at, "compressed block checksum mismatch")
                 try:
-                    out = lzo.decompress(payload, False, dst_len)
-                except lzo.error as e:
+                    out = LZOCompressor.decompress(payload, dst_len)
+                except LZOError as e:
                     raise _codec_error(source, "lzop", payload_at, str(e)) from None
                 if len(out) != dst_len:
                     raise _codec_error(
