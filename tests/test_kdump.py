@@ -565,10 +565,15 @@ def test_flattened_missing_data_region(tmp_path: Path) -> None:
     assert "expected a page descriptor pointing inside the kdump file" in str(e)
 
 
-def test_flattened_elf_is_unsupported(tmp_path: Path) -> None:
+def test_flattened_elf_goes_to_the_elf_reader(tmp_path: Path) -> None:
+    # A flattened stream holding an ELF file is read by the ELF reader (tests/test_flattened_elf.py);
+    # a broken one is its error, at the offset of the flattened file where the bytes are.
     data = flat_header() + record(0, b"\x7fELF" + bytes(600)) + end_marker()
-    e = unsupported(write(tmp_path, data))
-    assert "unsupported flattened ELF dump (reassemble it with makedumpfile -R)" in str(e)
+    e = fails(write(tmp_path, data))
+    assert str(e).endswith(
+        "at offset 0x1010: expected an ELF core file (\\x7fELF, ET_CORE), found 7f 45 4c 46 00 00 00 00 "
+        "00 00 00 00 00 00 00 00 00 00 00 00"
+    )
 
 
 def test_open_dump_detects_plain_and_flattened(tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ import dataclasses
 import mmap
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +40,15 @@ ZERO_PAGE = -1
 #: assembled in memory because the file holds them only in part (segments that start or end
 #: inside a page; the missing bytes are zeros).
 SIDE_PAGE = -2
+
+
+class SidePages(Protocol):
+    """Side pages by row: an in-memory ``(n, 4096)`` array, or an object that assembles them
+    when asked (pages a flattened file splits across records)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: OffsetArray, /) -> PageArray: ...
 
 
 @dataclass(frozen=True)
@@ -313,7 +322,7 @@ class PageTableDump(Dump):
         buf: npt.NDArray[np.uint8],
         gfns: GfnArray,
         offsets: OffsetArray,
-        side_pages: PageArray | None = None,
+        side_pages: SidePages | None = None,
         *,
         file_offset: int = 0,
     ) -> None:
@@ -489,10 +498,12 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
 
 
 def extent_page_table(
-    buf: npt.NDArray[np.uint8],
+    buf: npt.NDArray[np.uint8] | None,
     addrs: list[int],
     lengths: list[int],
     file_offsets: list[int],
+    *,
+    read: Callable[[int, int, str], bytes] | None = None,
 ) -> tuple[GfnArray, OffsetArray, PageArray]:
     """The page table of byte extents of guest physical memory stored in ``buf``.
 
@@ -501,6 +512,7 @@ def extent_page_table(
     Pages an extent covers whole point into the file (or are :data:`ZERO_PAGE`); pages extents
     cover only in part are assembled as side pages whose uncovered bytes are zero.  Returns
     ``(gfns, offsets, side_pages)`` for :class:`PageTableDump` (gfns not yet sorted).
+    ``read(offset, length, what)``, when given, reads the bytes of side pages instead of ``buf``.
     """
     gfn_parts: list[GfnArray] = []
     offset_parts: list[OffsetArray] = []
@@ -531,7 +543,11 @@ def extent_page_table(
     side_gfns = np.array(sorted(pieces), dtype=np.uint64)
     for k, gfn in enumerate(side_gfns.tolist()):
         for at, length, src in pieces[gfn]:
-            if src != ZERO_PAGE:
+            if src == ZERO_PAGE:
+                continue
+            if read is not None:
+                side_pages[k, at : at + length] = np.frombuffer(read(src, length, "segment data"), np.uint8)
+            elif buf is not None:
                 side_pages[k, at : at + length] = buf[src : src + length]
     gfn_parts.append(side_gfns)
     offset_parts.append(SIDE_PAGE - np.arange(len(side_gfns), dtype=np.int64))

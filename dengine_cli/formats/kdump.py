@@ -18,7 +18,9 @@ descriptor number "set bits of the 2nd bitmap below ``p``".
 A flattened file is a 4096-byte ``makedumpfile_header`` then records ``{i64 offset; i64 size}``
 (big-endian) each followed by ``size`` bytes that belong at ``offset`` of the kdump file, ended by
 an offset of -1.  It is read in place: the records are indexed once and every offset of the kdump
-file is translated to an offset of the flattened file; data crossing records is assembled.
+file is translated to an offset of the flattened file; data crossing records is assembled.  A
+flattened stream may hold an ELF vmcore instead (``makedumpfile -F -E``): it is handed to the ELF
+reader (:func:`dengine_cli.formats.elf.open_flattened_elf`) with the same record index.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import zstandard
 
 from dengine_cli.arrays import unique
 from dengine_cli.errors import FormatError, UnsupportedFeature
-from dengine_cli.formats import x86
+from dengine_cli.formats import elf, x86
 from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, Source, map_file
 from dengine_cli.formats.registry import FormatSpec
 from dengine_cli.pages import PAGE_SIZE, GfnArray, OffsetArray, PageArray
@@ -180,8 +182,11 @@ class KdumpImage:
         length: OffsetArray,
         src: OffsetArray,
         flattened: bool,
+        content: str = "kdump",
     ) -> None:
         self.source = source
+        #: What the reassembled file is, for messages: "kdump" or "ELF".
+        self.content = content
         self.buf = buf
         self.dst = dst
         self.length = length
@@ -212,8 +217,8 @@ class KdumpImage:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise self.source.error(
                 self.file_offset(min(max(offset, 0), self.size)),
-                expected=f"{what} ({length} bytes at offset {offset:#x} of the kdump file)",
-                found=f"the kdump file ending at {self.size:#x}"
+                expected=f"{what} ({length} bytes at offset {offset:#x} of the {self.content} file)",
+                found=f"the {self.content} file ending at {self.size:#x}"
                 + (" (flattened: no record holds those bytes)" if self.flattened else ""),
             )
         k = int(np.searchsorted(self.dst, offset, side="right")) - 1
@@ -377,12 +382,6 @@ def parse_header(image: KdumpImage) -> Header:
     head = image.read(0, min(image.size, LAYOUT_64.size), "disk_dump_header")
     signature = head[:8]
     if signature not in (KDUMP_SIGNATURE, DISKDUMP_SIGNATURE):
-        if head[:4] == b"\x7fELF":
-            raise UnsupportedFeature(
-                source.name,
-                image.file_offset(0),
-                feature="flattened ELF dump (reassemble it with makedumpfile -R)",
-            )
         raise source.error(
             image.file_offset(0),
             expected='the kdump signature "KDUMP   " or "DISKDUMP"',
@@ -744,6 +743,11 @@ def open_kdump(source: Source, options: OpenOptions) -> Dump:
     buf = map_file(source)
     head = buf[source.start : source.start + 16].tobytes()
     image = flattened_image(source, buf) if head == FLAT_SIGNATURE else plain_image(source, buf)
+    if image.flattened and image.size >= 4 and image.read(0, 4, "the file signature") == elf.ELF_MAGIC:
+        # makedumpfile -F -E: an ELF vmcore in the flattened stream, read by the ELF reader
+        # through the same record index.
+        image.content = "ELF"
+        return elf.open_flattened_elf(source, options, buf, image, image.translate)
     hdr = parse_header(image)
     bs = hdr.block_size
 
