@@ -101,6 +101,9 @@ class OpenOptions:
     tmp_dir: Path | None = None
     #: Keep pages of device memory that some dumps carry beside RAM (VGA VRAM, BIOS flash).
     device_memory: bool = False
+    #: The most bytes a compressed container may decompress to (``None``: the default limit,
+    #: :data:`dengine_cli.formats.container.DEFAULT_MAX_DECOMPRESSED`).
+    max_decompressed: int | None = None
 
 
 @dataclass
