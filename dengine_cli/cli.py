@@ -129,6 +129,14 @@ def reader_options(f: F) -> F:
         callback=_keep_reader_option,
         help="The most a compressed dump may decompress to (default: 1T).",
     )(f)
+    f = click.option(
+        "--partial",
+        is_flag=True,
+        expose_value=False,
+        callback=_keep_reader_option,
+        help="Read a dump cut short for the pages it holds (its name then says which), instead "
+        "of refusing it.",
+    )(f)
     return f
 
 
@@ -149,6 +157,7 @@ def open_options(dump_format: str | None, device_memory: bool, tmp_dir: Path | N
         device_memory=device_memory,
         tmp_dir=tmp_dir,
         max_decompressed=meta.get("dengine.max_decompressed"),
+        partial=bool(meta.get("dengine.partial")),
     )
 
 

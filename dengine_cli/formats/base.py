@@ -104,6 +104,9 @@ class OpenOptions:
     #: The most bytes a compressed container may decompress to (``None``: the default limit,
     #: :data:`dengine_cli.formats.container.DEFAULT_MAX_DECOMPRESSED`).
     max_decompressed: int | None = None
+    #: Read a dump cut short (an xc_core whose header note claims more pages than the file
+    #: holds) for the pages it has, saying so in its name, instead of refusing it.
+    partial: bool = False
 
 
 @dataclass
