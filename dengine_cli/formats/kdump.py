@@ -577,6 +577,7 @@ class KdumpDump(Dump):
         self._slow_offsets = slow_offsets
         self._decoders = _decoders()
         self._errors = _codec_errors()
+        self._remember_file()
 
     def _pages(self, lo: int, hi: int) -> PageArray:
         return self._read(np.arange(lo, hi, dtype=np.int64))
