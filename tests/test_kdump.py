@@ -595,3 +595,34 @@ def test_source_start_offsets_are_absolute(tmp_path: Path) -> None:
     with pytest.raises(FormatError) as e:
         read_all(kdump.open_kdump(Source.of(write(tmp_path, bad, "bad")).at(512), OpenOptions()))
     assert f"at offset {512 + kf.data_at[1]:#x}:" in str(e.value)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("codec", CODECS)
+def test_scan_reads_with_pread_what_batches_read(tmp_path: Path, codec: str, flat: bool) -> None:
+    # scan() reads each batch's data with pread (no mapping touched): the same pages.
+    kf = build_kdump(sample_pages(300) | sample_pages(40, seed=2, base=4000), codec=codec, shared_zero=True)
+    d = open_path(write(tmp_path, flatten(kf) if flat else kf.data))
+    scanned = {g: p.tobytes() for b in d.scan(37) for g, p in zip(b.gfns.tolist(), b.pages, strict=True)}
+    assert scanned == read_all(d, 53)
+
+
+def test_scan_of_the_real_qemu_kdump_matches_batches(real_dump: Callable[[str], Path]) -> None:
+    d = open_path(real_dump("alpha.kdump"))
+    scanned: dict[int, bytes] = {}
+    for b in d.scan(1000):
+        scanned.update(page_digests(b.gfns, b.pages))
+    batched: dict[int, bytes] = {}
+    for b in d.batches(777):
+        batched.update(page_digests(b.gfns, b.pages))
+    assert scanned == batched and len(scanned) == d.page_count
+
+
+def test_scan_names_the_same_offset_for_corrupt_data(tmp_path: Path) -> None:
+    kf = build_kdump(sample_pages(10), codec="zlib")
+    at = kf.data_at[6]
+    path = write(tmp_path, patch(kf.data, at, b"\x00\x01\x02\x03"))
+    with pytest.raises(FormatError) as by_scan:
+        for _ in open_path(path).scan(4):
+            pass
+    assert f"at offset {at:#x}: expected zlib page data, found corrupt data (Error -3" in str(by_scan.value)

@@ -25,11 +25,12 @@ reader (:func:`dengine_cli.formats.elf.open_flattened_elf`) with the same record
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,11 +38,11 @@ import numpy.typing as npt
 import zstandard
 
 from dengine_cli.arrays import unique
-from dengine_cli.errors import FormatError, UnsupportedFeature
+from dengine_cli.errors import FormatError, UnreadableFile, UnsupportedFeature
 from dengine_cli.formats import elf, x86
-from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, Source, map_file
+from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, PageBatch, Source, map_file
 from dengine_cli.formats.registry import FormatSpec
-from dengine_cli.pages import PAGE_SIZE, GfnArray, OffsetArray, PageArray
+from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE, GfnArray, OffsetArray, PageArray
 
 # --- makedumpfile diskdump_mod.h -------------------------------------------------------------------
 KDUMP_SIGNATURE = b"KDUMP   "
@@ -211,9 +212,10 @@ class KdumpImage:
         inside = (k >= 0) & (offsets + lengths <= self.end[kc])
         return np.where(inside, self.src[kc] + (offsets - self.dst[kc]), -1)
 
-    def read(self, offset: int, length: int, what: str) -> bytes:
+    def read(self, offset: int, length: int, what: str, fd: int | None = None) -> bytes:
         """``length`` bytes at ``offset`` of the kdump file; a FormatError naming ``what`` when they
-        reach past its end."""
+        reach past its end.  With ``fd`` (the file, opened again) they are read with pread, not
+        from the mapping."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise self.source.error(
                 self.file_offset(min(max(offset, 0), self.size)),
@@ -224,7 +226,7 @@ class KdumpImage:
         k = int(np.searchsorted(self.dst, offset, side="right")) - 1
         if k >= 0 and offset + length <= int(self.end[k]):
             s = int(self.src[k]) + offset - int(self.dst[k])
-            return self.buf[s : s + length].tobytes()
+            return self._bytes(s, length, fd)
         out = bytearray(length)
         k = max(k, 0)
         while k < len(self.dst) and int(self.dst[k]) < offset + length:
@@ -232,9 +234,26 @@ class KdumpImage:
             hi = min(offset + length, int(self.end[k]))
             if lo < hi:
                 s = int(self.src[k]) + lo - int(self.dst[k])
-                out[lo - offset : hi - offset] = self.buf[s : s + hi - lo].tobytes()
+                out[lo - offset : hi - offset] = self._bytes(s, hi - lo, fd)
             k += 1
         return bytes(out)
+
+    def _bytes(self, at: int, length: int, fd: int | None) -> bytes:
+        if fd is None:
+            return self.buf[at : at + length].tobytes()
+        return pread_exactly(fd, length, at, self.source.name)
+
+
+def pread_exactly(fd: int, length: int, at: int, name: str) -> bytes:
+    """``length`` bytes at ``at`` of ``fd``; a short read means the file shrank."""
+    data = os.pread(fd, length, at)
+    if len(data) != length:
+        raise UnreadableFile(
+            name,
+            f"it changed while being read: it ends at {at + len(data):#x}, "
+            f"where {length} bytes at {at:#x} were expected",
+        )
+    return data
 
 
 def plain_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
@@ -585,16 +604,68 @@ class KdumpDump(Dump):
     def _pages_at(self, idx: OffsetArray) -> PageArray:
         return self._read(idx.astype(np.int64, copy=False))
 
-    def _read(self, idx: OffsetArray) -> PageArray:
-        """The pages at positions ``idx`` of :attr:`gfns`."""
+    def scan(
+        self, max_pages: int = BATCH_PAGES, *, start: int = 0, stop: int | None = None
+    ) -> Iterator[PageBatch]:
+        """:meth:`batches`, but the bytes of each batch are read with ``pread`` (one read of the
+        span its page data covers, when that span is not mostly other pages' data), never
+        touched through the mapping: a file that shrinks meanwhile is a short read, an error,
+        not SIGBUS.  Compressed data is a fraction of the pages: the copy costs little beside
+        decompressing them."""
+        fd = self._reopen()
+        if fd is None:
+            yield from self.batches(max_pages, start=start, stop=stop)
+            return
+        try:
+            n = len(self.gfns) if stop is None else min(stop, len(self.gfns))
+            for lo in range(max(start, 0), n, max(1, max_pages)):
+                hi = min(lo + max_pages, n)
+                self.check_unchanged()
+                yield PageBatch(self.gfns[lo:hi], self._read(np.arange(lo, hi, dtype=np.int64), fd))
+        finally:
+            os.close(fd)
+
+    def _reopen(self) -> int | None:
+        """The dump file opened again, if it is still the file that was mapped."""
+        if self._identity is None:
+            return None
+        try:
+            fd = os.open(self.source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self._identity[:4]:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        self.check_unchanged()
+        return None  # another file in its place: read the mapping of the one opened
+
+    def _read(self, idx: OffsetArray, fd: int | None = None) -> PageArray:
+        """The pages at positions ``idx`` of :attr:`gfns`; with ``fd``, read with pread."""
         # np.zeros maps fresh pages lazily: shared zero pages cost nothing until read.
         out = np.zeros((len(idx), PAGE_SIZE), dtype=np.uint8)
         codec = self._codec[idx]
         foff = self._file_off[idx]
+        buf, base = self._buf, 0
+        if fd is not None:
+            need = (codec != SHARED_ZERO) & (foff >= 0)
+            if need.any():
+                ends = foff[need] + self._size[idx[need]].astype(np.int64)
+                base = int(foff[need].min())
+                span = int(ends.max()) - base
+                if span > 2 * int(ends.sum() - foff[need].sum()) + (1 << 20):
+                    base = 0  # scattered: from the mapping, just checked unchanged
+                else:
+                    data = pread_exactly(fd, span, base, self.source.name)
+                    buf = np.frombuffer(data, dtype=np.uint8)
+                    foff = np.where(foff >= 0, foff - base, foff)
         stored = (codec == RAW) & (foff >= 0)
         if stored.any():
             windows = np.lib.stride_tricks.as_strided(
-                self._buf, shape=(len(self._buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
+                buf, shape=(len(buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
             )
             if stored.all():
                 out[:] = windows[foff]
@@ -603,13 +674,13 @@ class KdumpDump(Dump):
         rest = np.flatnonzero(~stored & (codec != SHARED_ZERO))
         fast = rest[foff[rest] >= 0]
         if len(fast):
-            self._decode_fast(out, fast, codec[fast], foff[fast], self._size[idx[fast]])
+            self._decode_fast(out, fast, codec[fast], foff[fast], self._size[idx[fast]], buf, base)
         if len(fast) < len(rest):
             slow = rest[foff[rest] < 0]
             where = np.searchsorted(self._slow_rows, idx[slow])
             for r, offset in zip(slow.tolist(), self._slow_offsets[where].tolist(), strict=True):
                 length = int(self._size[idx[r]])
-                data = self._image.read(offset, length, "page data")
+                data = self._image.read(offset, length, "page data", fd)
                 c = int(codec[r])
                 page = data if c == RAW else self._decode_one(c, memoryview(data), offset)
                 out[r] = np.frombuffer(page, dtype=np.uint8)
@@ -622,7 +693,10 @@ class KdumpDump(Dump):
         codec: npt.NDArray[np.uint8],
         foff: OffsetArray,
         size: npt.NDArray[np.uint32],
+        buf: npt.NDArray[np.uint8],
+        base: int,
     ) -> None:
+        """Decode pages whose data is at ``foff`` of ``buf`` (file offset ``base + foff``)."""
         # Pages sharing one descriptor (same data offset) are decoded once.
         uniq, first, inverse = np.unique(foff, return_index=True, return_inverse=True)
         dedup = len(uniq) < len(foff) and bool(
@@ -630,7 +704,7 @@ class KdumpDump(Dump):
         )
         todo = first if dedup else np.arange(len(rows))
         flat = out.reshape(-1).data
-        mv = self._buf.data
+        mv = buf.data
         for c in unique(codec[todo]).tolist():
             sel = todo[codec[todo] == c]
             decode = self._decoder(int(c), int(foff[sel[0]]))
@@ -642,13 +716,13 @@ class KdumpDump(Dump):
                     flat[row * PAGE_SIZE : (row + 1) * PAGE_SIZE] = page
             except _WrongLength as e:
                 raise self.source.error(
-                    e.offset,
+                    base + e.offset,
                     expected=f"{CODEC_NAMES[c]} page data decompressing to {PAGE_SIZE} bytes",
                     found=f"{e.length} bytes",
                 ) from None
             except self._errors as e:
                 raise self.source.error(
-                    o, expected=f"{CODEC_NAMES[c]} page data", found=f"corrupt data ({e})"
+                    base + o, expected=f"{CODEC_NAMES[c]} page data", found=f"corrupt data ({e})"
                 ) from None
         if dedup:
             out[rows] = out[rows[first]][inverse]
