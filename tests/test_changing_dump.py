@@ -158,13 +158,14 @@ def mapped_by(pid: int, path: Path) -> bool:
         return False
 
 
-@pytest.mark.parametrize("jobs", ["1", "2"])
+@pytest.mark.parametrize(("first", "jobs"), [("alpha.elf", "1"), ("alpha.elf", "2"), ("alpha.kdump", "1")])
 def test_cli_dump_truncated_between_open_and_scan(
-    tmp_path: Path, real_dump: Callable[[str], Path], jobs: str
+    tmp_path: Path, real_dump: Callable[[str], Path], first: str, jobs: str
 ) -> None:
-    # Two ELF dumps (100 MB: enough for -j 2 to fork).  The command is frozen (SIGSTOP, with
-    # its workers) as soon as it has mapped the first dump, the dump is cut, the command goes on.
-    a = copy(real_dump, "alpha.elf", tmp_path)
+    # A dump, then an ELF dump (100 MB of ELF: enough for -j 2 to fork).  The command is frozen
+    # (SIGSTOP, with its workers) as soon as it has mapped the first dump, the dump is cut, the
+    # command goes on.
+    a = copy(real_dump, first, tmp_path)
     b = tmp_path / "beta.elf"
     shutil.copyfile(real_dump("beta.elf"), b)
     cache = tmp_path / "cache"

@@ -304,6 +304,24 @@ def map_file(source: Source) -> npt.NDArray[np.uint8]:
     return np.frombuffer(mm, dtype=np.uint8)
 
 
+def read_exactly(source: Source, offset: int, length: int) -> bytes:
+    """``length`` bytes at absolute ``offset`` of the file, read with pread (not through its
+    mapping: a file cut meanwhile is "changed while being read", not SIGBUS).  For the tables
+    readers parse at open that lie far into the file."""
+    try:
+        with open(source.path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), length, offset)
+    except OSError as e:
+        raise UnreadableFile(source.name, e.strerror or str(e)) from e
+    if len(data) != length:
+        raise UnreadableFile(
+            source.name,
+            f"it changed while being read: it ends at {offset + len(data):#x}, "
+            f"where {length} bytes at {offset:#x} were expected",
+        )
+    return data
+
+
 def read_head(path: Path, name: str, size: int = 1 << 16, start: int = 0) -> bytes:
     """The first ``size`` bytes from ``start``: what probes look at."""
     try:

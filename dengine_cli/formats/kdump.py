@@ -188,6 +188,9 @@ class KdumpImage:
         self.source = source
         #: What the reassembled file is, for messages: "kdump" or "ELF".
         self.content = content
+        #: While the file is being opened: its descriptor, so that headers, bitmaps and
+        #: descriptors are read with pread (a file cut meanwhile is an error, not SIGBUS).
+        self.fd: int | None = None
         self.buf = buf
         self.dst = dst
         self.length = length
@@ -239,6 +242,7 @@ class KdumpImage:
         return bytes(out)
 
     def _bytes(self, at: int, length: int, fd: int | None) -> bytes:
+        fd = fd if fd is not None else self.fd
         if fd is None:
             return self.buf[at : at + length].tobytes()
         return pread_exactly(fd, length, at, self.source.name)
@@ -265,7 +269,31 @@ def plain_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
     )
 
 
-def flattened_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
+class _Window:
+    """Bytes of a file read with pread a window at a time (record headers lie every 16 KiB or
+    more apart): the flattened walk touches no mapping, so a file cut meanwhile is an error,
+    not SIGBUS.  Without a descriptor it reads ``buf``."""
+
+    SIZE = 4 << 20
+
+    def __init__(self, fd: int | None, buf: npt.NDArray[np.uint8], name: str) -> None:
+        self.fd = fd
+        self.buf = buf
+        self.name = name
+        self.at = 0
+        self.data = b""
+
+    def get(self, pos: int, n: int) -> bytes:
+        if self.fd is None:
+            return self.buf[pos : pos + n].tobytes()
+        if not (self.at <= pos and pos + n <= self.at + len(self.data)):
+            want = min(max(n, self.SIZE), len(self.buf) - pos)
+            self.data = pread_exactly(self.fd, want, pos, self.name)
+            self.at = pos
+        return self.data[pos - self.at : pos - self.at + n]
+
+
+def flattened_image(source: Source, buf: npt.NDArray[np.uint8], fd: int | None = None) -> KdumpImage:
     """Index the records of a flattened stream (one pass over the record headers)."""
     start = source.start
     if len(buf) < start + FLAT_HEADER_SIZE:
@@ -274,13 +302,13 @@ def flattened_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
             expected=f"a {FLAT_HEADER_SIZE}-byte makedumpfile flattened header",
             found=f"end of file at {len(buf):#x}",
         )
-    ftype, fversion = struct.unpack_from(">qq", buf.data, start + 16)
+    window = _Window(fd, buf, source.name)
+    ftype, fversion = struct.unpack(">qq", window.get(start + 16, 16))
     if ftype != FLAT_TYPE or fversion != FLAT_VERSION:
         raise UnsupportedFeature(
             source.name, start + 16, feature=f"makedumpfile flattened type {ftype} version {fversion}"
         )
-    mv = buf.data
-    unpack = FLAT_RECORD.unpack_from
+    unpack = FLAT_RECORD.unpack
     rsize = FLAT_RECORD.size
     file_end = len(buf)
     dsts: list[int] = []
@@ -295,7 +323,7 @@ def flattened_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
                 expected="a flattened record header or the end marker (offset -1)",
                 found=f"end of file at {file_end:#x} (the stream is truncated)",
             )
-        dst, size = unpack(mv, pos)
+        dst, size = unpack(window.get(pos, rsize))
         if dst == FLAT_END:
             break
         if dst < 0 or size <= 0 or size > file_end - pos - rsize or dst > (1 << 62):
@@ -318,7 +346,9 @@ def flattened_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
     d, n, s = dst_a[order], len_a[order], src_a[order]
     if len(d) > 1 and np.any(d[1:] < (d + n)[:-1]):
         d, n, s = _resolve_overlaps(dst_a, len_a, src_a)
-    return KdumpImage(source, buf, d, n, s, flattened=True)
+    image = KdumpImage(source, buf, d, n, s, flattened=True)
+    image.fd = fd
+    return image
 
 
 def _resolve_overlaps(
@@ -773,14 +803,12 @@ def _codec_of(flags: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint8]:
     return codec
 
 
-def _mark_shared_zero(
-    buf: npt.NDArray[np.uint8], codec: npt.NDArray[np.uint8], file_off: OffsetArray
-) -> None:
+def _mark_shared_zero(image: KdumpImage, codec: npt.NDArray[np.uint8], file_off: OffsetArray) -> None:
     """Give stored pages that several descriptors share and that hold only zeros the codec
     :data:`SHARED_ZERO`."""
     stored = (codec == RAW) & (file_off >= 0)
     uniq, counts = np.unique(file_off[stored], return_counts=True)
-    zero = [o for o in uniq[counts > 1].tolist() if not buf[o : o + PAGE_SIZE].any()]
+    zero = [o for o in uniq[counts > 1].tolist() if not image._bytes(o, PAGE_SIZE, None).strip(b"\0")]
     if zero:
         codec[stored & np.isin(file_off, zero)] = SHARED_ZERO
 
@@ -814,10 +842,34 @@ def _vmcoreinfo(image: KdumpImage, hdr: Header) -> dict[str, str]:
 
 
 def open_kdump(source: Source, options: OpenOptions) -> Dump:
-    """Open a plain or flattened kdump-compressed file."""
+    """Open a plain or flattened kdump-compressed file.  What opening reads (record headers,
+    headers, bitmaps, descriptors) is read with pread, not through the mapping."""
     buf = map_file(source)
-    head = buf[source.start : source.start + 16].tobytes()
-    image = flattened_image(source, buf) if head == FLAT_SIGNATURE else plain_image(source, buf)
+    try:
+        fd: int | None = os.open(source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        fd = None
+    try:
+        return _open_kdump(source, options, buf, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_kdump(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8], fd: int | None) -> Dump:
+    head = _Window(fd, buf, source.name).get(source.start, 16) if len(buf) > source.start else b""
+    if head == FLAT_SIGNATURE:
+        image = flattened_image(source, buf, fd)
+    else:
+        image = plain_image(source, buf)
+        image.fd = fd
+    try:
+        return _open_image(source, options, buf, image)
+    finally:
+        image.fd = None
+
+
+def _open_image(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8], image: KdumpImage) -> Dump:
     if image.flattened and image.size >= 4 and image.read(0, 4, "the file signature") == elf.ELF_MAGIC:
         # makedumpfile -F -E: an ELF vmcore in the flattened stream, read by the ELF reader
         # through the same record index.
@@ -954,7 +1006,7 @@ def open_kdump(source: Source, options: OpenOptions) -> Dump:
     facts.compression = "none" if not used else used[0] if len(used) == 1 else "mixed"
 
     file_off = image.translate(offsets, sizes64)
-    _mark_shared_zero(image.buf, codec, file_off)
+    _mark_shared_zero(image, codec, file_off)
     slow_rows = np.flatnonzero(file_off < 0).astype(np.int64)
     return KdumpDump(
         source,

@@ -28,7 +28,16 @@ import numpy.typing as npt
 
 from dengine_cli.errors import UnsupportedFeature
 from dengine_cli.formats import elf
-from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, PageTableDump, Source, map_file, require
+from dengine_cli.formats.base import (
+    Dump,
+    GuestFacts,
+    OpenOptions,
+    PageTableDump,
+    Source,
+    map_file,
+    read_exactly,
+    require,
+)
 from dengine_cli.formats.registry import FormatSpec
 from dengine_cli.pages import PAGE_SIZE
 
@@ -192,7 +201,9 @@ def open_xc_core(source: Source, options: OpenOptions) -> Dump:
             expected=f"{nr_pages} entries of {entry_size} bytes in {table_name}",
             found=f"{entries} entries ({index_size:#x} bytes){hint}",
         )
-    table = np.frombuffer(buf, dtype=order + "u8", count=present * entry_size // 8, offset=index_at)
+    # Read, not mapped: the table usually lies at the end of the file, and parsing it through
+    # a mapping of a file cut meanwhile would be SIGBUS.
+    table = np.frombuffer(read_exactly(source, index_at, present * entry_size), dtype=order + "u8")
     pfns = table[0::2] if is_p2m else table
     listed = np.flatnonzero(pfns != np.uint64(XC_CORE_INVALID_PFN))
     gfns = pfns[listed]
