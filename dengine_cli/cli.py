@@ -115,7 +115,35 @@ def dump_options(f: F, *, format_alias: bool = False) -> F:
         default=None,
         help="Where compressed dumps are decompressed to (default: $TMPDIR).",
     )(f)
+    return reader_options(f)
+
+
+def reader_options(f: F) -> F:
+    """Reader options that commands do not take as arguments: kept in the context for
+    :func:`open_options` (so that every command taking dumps has them without a parameter)."""
+    f = click.option(
+        "--max-decompressed",
+        type=ByteSize(),
+        default=None,
+        envvar="DENGINE_MAX_DECOMPRESSED",
+        expose_value=False,
+        callback=_keep_reader_option,
+        help="The most a compressed dump may decompress to (default: 1T).",
+    )(f)
+    f = click.option(
+        "--partial",
+        is_flag=True,
+        expose_value=False,
+        callback=_keep_reader_option,
+        help="Read a dump cut short for the pages it holds (its name then says which), instead "
+        "of refusing it.",
+    )(f)
     return f
+
+
+def _keep_reader_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[f"dengine.{param.name}"] = value
+    return value
 
 
 def dump_options_with_format_alias(f: F) -> F:
@@ -123,7 +151,15 @@ def dump_options_with_format_alias(f: F) -> F:
 
 
 def open_options(dump_format: str | None, device_memory: bool, tmp_dir: Path | None) -> OpenOptions:
-    return OpenOptions(format=dump_format, device_memory=device_memory, tmp_dir=tmp_dir)
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    return OpenOptions(
+        format=dump_format,
+        device_memory=device_memory,
+        tmp_dir=tmp_dir,
+        max_decompressed=meta.get("dengine.max_decompressed"),
+        partial=bool(meta.get("dengine.partial")),
+    )
 
 
 def expand_dump_args(args: Sequence[str]) -> list[Path]:

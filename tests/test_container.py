@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dengine_cli.errors import EXIT_BAD_DUMP, EXIT_UNSUPPORTED, FormatError, UnsupportedFeature
+from dengine_cli.errors import EXIT_BAD_DUMP, FormatError
 from dengine_cli.formats import container, open_dump
 from dengine_cli.formats.base import OpenOptions, Source
 from tests.builders.libvirt_save import TOOLS, compress
@@ -130,18 +129,6 @@ def test_start_offset_is_respected(tmp_path: Path, originals: dict[str, bytes]) 
         assert inner.path.read_bytes() == originals["stream"]
     finally:
         os.unlink(inner.path)
-
-
-def test_lzop_without_python_lzo_is_unsupported(
-    tmp_path: Path, originals: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    p = write(tmp_path, "x.lzo", compress("lzop", originals["stream"]))
-    monkeypatch.setitem(sys.modules, "lzo", None)  # makes `import lzo` raise ImportError
-    with pytest.raises(UnsupportedFeature) as e:
-        container.decompress(Source.of(p), "lzop", OpenOptions(tmp_dir=tmp_path))
-    assert e.value.exit_code == EXIT_UNSUPPORTED
-    assert str(e.value) == f"{p}: at offset 0x0: unsupported lzop compression (install python-lzo)"
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["x.lzo"]
 
 
 def test_lzop_header_checksum_is_checked(tmp_path: Path, originals: dict[str, bytes]) -> None:

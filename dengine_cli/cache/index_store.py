@@ -41,13 +41,19 @@ def index_key(path: Path | str, options: OpenOptions) -> dict[str, Any]:
     """What an index is valid for: the dump file as it is now (:func:`dump_identity`) and the
     options that change its page set.  Raises :class:`UnreadableFile` when the dump cannot be
     stat'ed."""
-    return {
+    key = {
         **dump_identity(path),
         "index_version": INDEX_VERSION,
         "hash": HASH_NAME,
         "format": options.format,
         "device_memory": options.device_memory,
     }
+    if options.partial:
+        # A dump read with --partial may hold fewer pages than one read without (which refuses
+        # it): its index must never stand in for the other.  Absent otherwise, so that keys of
+        # complete dumps stay what they were.
+        key["partial"] = True
+    return key
 
 
 def index_path_for(
@@ -129,7 +135,9 @@ def still_current(key: dict[str, Any]) -> bool:
     """Whether the dump an index key names is still the file it was (``False`` when it is gone,
     changed, or the key is not one of ours)."""
     try:
-        options = OpenOptions(format=key["format"], device_memory=bool(key["device_memory"]))
+        options = OpenOptions(
+            format=key["format"], device_memory=bool(key["device_memory"]), partial=bool(key.get("partial"))
+        )
         return bool(index_key(key["path"], options) == key)
     except (OSError, ValueError, KeyError, TypeError, UnreadableFile):
         return False

@@ -1,7 +1,8 @@
 """Dump formats: find a file's format by its magic and open it as a :class:`Dump`.
 
-Compressed files (gzip, bzip2, xz, zstd, lzop) are decompressed into a temporary file first and
-the content is probed again; the temporary file is unlinked as soon as the reader has mapped it.
+Compressed files (gzip, bzip2, xz, zstd, lzop) have their first decompressed bytes probed, then
+are decompressed into a temporary file (bounded: see :mod:`dengine_cli.formats.container`); the
+temporary file is unlinked as soon as the reader has mapped it.
 Readers therefore must not reopen their file by path after ``open`` returns.
 """
 
@@ -75,7 +76,12 @@ def format_named(name: str) -> FormatSpec:
 def detect(source: Source) -> FormatSpec:
     """The format whose probe claims the file; a FormatError naming the magic found otherwise."""
     head = read_head(source.path, source.name, PROBE_BYTES, source.start)
-    size = _size(source)
+    return detect_head(head, _size(source), source, source.name)
+
+
+def detect_head(head: bytes, size: int, source: Source, name: str) -> FormatSpec:
+    """The format whose probe claims content starting with ``head`` of ``size`` bytes (raw
+    images by ``name``); a FormatError naming ``source`` and the magic found otherwise."""
     for _, module, magics in READERS:
         if magics and head.startswith(magics):
             spec = _load(module)
@@ -83,7 +89,7 @@ def detect(source: Source) -> FormatSpec:
                 return spec
     from dengine_cli.formats import raw
 
-    if raw.claims_name(source.name, size):
+    if raw.claims_name(name, size):
         return raw.FORMAT
     shown = head[:16].hex(" ") if head else "an empty file"
     raise FormatError(
@@ -104,9 +110,23 @@ def open_dump(path: Path | str, options: OpenOptions | None = None) -> Dump:
     kind = container.detect(head)
     if kind is None:
         return _open_plain(source, options)
-    inner = container.decompress(source, kind, options)
+    # The content is probed on its first bytes, before anything is written to disk; a name like
+    # guest.raw.zst says a raw image is inside.
+    spec: FormatSpec | None = format_named(options.format) if options.format else None
+    probed = Source(source.path, f"{source.name} (decompressed {kind})", origin=source.label)
+    inner_name = container.inner_name(source.name, kind)
+
+    def accept(content: bytes, size: int | None) -> None:
+        nonlocal spec
+        if spec is None:
+            # Size unknown until decompressed: a whole page, for the raw-name check.
+            spec = detect_head(content, size if size is not None else 1 << 62, probed, inner_name)
+
+    inner = container.decompress(source, kind, options, accept=accept)
     try:
-        dump = _open_plain(inner, options)
+        if spec is None:
+            raise RuntimeError("a container's content was not probed")
+        dump = spec.open(inner, options)
         dump.facts.extra["file_compression"] = kind
         if dump.facts.compression is None:
             dump.facts.compression = kind

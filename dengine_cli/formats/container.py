@@ -11,24 +11,56 @@ zstd RFC 8878 (``28 B5 2F FD``; skippable frames ``5x 2A 4D 18``), lzop (``89 4C
 
 Decompression streams in bounded memory (a few MiB) and writes the output *sparse*: 4 KiB-aligned
 chunks that are all zero are seeked over, so a mostly-zero raw image takes little disk.
+
+What a container may cost is bounded before and while it is written:
+
+* its first :data:`PROBE_BYTES` of content are decompressed into memory and shown to the caller
+  (``accept``), which refuses content no reader claims before anything is written to disk;
+* the content may not exceed a limit (``OpenOptions.max_decompressed``, default
+  :data:`DEFAULT_MAX_DECOMPRESSED`), checked against the size a zstd frame header claims before
+  decompressing, and against the bytes produced while decompressing;
+* each write first checks the free space of the temporary folder and stops, removing the file,
+  rather than leave less than :func:`reserve` free;
+* the compressed file is read with ``pread``, never mapped: a file that shrinks while it is
+  decompressed gives an error, not SIGBUS.
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from dengine_cli.errors import FormatError, OutputError, UnreadableFile, UnsupportedFeature
 from dengine_cli.formats.base import OpenOptions, Source
 from dengine_cli.pages import PAGE_SIZE
+
+#: Content bytes decompressed into memory and probed before any is written to disk (as many as
+#: the readers' probes look at: ``registry.PROBE_BYTES``).
+PROBE_BYTES = 1 << 16
+#: The most content a container may decompress to unless ``--max-decompressed`` says otherwise:
+#: 1 TiB, far beyond a guest's memory, and well short of what fills a disk by accident.
+DEFAULT_MAX_DECOMPRESSED = 1 << 40
+#: Free space a decompression leaves in the temporary folder: 256 MiB, or a twentieth of a
+#: smaller file system.
+RESERVE_MAX = 256 << 20
+#: Compressed bytes read ahead at a time.
+READ_AHEAD = 1 << 20
+#: File name endings that say which container a file is (taken off to see what is inside:
+#: ``guest.raw.zst`` holds a raw image).
+SUFFIXES = {
+    "gzip": (".gz", ".gzip"),
+    "bzip2": (".bz2", ".bzip2"),
+    "xz": (".xz",),
+    "zstd": (".zst", ".zstd"),
+    "lzop": (".lzo", ".lzop"),
+}
 
 GZIP_MAGIC = b"\x1f\x8b"
 BZIP2_MAGIC = b"BZh"
@@ -81,18 +113,62 @@ def detect(head: bytes) -> str | None:
     return None
 
 
-class _SparseWriter:
-    """Writes a byte stream to ``fd``, seeking over 4 KiB-aligned all-zero chunks."""
+def inner_name(name: str, kind: str) -> str:
+    """``name`` without the ending that says it is a ``kind`` file (``guest.raw.zst`` ->
+    ``guest.raw``), or as it is."""
+    lower = name.lower()
+    for suffix in SUFFIXES.get(kind, ()):
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
-    def __init__(self, fd: int) -> None:
+
+def reserve(fs_bytes: int) -> int:
+    """Free space a decompression must leave on a file system of ``fs_bytes``."""
+    return min(RESERVE_MAX, fs_bytes // 20)
+
+
+class TooLarge(OutputError):
+    """A container whose content is larger than the limit (exit 6: its copy is not written)."""
+
+    def __init__(self, source: Source, limit: int, what: str) -> None:
+        super().__init__(
+            source.label,
+            f"{what} more than the limit of {limit} bytes for decompressed content "
+            "(--max-decompressed, $DENGINE_MAX_DECOMPRESSED)",
+        )
+
+
+class _SparseWriter:
+    """Writes a byte stream to ``fd``, seeking over 4 KiB-aligned all-zero chunks; refuses to go
+    past ``limit`` bytes of content or to leave less than :func:`reserve` free on the disk."""
+
+    def __init__(self, fd: int, source: Source, limit: int, folder: str) -> None:
         self.fd = fd
         self.size = 0
         self._pending = bytearray()
+        self._source = source
+        self._limit = limit
+        self._folder = folder
 
     def write(self, data: bytes) -> None:
+        if self.size + len(self._pending) + len(data) > self._limit:
+            raise TooLarge(self._source, self._limit, "its content decompresses to")
         self._pending += data
         if len(self._pending) >= FLUSH_BYTES:
             self._flush(final=False)
+
+    def _room(self, nbytes: int) -> None:
+        """Check the file system can take ``nbytes`` more and keep its reserve."""
+        st = os.fstatvfs(self.fd)
+        free = st.f_bavail * st.f_frsize
+        keep = reserve(st.f_blocks * st.f_frsize)
+        if nbytes > free - keep:
+            raise OutputError(
+                self._folder,
+                f"decompressing {self._source.label} needs more than the {free} bytes free there "
+                f"(keeping {keep} free; --tmp-dir chooses another folder)",
+            )
 
     def finish(self) -> int:
         self._flush(final=True)
@@ -113,10 +189,12 @@ class _SparseWriter:
                 breaks = np.flatnonzero(np.diff(nonzero) != 1) + 1
                 starts = nonzero[np.concatenate(([0], breaks))]
                 ends = nonzero[np.concatenate((breaks - 1, [len(nonzero) - 1]))] + 1
+                self._room(int((ends - starts).sum()) * PAGE_SIZE)
                 for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
                     os.pwrite(self.fd, chunk[s * PAGE_SIZE : e * PAGE_SIZE], self.size + s * PAGE_SIZE)
         tail = chunk[whole:]
         if tail.strip(b"\0"):
+            self._room(len(tail))
             os.pwrite(self.fd, tail, self.size + whole)
         self.size += n
 
@@ -134,59 +212,146 @@ class _Decompressor(Protocol):
     def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
 
 
-def decompress(source: Source, kind: str, options: OpenOptions) -> Source:
+class FileBytes:
+    """The bytes of a file read with ``pread`` through a read-ahead window, indexed like
+    ``bytes`` (an int gives a byte, a slice gives bytes).  ``len`` is the size when opened; a
+    read that finds the file shorter raises :class:`UnreadableFile` ("changed while being
+    read"), where a mapping would have killed the process with SIGBUS."""
+
+    def __init__(self, fd: int, size: int, name: str) -> None:
+        self.fd = fd
+        self.size = size
+        self.name = name
+        self._at = 0
+        self._window = b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _read(self, start: int, stop: int) -> bytes:
+        stop = min(stop, self.size)
+        if start >= stop:
+            return b""
+        if not (self._at <= start and stop <= self._at + len(self._window)):
+            want = max(stop - start, READ_AHEAD)
+            try:
+                self._window = os.pread(self.fd, min(want, self.size - start), start)
+            except OSError as e:
+                raise UnreadableFile(self.name, e.strerror or str(e)) from e
+            self._at = start
+            if len(self._window) < stop - start:
+                raise UnreadableFile(
+                    self.name,
+                    f"it changed while being read: it ends at {start + len(self._window):#x}, "
+                    f"not {self.size:#x} as when it was opened",
+                )
+        return self._window[start - self._at : stop - self._at]
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            return self._read(key.start or 0, self.size if key.stop is None else key.stop)
+        return self._read(key, key + 1)[0]
+
+
+Accept = Callable[[bytes, int | None], None]
+
+
+def decompress(source: Source, kind: str, options: OpenOptions, *, accept: Accept | None = None) -> Source:
     """Decompress ``source`` (from ``source.start``) into a new sparse temporary file.
 
-    The caller unlinks the returned file once it has been mapped.  A corrupt or truncated input
-    raises a FormatError naming the offset in the compressed file where decompression failed;
-    the temporary file is removed on any error.
+    ``accept(head, size)`` is shown the first :data:`PROBE_BYTES` of the content (all of it when
+    shorter; ``size`` is then its length, else the size the container claims or ``None``) before
+    anything is written; it raises to refuse the content.  The caller unlinks the returned file
+    once it has been mapped.  A corrupt or truncated input raises a FormatError naming the offset
+    in the compressed file where decompression failed; content beyond the limit or the free space
+    raises an OutputError; the temporary file is removed on any error.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown compression {kind!r}")
+    limit = options.max_decompressed or DEFAULT_MAX_DECOMPRESSED
     try:
-        with open(source.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        src_fd = os.open(source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise UnreadableFile(source.name, e.strerror or str(e)) from e
-    # The codecs and tempfile are imported only here: every dump is checked for compression,
-    # few are compressed.
+    try:
+        size = os.fstat(src_fd).st_size
+        if source.start >= size:
+            raise source.error(source.start, expected=f"{kind} compressed data", found="end of file")
+        data = FileBytes(src_fd, size, source.name)
+        claimed = _claimed_size(kind, data, source.start)
+        if claimed is not None and claimed > limit:
+            raise TooLarge(source, limit, f"its {kind} header says it holds {claimed} bytes,")
+        stream = _STREAMS[kind](source, data)
+        head = bytearray()
+        ended = True
+        for piece in stream:
+            head += piece
+            if len(head) >= PROBE_BYTES:
+                ended = False
+                break
+        if len(head) > limit:
+            raise TooLarge(source, limit, "its content decompresses to")
+        if accept is not None:
+            accept(bytes(head[:PROBE_BYTES]), len(head) if ended else claimed)
+        return _spill(source, kind, options, stream, bytes(head), limit)
+    finally:
+        os.close(src_fd)
+
+
+def _spill(
+    source: Source, kind: str, options: OpenOptions, stream: Iterator[bytes], head: bytes, limit: int
+) -> Source:
+    """Write ``head`` and the rest of ``stream`` to a new sparse temporary file."""
+    # tempfile is imported only here: every dump is checked for compression, few are compressed.
     import tempfile
 
-    tmp_dir = str(options.tmp_dir) if options.tmp_dir else None
+    folder = str(options.tmp_dir) if options.tmp_dir else tempfile.gettempdir()
     try:
-        fd, tmp = tempfile.mkstemp(prefix="dengine-", suffix=f".{kind}.raw", dir=tmp_dir)
+        fd, tmp = tempfile.mkstemp(prefix="dengine-", suffix=f".{kind}.raw", dir=folder)
     except OSError as e:
-        if mm is not None:
-            mm.close()
-        raise OutputError(tmp_dir or tempfile.gettempdir(), e.strerror or str(e)) from e
+        raise OutputError(folder, e.strerror or str(e)) from e
     try:
-        if mm is None or source.start >= size:
-            raise source.error(source.start, expected=f"{kind} compressed data", found="end of file")
-        with memoryview(mm) as data:
-            writer = _SparseWriter(fd)
-            for piece in _STREAMS[kind](source, data):
-                writer.write(piece)
-            writer.finish()
+        writer = _SparseWriter(fd, source, limit, folder)
+        writer.write(head)
+        for piece in stream:
+            writer.write(piece)
+        writer.finish()
     except OSError as e:
-        _discard(fd, tmp, mm)
+        _discard(fd, tmp)
         raise OutputError(tmp, e.strerror or str(e)) from e
     except BaseException:
-        _discard(fd, tmp, mm)
+        _discard(fd, tmp)
         raise
     os.close(fd)
-    mm.close()
     return Source(path=Path(tmp), name=f"{source.name} (decompressed {kind})", origin=source.label)
 
 
-def _discard(fd: int, tmp: str, mm: mmap.mmap | None) -> None:
+def _claimed_size(kind: str, data: FileBytes, start: int) -> int | None:
+    """The content size a container's header states up front, where it has one: the frame content
+    size of a zstd file's first frame (RFC 8878 §3.1.1.1.4; absent when zstd wrote to a pipe).
+    gzip's ISIZE is the size mod 2^32 and sits at the end: zlib checks it, it bounds nothing."""
+    if kind != "zstd" or len(data) - start < 6:
+        return None
+    if struct.unpack("<I", data[start : start + 4])[0] != 0xFD2FB528:
+        return None
+    fhd = data[start + 4]
+    single_segment = bool(fhd & 0x20)
+    fcs_size = (0, 2, 4, 8)[fhd >> 6] or (1 if single_segment else 0)
+    if fcs_size == 0:
+        return None
+    at = start + 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3]
+    raw = data[at : at + fcs_size]
+    if len(raw) < fcs_size:
+        return None
+    value = int.from_bytes(raw, "little")
+    return value + 256 if fcs_size == 2 else value
+
+
+def _discard(fd: int, tmp: str) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(tmp)
-    if mm is not None:
-        with contextlib.suppress(BufferError):
-            mm.close()
 
 
 def _codec_error(source: Source, kind: str, offset: int, message: str) -> FormatError:
@@ -197,7 +362,7 @@ def _truncated(source: Source, kind: str, offset: int) -> FormatError:
     return source.error(offset, expected=f"more {kind} compressed data", found="end of file (truncated)")
 
 
-def _gzip_stream(source: Source, data: memoryview) -> Iterator[bytes]:
+def _gzip_stream(source: Source, data: FileBytes) -> Iterator[bytes]:
     """gzip members one after another (``gzip -c`` of several inputs concatenates members)."""
     pos = source.start
     end = len(data)
@@ -232,10 +397,10 @@ def _gzip_stream(source: Source, data: memoryview) -> Iterator[bytes]:
 
 def _stdlib_stream(
     kind: str, make: Callable[[], _Decompressor], magic: bytes, allow_zero_padding: bool
-) -> Callable[[Source, memoryview], Iterator[bytes]]:
+) -> Callable[[Source, FileBytes], Iterator[bytes]]:
     """bzip2 and xz: streams one after another, as ``bzip2 -c``/``xz -c`` of several inputs."""
 
-    def stream(source: Source, data: memoryview) -> Iterator[bytes]:
+    def stream(source: Source, data: FileBytes) -> Iterator[bytes]:
         import lzma
 
         pos = source.start
@@ -272,7 +437,7 @@ def _stdlib_stream(
     return stream
 
 
-def _zstd_stream(source: Source, data: memoryview) -> Iterator[bytes]:
+def _zstd_stream(source: Source, data: FileBytes) -> Iterator[bytes]:
     """zstd frames one after another, fed to the codec one block at a time.
 
     Walking the frame and block headers (RFC 8878 §3.1.1) bounds the output of each call to one
@@ -291,10 +456,10 @@ def _zstd_stream(source: Source, data: memoryview) -> Iterator[bytes]:
 
     while pos < end:
         need(pos, 4)
-        (magic,) = struct.unpack_from("<I", data, pos)
+        (magic,) = struct.unpack("<I", data[pos : pos + 4])
         if ZSTD_SKIPPABLE_LO <= magic <= ZSTD_SKIPPABLE_HI:
             need(pos, 8)
-            (skip,) = struct.unpack_from("<I", data, pos + 4)
+            (skip,) = struct.unpack("<I", data[pos + 4 : pos + 8])
             need(pos + 8, skip)
             pos += 8 + skip
             continue
@@ -342,15 +507,11 @@ def _zstd_stream(source: Source, data: memoryview) -> Iterator[bytes]:
             raise _codec_error(source, "zstd", frame_start, "frame did not end after its last block")
 
 
-def _lzop_stream(source: Source, data: memoryview) -> Iterator[bytes]:
+def _lzop_stream(source: Source, data: FileBytes) -> Iterator[bytes]:
     """lzop files (lzop 1.04 ``x_header``/``x_decompress``): a header, then blocks of
     ``be32 uncompressed length, be32 compressed length, checksums, data`` up to a zero length."""
-    try:
-        import lzo
-    except ImportError:
-        raise UnsupportedFeature(
-            source.name, source.start, feature="lzop compression (install python-lzo)"
-        ) from None
+    from lzallright import LZOCompressor, LZOError
+
     pos = source.start
     end = len(data)
 
@@ -435,8 +596,8 @@ def _lzop_stream(source: Source, data: memoryview) -> Iterator[bytes]:
                 ):
                     raise _codec_error(source, "lzop", payload_at, "compressed block checksum mismatch")
                 try:
-                    out = lzo.decompress(payload, False, dst_len)
-                except lzo.error as e:
+                    out = LZOCompressor.decompress(payload, dst_len)
+                except LZOError as e:
                     raise _codec_error(source, "lzop", payload_at, str(e)) from None
                 if len(out) != dst_len:
                     raise _codec_error(
@@ -465,7 +626,7 @@ def _xz_decompressor() -> _Decompressor:
     return lzma.LZMADecompressor(lzma.FORMAT_XZ)
 
 
-_STREAMS: dict[str, Callable[[Source, memoryview], Iterator[bytes]]] = {
+_STREAMS: dict[str, Callable[[Source, FileBytes], Iterator[bytes]]] = {
     "gzip": _gzip_stream,
     "bzip2": _stdlib_stream("bzip2", _bzip2_decompressor, BZIP2_MAGIC, allow_zero_padding=False),
     "xz": _stdlib_stream("xz", _xz_decompressor, XZ_MAGIC, allow_zero_padding=True),

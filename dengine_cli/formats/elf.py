@@ -29,12 +29,17 @@ Choices made here:
   follows guest virtual mappings, so it can repeat or omit physical pages: UnsupportedFeature.
 * In QEMU dumps of x86 guests the device memory (VGA VRAM, BIOS flash) is dropped unless
   ``options.device_memory`` (see :mod:`dengine_cli.formats.x86`).
+* An ELF vmcore in makedumpfile's flattened stream (``makedumpfile -F -E``) is parsed through
+  the stream's record index (the kdump reader finds it); its pages point into the flattened file
+  (makedumpfile 1.7.2 writes 64 KiB records from offset 0xff8, so pages are stored whole).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +47,7 @@ import numpy.typing as npt
 from dengine_cli.errors import UnsupportedFeature
 from dengine_cli.formats import x86
 from dengine_cli.formats.base import (
+    SIDE_PAGE,
     ZERO_PAGE,
     Dump,
     GuestFacts,
@@ -54,7 +60,7 @@ from dengine_cli.formats.base import (
     require,
 )
 from dengine_cli.formats.registry import FormatSpec
-from dengine_cli.pages import PAGE_SHIFT, PAGE_SIZE
+from dengine_cli.pages import PAGE_SHIFT, PAGE_SIZE, GfnArray, OffsetArray, PageArray
 
 # gABI e_ident and header constants.
 ELF_MAGIC = b"\x7fELF"
@@ -180,20 +186,63 @@ def _phdr_dtype(elf_class: int, order: str, entsize: int) -> np.dtype[np.void]:
     )
 
 
-def _program_header_count(source: Source, buf: npt.NDArray[np.uint8], hdr: ElfHeader) -> int:
+class ElfImage(Protocol):
+    """The bytes of the ELF file as its offsets count them: the file itself from
+    ``source.start``, or the file a makedumpfile flattened stream reassembles to
+    (:class:`dengine_cli.formats.kdump.KdumpImage`)."""
+
+    size: int
+
+    def read(self, offset: int, length: int, what: str) -> bytes:
+        """``length`` bytes at ``offset``; a FormatError naming ``what`` past the end."""
+        ...
+
+    def file_offset(self, offset: int) -> int:
+        """The absolute offset in the file that messages name for ``offset``."""
+        ...
+
+
+#: ``translate(offsets, lengths)``: offsets of a flattened file holding ``lengths`` bytes at each
+#: of ``offsets`` of the reassembled one (-1 where no single record holds them).
+Translate = Callable[[OffsetArray, OffsetArray], OffsetArray]
+
+
+class _PlainImage:
+    """An ELF file stored as it is, from ``source.start`` on."""
+
+    def __init__(self, source: Source, buf: npt.NDArray[np.uint8]) -> None:
+        self.source = source
+        self.buf = buf
+        self.base = source.start
+        self.size = len(buf) - source.start
+
+    def read(self, offset: int, length: int, what: str) -> bytes:
+        require(self.source, self.buf, self.base + offset, length, what)
+        return self.buf[self.base + offset : self.base + offset + length].tobytes()
+
+    def file_offset(self, offset: int) -> int:
+        return self.base + offset
+
+
+def _end_text(image: ElfImage) -> str:
+    """What messages say the file ends at."""
+    if isinstance(image, _PlainImage):
+        return f"end of file at {len(image.buf):#x}"
+    return f"the reassembled ELF file ending at {image.size:#x}"
+
+
+def _program_header_count(source: Source, image: ElfImage, hdr: ElfHeader) -> int:
     if hdr.phnum != PN_XNUM:
         return hdr.phnum
     # PN_XNUM: the real count is sh_info of section header 0.
-    at = source.start + hdr.shoff
     if hdr.shoff == 0:
         raise source.error(
-            source.start,
+            image.file_offset(0),
             expected="section header 0 holding the program header count (PN_XNUM)",
             found="e_shoff = 0",
         )
-    require(source, buf, at, SHDR_SIZE[hdr.elf_class], "section header 0 (PN_XNUM count)")
-    raw = buf[at + SH_INFO_AT[hdr.elf_class] : at + SH_INFO_AT[hdr.elf_class] + 4].tobytes()
-    (count,) = struct.unpack(hdr.order + "I", raw)
+    sh0 = image.read(hdr.shoff, SHDR_SIZE[hdr.elf_class], "section header 0 (PN_XNUM count)")
+    (count,) = struct.unpack_from(hdr.order + "I", sh0, SH_INFO_AT[hdr.elf_class])
     return int(count)
 
 
@@ -206,11 +255,8 @@ class Notes:
     vmcoreinfo: dict[str, str] | None = None
 
 
-def _read_notes(
-    source: Source, buf: npt.NDArray[np.uint8], order: str, at: int, size: int, notes: Notes
-) -> None:
-    """Walk one PT_NOTE segment of ``size`` bytes at absolute offset ``at``."""
-    data = buf[at : at + size].tobytes()
+def _read_notes(source: Source, data: bytes, order: str, at: int, notes: Notes) -> None:
+    """Walk the bytes of one PT_NOTE segment, which starts at absolute offset ``at``."""
     header = struct.Struct(order + "III")
     pos = 0
     while pos + NOTE_HEADER <= len(data):
@@ -240,29 +286,102 @@ def _read_notes(
         pos = end
 
 
+@dataclass
+class ElfLayout:
+    """What the headers of an ELF core say: guest memory as byte extents of the ELF file
+    (offsets counted from its start; :data:`ZERO_PAGE` for zeros stored nowhere)."""
+
+    hdr: ElfHeader
+    notes: Notes
+    pt_loads: int
+    addrs: list[int]
+    lengths: list[int]
+    offsets: list[int]
+    skipped: list[str]
+
+
 def open_elf(source: Source, options: OpenOptions) -> Dump:
     buf = map_file(source)
+    layout = parse_layout(source, _PlainImage(source, buf))
     base = source.start
-    hdr = parse_header(buf[base : base + 64].tobytes())
+    file_offsets = [o if o == ZERO_PAGE else base + o for o in layout.offsets]
+    gfns, offsets, side = extent_page_table(buf, layout.addrs, layout.lengths, file_offsets)
+    gfns, offsets, facts = _finish(layout, gfns, offsets, options)
+    return PageTableDump(source, facts, buf, gfns, offsets, side)
+
+
+def open_flattened_elf(
+    source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8], image: ElfImage, translate: Translate
+) -> Dump:
+    """An ELF core inside a makedumpfile flattened stream (``makedumpfile -F -E``), read in
+    place: ``image`` reads the reassembled ELF file, ``translate`` maps its offsets to offsets
+    of ``buf`` (the flattened file; -1 where the bytes cross records or lie in a hole).
+
+    Pages a record holds whole are read from the mapping like any ELF page (runs of them are
+    views); pages that cross records are assembled from the records when read, never held."""
+    layout = parse_layout(source, image)
+    gfns, logical, side = extent_page_table(
+        None, layout.addrs, layout.lengths, layout.offsets, read=image.read
+    )
+    offsets = logical.copy()
+    whole = np.flatnonzero(logical >= 0)
+    physical = translate(logical[whole], np.full(len(whole), PAGE_SIZE, dtype=np.int64))
+    offsets[whole] = physical
+    crossing = whole[physical < 0]
+    # Pages crossing records: side pages numbered after the ones assembled above.
+    offsets[crossing] = SIDE_PAGE - len(side) - np.arange(len(crossing), dtype=np.int64)
+    pages = FlattenedSidePages(side, logical[crossing], image)
+    gfns, offsets, facts = _finish(layout, gfns, offsets, options)
+    facts.extra["container"] = "flattened"
+    return PageTableDump(source, facts, buf, gfns, offsets, pages)
+
+
+class FlattenedSidePages:
+    """Side pages of a flattened ELF: the few assembled at open time (pages segments cover in
+    part), then pages that cross records, read through the reassembled image when asked for."""
+
+    def __init__(self, eager: PageArray, crossing: OffsetArray, image: ElfImage) -> None:
+        self.eager = eager
+        self.crossing = crossing
+        self.image = image
+
+    def __len__(self) -> int:
+        return len(self.eager) + len(self.crossing)
+
+    def __getitem__(self, rows: npt.NDArray[np.int64]) -> PageArray:
+        out = np.empty((len(rows), PAGE_SIZE), dtype=np.uint8)
+        for k, row in enumerate(rows.tolist()):
+            if row < len(self.eager):
+                out[k] = self.eager[row]
+            else:
+                at = int(self.crossing[row - len(self.eager)])
+                out[k] = np.frombuffer(self.image.read(at, PAGE_SIZE, "page data"), dtype=np.uint8)
+        return out
+
+
+def parse_layout(source: Source, image: ElfImage) -> ElfLayout:
+    """Read and check the ELF header, program headers and notes of an ELF core."""
+    hdr = parse_header(image.read(0, min(image.size, 64), "an ELF header"))
     if hdr is None:
-        found = buf[base : base + 20].tobytes().hex(" ") if len(buf) > base else "an empty file"
-        raise source.error(base, expected="an ELF core file (\\x7fELF, ET_CORE)", found=found)
+        first = image.read(0, min(image.size, 20), "an ELF header")
+        found = first.hex(" ") if first else "an empty file"
+        raise source.error(image.file_offset(0), expected="an ELF core file (\\x7fELF, ET_CORE)", found=found)
     cls_name = "ELF64" if hdr.elf_class == ELFCLASS64 else "ELF32"
-    phnum = _program_header_count(source, buf, hdr)
+    phnum = _program_header_count(source, image, hdr)
     if phnum == 0:
-        raise source.error(base, expected="program headers (e_phnum > 0)", found="e_phnum = 0")
+        raise source.error(
+            image.file_offset(0), expected="program headers (e_phnum > 0)", found="e_phnum = 0"
+        )
     if hdr.phentsize < PHDR_SIZE[hdr.elf_class]:
         raise source.error(
-            base,
+            image.file_offset(0),
             expected=f"e_phentsize >= {PHDR_SIZE[hdr.elf_class]} for {cls_name}",
             found=str(hdr.phentsize),
         )
-    table_at = base + hdr.phoff
-    require(source, buf, table_at, phnum * hdr.phentsize, f"{phnum} program headers")
-    phdrs = np.frombuffer(
-        buf, dtype=_phdr_dtype(hdr.elf_class, hdr.order, hdr.phentsize), count=phnum, offset=table_at
-    )
-    file_size = len(buf) - base
+    table = image.read(hdr.phoff, phnum * hdr.phentsize, f"{phnum} program headers")
+    phdrs = np.frombuffer(table, dtype=_phdr_dtype(hdr.elf_class, hdr.order, hdr.phentsize), count=phnum)
+    file_size = image.size
+    table_at = image.file_offset(hdr.phoff)
     ptype = phdrs["p_type"]
     notes = Notes()
     for i in np.flatnonzero(ptype == PT_NOTE).tolist():
@@ -271,10 +390,10 @@ def open_elf(source: Source, options: OpenOptions) -> Dump:
         if off + note_size > file_size:
             raise source.error(
                 table_at + i * hdr.phentsize,
-                expected=f"PT_NOTE at {base + off:#x} + {note_size:#x} within the file",
-                found=f"end of file at {len(buf):#x}",
+                expected=f"PT_NOTE at {image.file_offset(off):#x} + {note_size:#x} within the file",
+                found=_end_text(image),
             )
-        _read_notes(source, buf, hdr.order, base + off, note_size, notes)
+        _read_notes(source, image.read(off, note_size, "PT_NOTE"), hdr.order, image.file_offset(off), notes)
 
     idx = np.flatnonzero((ptype == PT_LOAD) & (phdrs["p_memsz"] > 0))
     loads = phdrs[idx]
@@ -291,8 +410,9 @@ def open_elf(source: Source, options: OpenOptions) -> Dump:
         i = int(np.flatnonzero(beyond)[0])
         raise source.error(
             int(header_at[i]),
-            expected=f"PT_LOAD data at {base + int(offset[i]):#x} + {int(filesz[i]):#x} within the file",
-            found=f"end of file at {len(buf):#x}",
+            expected=f"PT_LOAD data at {image.file_offset(int(offset[i])):#x} + {int(filesz[i]):#x} "
+            "within the file",
+            found=_end_text(image),
         )
     too_big = filesz > memsz
     if too_big.any():
@@ -342,15 +462,21 @@ def open_elf(source: Source, options: OpenOptions) -> Dump:
         a, f, m = int(paddr[i]), int(filesz[i]), int(memsz[i])
         addrs.append(a)
         lengths.append(f)
-        file_offsets.append(base + int(offset[i]))
+        file_offsets.append(int(offset[i]))
         if m > f:
             addrs.append(a + f)
             lengths.append(m - f)
             file_offsets.append(ZERO_PAGE)
-    gfns, offsets, side = extent_page_table(buf, addrs, lengths, file_offsets)
+    return ElfLayout(hdr, notes, len(loads), addrs, lengths, file_offsets, skipped)
+
+
+def _finish(
+    layout: ElfLayout, gfns: GfnArray, offsets: OffsetArray, options: OpenOptions
+) -> tuple[GfnArray, OffsetArray, GuestFacts]:
+    """The page table sorted, device memory dropped, and the guest facts."""
+    hdr, notes, skipped = layout.hdr, layout.notes, list(layout.skipped)
     order = np.argsort(gfns, kind="stable")
     gfns, offsets = gfns[order], offsets[order]
-
     if notes.qemu and hdr.machine in X86_MACHINES and not options.device_memory:
         device = x86.device_memory_mask(gfns)
         if device.any():
@@ -359,10 +485,10 @@ def open_elf(source: Source, options: OpenOptions) -> Dump:
             gfns, offsets = gfns[~device], offsets[~device]
 
     extra: dict[str, object] = {
-        "elf_class": cls_name,
+        "elf_class": "ELF64" if hdr.elf_class == ELFCLASS64 else "ELF32",
         "byte_order": "little" if hdr.order == "<" else "big",
         "e_machine": hdr.machine,
-        "pt_load_segments": len(loads),
+        "pt_load_segments": layout.pt_loads,
     }
     if notes.vmcoreinfo is not None:
         extra["vmcoreinfo"] = notes.vmcoreinfo
@@ -377,7 +503,7 @@ def open_elf(source: Source, options: OpenOptions) -> Dump:
         extra=extra,
         skipped=skipped,
     )
-    return PageTableDump(source, facts, buf, gfns, offsets, side)
+    return gfns, offsets, facts
 
 
 def _drop_aliases(

@@ -18,16 +18,19 @@ descriptor number "set bits of the 2nd bitmap below ``p``".
 A flattened file is a 4096-byte ``makedumpfile_header`` then records ``{i64 offset; i64 size}``
 (big-endian) each followed by ``size`` bytes that belong at ``offset`` of the kdump file, ended by
 an offset of -1.  It is read in place: the records are indexed once and every offset of the kdump
-file is translated to an offset of the flattened file; data crossing records is assembled.
+file is translated to an offset of the flattened file; data crossing records is assembled.  A
+flattened stream may hold an ELF vmcore instead (``makedumpfile -F -E``): it is handed to the ELF
+reader (:func:`dengine_cli.formats.elf.open_flattened_elf`) with the same record index.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,11 +38,11 @@ import numpy.typing as npt
 import zstandard
 
 from dengine_cli.arrays import unique
-from dengine_cli.errors import FormatError, UnsupportedFeature
-from dengine_cli.formats import x86
-from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, Source, map_file
+from dengine_cli.errors import FormatError, UnreadableFile, UnsupportedFeature
+from dengine_cli.formats import elf, x86
+from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, PageBatch, Source, map_file
 from dengine_cli.formats.registry import FormatSpec
-from dengine_cli.pages import PAGE_SIZE, GfnArray, OffsetArray, PageArray
+from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE, GfnArray, OffsetArray, PageArray
 
 # --- makedumpfile diskdump_mod.h -------------------------------------------------------------------
 KDUMP_SIGNATURE = b"KDUMP   "
@@ -180,8 +183,14 @@ class KdumpImage:
         length: OffsetArray,
         src: OffsetArray,
         flattened: bool,
+        content: str = "kdump",
     ) -> None:
         self.source = source
+        #: What the reassembled file is, for messages: "kdump" or "ELF".
+        self.content = content
+        #: While the file is being opened: its descriptor, so that headers, bitmaps and
+        #: descriptors are read with pread (a file cut meanwhile is an error, not SIGBUS).
+        self.fd: int | None = None
         self.buf = buf
         self.dst = dst
         self.length = length
@@ -206,20 +215,21 @@ class KdumpImage:
         inside = (k >= 0) & (offsets + lengths <= self.end[kc])
         return np.where(inside, self.src[kc] + (offsets - self.dst[kc]), -1)
 
-    def read(self, offset: int, length: int, what: str) -> bytes:
+    def read(self, offset: int, length: int, what: str, fd: int | None = None) -> bytes:
         """``length`` bytes at ``offset`` of the kdump file; a FormatError naming ``what`` when they
-        reach past its end."""
+        reach past its end.  With ``fd`` (the file, opened again) they are read with pread, not
+        from the mapping."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise self.source.error(
                 self.file_offset(min(max(offset, 0), self.size)),
-                expected=f"{what} ({length} bytes at offset {offset:#x} of the kdump file)",
-                found=f"the kdump file ending at {self.size:#x}"
+                expected=f"{what} ({length} bytes at offset {offset:#x} of the {self.content} file)",
+                found=f"the {self.content} file ending at {self.size:#x}"
                 + (" (flattened: no record holds those bytes)" if self.flattened else ""),
             )
         k = int(np.searchsorted(self.dst, offset, side="right")) - 1
         if k >= 0 and offset + length <= int(self.end[k]):
             s = int(self.src[k]) + offset - int(self.dst[k])
-            return self.buf[s : s + length].tobytes()
+            return self._bytes(s, length, fd)
         out = bytearray(length)
         k = max(k, 0)
         while k < len(self.dst) and int(self.dst[k]) < offset + length:
@@ -227,9 +237,27 @@ class KdumpImage:
             hi = min(offset + length, int(self.end[k]))
             if lo < hi:
                 s = int(self.src[k]) + lo - int(self.dst[k])
-                out[lo - offset : hi - offset] = self.buf[s : s + hi - lo].tobytes()
+                out[lo - offset : hi - offset] = self._bytes(s, hi - lo, fd)
             k += 1
         return bytes(out)
+
+    def _bytes(self, at: int, length: int, fd: int | None) -> bytes:
+        fd = fd if fd is not None else self.fd
+        if fd is None:
+            return self.buf[at : at + length].tobytes()
+        return pread_exactly(fd, length, at, self.source.name)
+
+
+def pread_exactly(fd: int, length: int, at: int, name: str) -> bytes:
+    """``length`` bytes at ``at`` of ``fd``; a short read means the file shrank."""
+    data = os.pread(fd, length, at)
+    if len(data) != length:
+        raise UnreadableFile(
+            name,
+            f"it changed while being read: it ends at {at + len(data):#x}, "
+            f"where {length} bytes at {at:#x} were expected",
+        )
+    return data
 
 
 def plain_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
@@ -241,7 +269,31 @@ def plain_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
     )
 
 
-def flattened_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
+class _Window:
+    """Bytes of a file read with pread a window at a time (record headers lie every 16 KiB or
+    more apart): the flattened walk touches no mapping, so a file cut meanwhile is an error,
+    not SIGBUS.  Without a descriptor it reads ``buf``."""
+
+    SIZE = 4 << 20
+
+    def __init__(self, fd: int | None, buf: npt.NDArray[np.uint8], name: str) -> None:
+        self.fd = fd
+        self.buf = buf
+        self.name = name
+        self.at = 0
+        self.data = b""
+
+    def get(self, pos: int, n: int) -> bytes:
+        if self.fd is None:
+            return self.buf[pos : pos + n].tobytes()
+        if not (self.at <= pos and pos + n <= self.at + len(self.data)):
+            want = min(max(n, self.SIZE), len(self.buf) - pos)
+            self.data = pread_exactly(self.fd, want, pos, self.name)
+            self.at = pos
+        return self.data[pos - self.at : pos - self.at + n]
+
+
+def flattened_image(source: Source, buf: npt.NDArray[np.uint8], fd: int | None = None) -> KdumpImage:
     """Index the records of a flattened stream (one pass over the record headers)."""
     start = source.start
     if len(buf) < start + FLAT_HEADER_SIZE:
@@ -250,13 +302,13 @@ def flattened_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
             expected=f"a {FLAT_HEADER_SIZE}-byte makedumpfile flattened header",
             found=f"end of file at {len(buf):#x}",
         )
-    ftype, fversion = struct.unpack_from(">qq", buf.data, start + 16)
+    window = _Window(fd, buf, source.name)
+    ftype, fversion = struct.unpack(">qq", window.get(start + 16, 16))
     if ftype != FLAT_TYPE or fversion != FLAT_VERSION:
         raise UnsupportedFeature(
             source.name, start + 16, feature=f"makedumpfile flattened type {ftype} version {fversion}"
         )
-    mv = buf.data
-    unpack = FLAT_RECORD.unpack_from
+    unpack = FLAT_RECORD.unpack
     rsize = FLAT_RECORD.size
     file_end = len(buf)
     dsts: list[int] = []
@@ -271,7 +323,7 @@ def flattened_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
                 expected="a flattened record header or the end marker (offset -1)",
                 found=f"end of file at {file_end:#x} (the stream is truncated)",
             )
-        dst, size = unpack(mv, pos)
+        dst, size = unpack(window.get(pos, rsize))
         if dst == FLAT_END:
             break
         if dst < 0 or size <= 0 or size > file_end - pos - rsize or dst > (1 << 62):
@@ -294,7 +346,9 @@ def flattened_image(source: Source, buf: npt.NDArray[np.uint8]) -> KdumpImage:
     d, n, s = dst_a[order], len_a[order], src_a[order]
     if len(d) > 1 and np.any(d[1:] < (d + n)[:-1]):
         d, n, s = _resolve_overlaps(dst_a, len_a, src_a)
-    return KdumpImage(source, buf, d, n, s, flattened=True)
+    image = KdumpImage(source, buf, d, n, s, flattened=True)
+    image.fd = fd
+    return image
 
 
 def _resolve_overlaps(
@@ -377,12 +431,6 @@ def parse_header(image: KdumpImage) -> Header:
     head = image.read(0, min(image.size, LAYOUT_64.size), "disk_dump_header")
     signature = head[:8]
     if signature not in (KDUMP_SIGNATURE, DISKDUMP_SIGNATURE):
-        if head[:4] == b"\x7fELF":
-            raise UnsupportedFeature(
-                source.name,
-                image.file_offset(0),
-                feature="flattened ELF dump (reassemble it with makedumpfile -R)",
-            )
         raise source.error(
             image.file_offset(0),
             expected='the kdump signature "KDUMP   " or "DISKDUMP"',
@@ -491,11 +539,16 @@ def set_bits(bitmap: npt.NDArray[np.uint8], limit: int) -> GfnArray:
 # --- page codecs -------------------------------------------------------------------------------------
 
 
-def _lzo_decoder() -> Callable[[bytes], bytes]:
-    import lzo
+def _lzo_decoder() -> Callable[[memoryview], bytes]:
+    """LZO1X pages (what makedumpfile and QEMU write with ``lzo1x_1_compress``), decoded by
+    ``lzallright`` (a wheel on PyPI: no liblzo2 and no compiler needed).  It returns the bytes
+    the data really decompresses to, so a page of another length is caught below."""
+    from lzallright import LZOCompressor
 
-    def decode(data: bytes) -> bytes:
-        return bytes(lzo.decompress(bytes(data), False, PAGE_SIZE))
+    decompress = LZOCompressor.decompress
+
+    def decode(data: memoryview) -> bytes:
+        return decompress(data, PAGE_SIZE)
 
     return decode
 
@@ -509,12 +562,9 @@ def _codec_errors() -> tuple[type[BaseException], ...]:
         cramjam.DecompressionError,
         ValueError,
     ]
-    try:
-        import lzo
+    from lzallright import LZOError
 
-        errors.append(lzo.error)
-    except ImportError:
-        pass
+    errors.append(LZOError)
     return tuple(errors)
 
 
@@ -538,12 +588,8 @@ def _decoders() -> dict[int, Callable[[memoryview], bytes]]:
         ZLIB: lambda d: zdec(d, 15, PAGE_SIZE),
         SNAPPY: lambda d: bytes(snappy_dec(d)),
         ZSTD: zstd_dec,
+        LZO: _lzo_decoder(),
     }
-    try:
-        lzo_dec = _lzo_decoder()
-        out[LZO] = lambda d: lzo_dec(d.tobytes())
-    except ImportError:
-        pass
     return out
 
 
@@ -580,6 +626,7 @@ class KdumpDump(Dump):
         self._slow_offsets = slow_offsets
         self._decoders = _decoders()
         self._errors = _codec_errors()
+        self._remember_file()
 
     def _pages(self, lo: int, hi: int) -> PageArray:
         return self._read(np.arange(lo, hi, dtype=np.int64))
@@ -587,16 +634,68 @@ class KdumpDump(Dump):
     def _pages_at(self, idx: OffsetArray) -> PageArray:
         return self._read(idx.astype(np.int64, copy=False))
 
-    def _read(self, idx: OffsetArray) -> PageArray:
-        """The pages at positions ``idx`` of :attr:`gfns`."""
+    def scan(
+        self, max_pages: int = BATCH_PAGES, *, start: int = 0, stop: int | None = None
+    ) -> Iterator[PageBatch]:
+        """:meth:`batches`, but the bytes of each batch are read with ``pread`` (one read of the
+        span its page data covers, when that span is not mostly other pages' data), never
+        touched through the mapping: a file that shrinks meanwhile is a short read, an error,
+        not SIGBUS.  Compressed data is a fraction of the pages: the copy costs little beside
+        decompressing them."""
+        fd = self._reopen()
+        if fd is None:
+            yield from self.batches(max_pages, start=start, stop=stop)
+            return
+        try:
+            n = len(self.gfns) if stop is None else min(stop, len(self.gfns))
+            for lo in range(max(start, 0), n, max(1, max_pages)):
+                hi = min(lo + max_pages, n)
+                self.check_unchanged()
+                yield PageBatch(self.gfns[lo:hi], self._read(np.arange(lo, hi, dtype=np.int64), fd))
+        finally:
+            os.close(fd)
+
+    def _reopen(self) -> int | None:
+        """The dump file opened again, if it is still the file that was mapped."""
+        if self._identity is None:
+            return None
+        try:
+            fd = os.open(self.source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self._identity[:4]:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        self.check_unchanged()
+        return None  # another file in its place: read the mapping of the one opened
+
+    def _read(self, idx: OffsetArray, fd: int | None = None) -> PageArray:
+        """The pages at positions ``idx`` of :attr:`gfns`; with ``fd``, read with pread."""
         # np.zeros maps fresh pages lazily: shared zero pages cost nothing until read.
         out = np.zeros((len(idx), PAGE_SIZE), dtype=np.uint8)
         codec = self._codec[idx]
         foff = self._file_off[idx]
+        buf, base = self._buf, 0
+        if fd is not None:
+            need = (codec != SHARED_ZERO) & (foff >= 0)
+            if need.any():
+                ends = foff[need] + self._size[idx[need]].astype(np.int64)
+                base = int(foff[need].min())
+                span = int(ends.max()) - base
+                if span > 2 * int(ends.sum() - foff[need].sum()) + (1 << 20):
+                    base = 0  # scattered: from the mapping, just checked unchanged
+                else:
+                    data = pread_exactly(fd, span, base, self.source.name)
+                    buf = np.frombuffer(data, dtype=np.uint8)
+                    foff = np.where(foff >= 0, foff - base, foff)
         stored = (codec == RAW) & (foff >= 0)
         if stored.any():
             windows = np.lib.stride_tricks.as_strided(
-                self._buf, shape=(len(self._buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
+                buf, shape=(len(buf) - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1), writeable=False
             )
             if stored.all():
                 out[:] = windows[foff]
@@ -605,13 +704,13 @@ class KdumpDump(Dump):
         rest = np.flatnonzero(~stored & (codec != SHARED_ZERO))
         fast = rest[foff[rest] >= 0]
         if len(fast):
-            self._decode_fast(out, fast, codec[fast], foff[fast], self._size[idx[fast]])
+            self._decode_fast(out, fast, codec[fast], foff[fast], self._size[idx[fast]], buf, base)
         if len(fast) < len(rest):
             slow = rest[foff[rest] < 0]
             where = np.searchsorted(self._slow_rows, idx[slow])
             for r, offset in zip(slow.tolist(), self._slow_offsets[where].tolist(), strict=True):
                 length = int(self._size[idx[r]])
-                data = self._image.read(offset, length, "page data")
+                data = self._image.read(offset, length, "page data", fd)
                 c = int(codec[r])
                 page = data if c == RAW else self._decode_one(c, memoryview(data), offset)
                 out[r] = np.frombuffer(page, dtype=np.uint8)
@@ -624,7 +723,10 @@ class KdumpDump(Dump):
         codec: npt.NDArray[np.uint8],
         foff: OffsetArray,
         size: npt.NDArray[np.uint32],
+        buf: npt.NDArray[np.uint8],
+        base: int,
     ) -> None:
+        """Decode pages whose data is at ``foff`` of ``buf`` (file offset ``base + foff``)."""
         # Pages sharing one descriptor (same data offset) are decoded once.
         uniq, first, inverse = np.unique(foff, return_index=True, return_inverse=True)
         dedup = len(uniq) < len(foff) and bool(
@@ -632,7 +734,7 @@ class KdumpDump(Dump):
         )
         todo = first if dedup else np.arange(len(rows))
         flat = out.reshape(-1).data
-        mv = self._buf.data
+        mv = buf.data
         for c in unique(codec[todo]).tolist():
             sel = todo[codec[todo] == c]
             decode = self._decoder(int(c), int(foff[sel[0]]))
@@ -644,24 +746,19 @@ class KdumpDump(Dump):
                     flat[row * PAGE_SIZE : (row + 1) * PAGE_SIZE] = page
             except _WrongLength as e:
                 raise self.source.error(
-                    e.offset,
+                    base + e.offset,
                     expected=f"{CODEC_NAMES[c]} page data decompressing to {PAGE_SIZE} bytes",
                     found=f"{e.length} bytes",
                 ) from None
             except self._errors as e:
                 raise self.source.error(
-                    o, expected=f"{CODEC_NAMES[c]} page data", found=f"corrupt data ({e})"
+                    base + o, expected=f"{CODEC_NAMES[c]} page data", found=f"corrupt data ({e})"
                 ) from None
         if dedup:
             out[rows] = out[rows[first]][inverse]
 
     def _decoder(self, c: int, offset: int) -> Callable[[memoryview], bytes]:
-        try:
-            return self._decoders[c]
-        except KeyError:
-            raise UnsupportedFeature(
-                self.source.name, offset, feature="LZO-compressed pages (install python-lzo)"
-            ) from None
+        return self._decoders[c]
 
     def _decode_one(self, c: int, data: memoryview, offset: int) -> bytes:
         decode = self._decoder(c, offset)
@@ -706,14 +803,12 @@ def _codec_of(flags: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint8]:
     return codec
 
 
-def _mark_shared_zero(
-    buf: npt.NDArray[np.uint8], codec: npt.NDArray[np.uint8], file_off: OffsetArray
-) -> None:
+def _mark_shared_zero(image: KdumpImage, codec: npt.NDArray[np.uint8], file_off: OffsetArray) -> None:
     """Give stored pages that several descriptors share and that hold only zeros the codec
     :data:`SHARED_ZERO`."""
     stored = (codec == RAW) & (file_off >= 0)
     uniq, counts = np.unique(file_off[stored], return_counts=True)
-    zero = [o for o in uniq[counts > 1].tolist() if not buf[o : o + PAGE_SIZE].any()]
+    zero = [o for o in uniq[counts > 1].tolist() if not image._bytes(o, PAGE_SIZE, None).strip(b"\0")]
     if zero:
         codec[stored & np.isin(file_off, zero)] = SHARED_ZERO
 
@@ -747,10 +842,39 @@ def _vmcoreinfo(image: KdumpImage, hdr: Header) -> dict[str, str]:
 
 
 def open_kdump(source: Source, options: OpenOptions) -> Dump:
-    """Open a plain or flattened kdump-compressed file."""
+    """Open a plain or flattened kdump-compressed file.  What opening reads (record headers,
+    headers, bitmaps, descriptors) is read with pread, not through the mapping."""
     buf = map_file(source)
-    head = buf[source.start : source.start + 16].tobytes()
-    image = flattened_image(source, buf) if head == FLAT_SIGNATURE else plain_image(source, buf)
+    try:
+        fd: int | None = os.open(source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        fd = None
+    try:
+        return _open_kdump(source, options, buf, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_kdump(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8], fd: int | None) -> Dump:
+    head = _Window(fd, buf, source.name).get(source.start, 16) if len(buf) > source.start else b""
+    if head == FLAT_SIGNATURE:
+        image = flattened_image(source, buf, fd)
+    else:
+        image = plain_image(source, buf)
+        image.fd = fd
+    try:
+        return _open_image(source, options, buf, image)
+    finally:
+        image.fd = None
+
+
+def _open_image(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8], image: KdumpImage) -> Dump:
+    if image.flattened and image.size >= 4 and image.read(0, 4, "the file signature") == elf.ELF_MAGIC:
+        # makedumpfile -F -E: an ELF vmcore in the flattened stream, read by the ELF reader
+        # through the same record index.
+        image.content = "ELF"
+        return elf.open_flattened_elf(source, options, buf, image, image.translate)
     hdr = parse_header(image)
     bs = hdr.block_size
 
@@ -878,21 +1002,11 @@ def open_kdump(source: Source, options: OpenOptions) -> Dump:
             expected=f"a page descriptor pointing inside the kdump file (size {image.size:#x})",
             found=f"data at offset {int(offsets[i]):#x}, size {int(sizes[i])} (pfn {int(gfns[i]):#x})",
         )
-    if np.any(codec == LZO):
-        try:
-            _lzo_decoder()
-        except ImportError:
-            i = int(np.flatnonzero(codec == LZO)[0])
-            raise UnsupportedFeature(
-                source.name,
-                image.file_offset(int(desc_file[i])),
-                feature="LZO-compressed pages (install python-lzo)",
-            ) from None
     used = sorted({CODEC_NAMES[int(c)] for c in unique(codec) if c != RAW})
     facts.compression = "none" if not used else used[0] if len(used) == 1 else "mixed"
 
     file_off = image.translate(offsets, sizes64)
-    _mark_shared_zero(image.buf, codec, file_off)
+    _mark_shared_zero(image, codec, file_off)
     slow_rows = np.flatnonzero(file_off < 0).astype(np.int64)
     return KdumpDump(
         source,

@@ -123,7 +123,16 @@ def open_libvirt_save(source: Source, options: OpenOptions) -> Dump:
                 expected=f"{kind} data as save format {fmt} says",
                 found=found or head[:8].hex(" "),
             )
-        inner = container.decompress(tail, kind, options)
+
+        def accept(content: bytes, size: int | None) -> None:
+            if content[:4] != qemu_stream.QEVM_MAGIC:
+                raise source.error(
+                    stream_start,
+                    expected=f'{kind} data holding a QEMU stream ("QEVM") as save format {fmt} says',
+                    found=f"{kind} data starting {content[:8].hex(' ') or 'with nothing'}",
+                )
+
+        inner = container.decompress(tail, kind, options, accept=accept)
         try:
             dump = qemu_stream.open_stream(inner, options, domain)
         finally:

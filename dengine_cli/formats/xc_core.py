@@ -20,6 +20,7 @@ refused as unsupported.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -27,7 +28,16 @@ import numpy.typing as npt
 
 from dengine_cli.errors import UnsupportedFeature
 from dengine_cli.formats import elf
-from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, PageTableDump, Source, map_file, require
+from dengine_cli.formats.base import (
+    Dump,
+    GuestFacts,
+    OpenOptions,
+    PageTableDump,
+    Source,
+    map_file,
+    read_exactly,
+    require,
+)
 from dengine_cli.formats.registry import FormatSpec
 from dengine_cli.pages import PAGE_SIZE
 
@@ -164,24 +174,36 @@ def open_xc_core(source: Source, options: OpenOptions) -> Dump:
     note_at, note_size = section_at(sections[SEC_NOTE])
     nr_pages = _read_notes(source, buf, order, note_at, note_size, facts)
 
-    pages_at, pages_size = section_at(sections[SEC_PAGES])
-    if nr_pages > pages_size // PAGE_SIZE:
-        raise source.error(
-            pages_at,
-            expected=f"{nr_pages} pages in {SEC_PAGES} (nr_pages of the header note)",
-            found=f"{pages_size // PAGE_SIZE} pages ({pages_size:#x} bytes)",
-        )
     is_p2m = SEC_P2M in sections
     entry_size = 16 if is_p2m else 8
     table_name = SEC_P2M if is_p2m else SEC_PFN
     index_at, index_size = section_at(sections[table_name])
-    if index_size // entry_size < nr_pages:
+    pages_index = sections[SEC_PAGES]
+    if options.partial:
+        # A dump cut short may end inside .xen_pages: the pages the file holds are present.
+        pages_at = base + int(shdrs[pages_index]["sh_offset"])
+        pages_size = max(0, min(int(shdrs[pages_index]["sh_size"]), len(buf) - pages_at))
+    else:
+        pages_at, pages_size = section_at(pages_index)
+    held = pages_size // PAGE_SIZE
+    entries = index_size // entry_size
+    present = min(nr_pages, held, entries)
+    if present < nr_pages and not options.partial:
+        hint = f"; --partial reads the {present} pages present"
+        if held < nr_pages:
+            raise source.error(
+                pages_at,
+                expected=f"{nr_pages} pages in {SEC_PAGES} (nr_pages of the header note)",
+                found=f"{held} pages ({pages_size:#x} bytes){hint}",
+            )
         raise source.error(
             index_at,
             expected=f"{nr_pages} entries of {entry_size} bytes in {table_name}",
-            found=f"{index_size // entry_size} entries ({index_size:#x} bytes)",
+            found=f"{entries} entries ({index_size:#x} bytes){hint}",
         )
-    table = np.frombuffer(buf, dtype=order + "u8", count=nr_pages * entry_size // 8, offset=index_at)
+    # Read, not mapped: the table usually lies at the end of the file, and parsing it through
+    # a mapping of a file cut meanwhile would be SIGBUS.
+    table = np.frombuffer(read_exactly(source, index_at, present * entry_size), dtype=order + "u8")
     pfns = table[0::2] if is_p2m else table
     listed = np.flatnonzero(pfns != np.uint64(XC_CORE_INVALID_PFN))
     gfns = pfns[listed]
@@ -196,11 +218,34 @@ def open_xc_core(source: Source, options: OpenOptions) -> Dump:
             expected=f"each pfn once in {table_name}",
             found=f"pfn {int(gfns[dup[0]]):#x} again at entry {j}",
         )
-    if nr_pages > len(listed):
-        facts.skipped.append(f"{nr_pages - len(listed)} padding entries (pfn ~0) in {table_name}")
+    if present > len(listed):
+        facts.skipped.append(f"{present - len(listed)} padding entries (pfn ~0) in {table_name}")
     facts.memory_bytes = len(gfns) * PAGE_SIZE
     facts.extra["nr_pages"] = nr_pages
+    if present < nr_pages:
+        source = _partial(source, facts, nr_pages, present, len(listed), table_name)
     return PageTableDump(source, facts, buf, gfns, offsets)
+
+
+def _partial(
+    source: Source, facts: GuestFacts, nr_pages: int, present: int, listed: int, table_name: str
+) -> Source:
+    """Say what a dump cut short covers, in its facts and in its name (which every report of
+    its figures shows): entries 0..present-1 of the table, of the nr_pages the header claims."""
+    entries = f"entries 0-{present - 1}" if present else "no entries"
+    facts.extra["partial"] = {
+        "pages_claimed": nr_pages,
+        "entries_read": present,
+        "pages_read": listed,
+        "covers": f"{SEC_PAGES} {entries} of {nr_pages}",
+    }
+    facts.skipped.append(
+        f"{nr_pages - present} of the {nr_pages} pages the header note claims, which the file does "
+        f"not hold (cut short): the figures cover {SEC_PAGES}/{table_name} {entries} only (--partial)"
+    )
+    note = f"partial: {listed} pages, {SEC_PAGES} {entries} of the {nr_pages} claimed"
+    # Parentheses, not brackets: tables render names as rich markup.
+    return dataclasses.replace(source, origin=f"{source.label} ({note})")
 
 
 def _read_notes(

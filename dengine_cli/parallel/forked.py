@@ -36,6 +36,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.errors import UnreadableFile
 from dengine_cli.formats.base import Dump
 from dengine_cli.pages import BATCH_PAGES
 
@@ -124,6 +125,26 @@ def hash_forked(
             for v, dump in enumerate(dumps):
                 on_progress(dump.name, int(sums[v]), counts[v])
 
+    try:
+        _hash_in_workers(size, work, report)
+    except WorkerKilled as e:
+        if e.signal == signal.SIGBUS:
+            raise changed_dump(dumps) from None
+        raise
+    finally:
+        os.close(tasks_r)
+    report()
+    return [
+        (hashes[starts[v] : starts[v + 1]], check[starts[v] : starts[v + 1]], zero[starts[v] : starts[v + 1]])
+        for v in range(len(dumps))
+    ]
+
+
+def _hash_in_workers(
+    size: int, work: Callable[[int, Callable[[], None]], None], report: Callable[[], None]
+) -> None:
+    """``work(row, between)`` by ``size - 1`` forked workers (rows 1..) and this process (row 0,
+    reporting progress between batches); raises the first failure."""
     me = os.getpid()
     children: dict[int, int] = {}  # pid -> read end of its error pipe
     try:
@@ -137,13 +158,7 @@ def hash_forked(
         work(0, report)
         _wait(children, report)
     finally:
-        os.close(tasks_r)
         _stop(children)
-    report()
-    return [
-        (hashes[starts[v] : starts[v + 1]], check[starts[v] : starts[v + 1]], zero[starts[v] : starts[v + 1]])
-        for v in range(len(dumps))
-    ]
 
 
 T = TypeVar("T")
@@ -211,6 +226,10 @@ def fork_map(
             drain()
         _wait(children, drain)
         drain()
+    except WorkerKilled as e:
+        if e.signal == signal.SIGBUS:
+            raise changed_dump(()) from None
+        raise
     finally:
         os.close(tasks_r)
         _stop(children)
@@ -333,6 +352,27 @@ def _wait(children: dict[int, int], report: Callable[[], None]) -> None:
             time.sleep(0.01)
 
 
+class WorkerKilled(RuntimeError):
+    """A worker process killed by a signal (not by an error it could report)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"a worker process was killed by signal {signum}")
+        self.signal = signum
+
+
+def changed_dump(dumps: Sequence[Dump]) -> UnreadableFile:
+    """The error for a worker killed by SIGBUS: it touched a page of a mapped dump past the end
+    the file has now, i.e. a dump shrank while being read.  Names the dump that changed (the
+    first whose file is not what was opened), or all of them when none can be told."""
+    for dump in dumps:
+        try:
+            dump.check_unchanged()
+        except UnreadableFile as e:
+            return UnreadableFile(e.path, f"{e.reason}; a worker reading it died of SIGBUS")
+    names = ", ".join(d.source.name for d in dumps) or "a dump"
+    return UnreadableFile(names, "a dump changed while being read (a worker reading it died of SIGBUS)")
+
+
 def _failure(err_r: int, status: int) -> BaseException:
     chunks = []
     while chunk := os.read(err_r, 1 << 16):
@@ -346,7 +386,7 @@ def _failure(err_r: int, status: int) -> BaseException:
         if os.WTERMSIG(status) == signal.SIGINT:
             # Ctrl-C reaches the whole process group: this process is being interrupted too.
             return KeyboardInterrupt()
-        return RuntimeError(f"a worker process was killed by signal {os.WTERMSIG(status)}")
+        return WorkerKilled(os.WTERMSIG(status))
     return RuntimeError(f"a worker process exited with status {os.waitstatus_to_exitcode(status)}")
 
 

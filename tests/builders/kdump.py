@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import cramjam
 import zstandard
 
+from tests.builders import lzo
+
 PAGE = 4096
 FLAG = {"none": 0, "zlib": 0x1, "lzo": 0x2, "snappy": 0x4, "zstd": 0x20}
 INCOMPLETE = 0x8
@@ -28,9 +30,7 @@ def compress(codec: str, page: bytes) -> bytes:
     if codec == "zlib":
         return zlib.compress(page, 1)
     if codec == "lzo":
-        import lzo
-
-        return bytes(lzo.compress(page, 1, False))
+        return lzo.compress(page)
     if codec == "snappy":
         return bytes(cramjam.snappy.compress_raw(page))
     if codec == "zstd":

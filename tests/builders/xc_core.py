@@ -71,11 +71,14 @@ def build_xc_core(
     format_version: int = 1,
     magic: int | None = None,
     version_desc: bytes | None = None,
+    pages_last: bool = False,
 ) -> BuiltXcCore:
     """An xc_core file holding ``entries`` = ``(pfn, gmfn, page)`` in file order (HVM ignores
     gmfn), then ``padding`` zero pages listed as ~0 (a live dump whose guest shrank).
     ``nr_pages`` / ``table_entries`` / ``magic`` override what the headers say (lying headers);
-    ``shuffle_seed`` shuffles the section header order (readers must find sections by name)."""
+    ``shuffle_seed`` shuffles the section header order (readers must find sections by name);
+    ``pages_last`` puts ``.xen_pages`` at the end of the file, after the table and names (the
+    writer's comment lets readers rely on no order), so that a cut leaves the table whole."""
     order = ">" if big_endian else "<"
     pages = [p for _, _, p in entries] + [bytes(PAGE)] * padding
     table = table_entries if table_entries is not None else [(pfn, gmfn) for pfn, gmfn, _ in entries]
@@ -111,17 +114,26 @@ def build_xc_core(
     pos += VCPU_CONTEXT_SIZE * nr_vcpus
     shared_at = pos
     pos += PAGE
-    pos = (pos + PAGE - 1) // PAGE * PAGE
-    pages_at = pos
-    pos += len(pages) * PAGE
-    table_at = pos
     if hvm:
         table_blob = b"".join(struct.pack(order + "Q", pfn) for pfn, _ in table)
     else:
         table_blob = b"".join(struct.pack(order + "QQ", pfn, gmfn) for pfn, gmfn in table)
-    pos += len(table_blob)
-    strtab_at = pos
-    pos += len(strtab)
+    if pages_last:
+        table_at = pos
+        pos += len(table_blob)
+        strtab_at = pos
+        pos += len(strtab)
+        pos = (pos + PAGE - 1) // PAGE * PAGE
+        pages_at = pos
+        pos += len(pages) * PAGE
+    else:
+        pos = (pos + PAGE - 1) // PAGE * PAGE
+        pages_at = pos
+        pos += len(pages) * PAGE
+        table_at = pos
+        pos += len(table_blob)
+        strtab_at = pos
+        pos += len(strtab)
 
     out = bytearray(pos)
     ident = b"\x7fELF" + bytes([2, 2 if big_endian else 1, 1, 0, 1]) + bytes(7)
@@ -148,7 +160,7 @@ def build_xc_core(
     for j, page in enumerate(pages):
         out[pages_at + j * PAGE : pages_at + (j + 1) * PAGE] = page
     out[table_at : table_at + len(table_blob)] = table_blob
-    out[strtab_at:] = strtab
+    out[strtab_at : strtab_at + len(strtab)] = strtab
     return BuiltXcCore(bytes(out), shoff, note_at, note_at + header_desc_in_notes, pages_at, table_at, index)
 
 
