@@ -3,6 +3,7 @@ the one-line error and exit code a user must get instead."""
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 from pathlib import Path
@@ -115,9 +116,44 @@ def test_extract_of_a_page_past_2_63_cannot_be_written(tmp_path: Path) -> None:
     assert code == 0, err
 
 
+def test_elf_segment_at_2_63_is_read_not_an_overflow(tmp_path: Path) -> None:
+    # Fuzz case 6048 (seed 0): a PT_LOAD at p_paddr 2**63 made the page table's offsets
+    # (gfn * 4096 - p_paddr, in int64) overflow (OverflowError, exit 1) in every command.
+    pages = [random.Random(k).randbytes(PAGE) for k in range(3)]
+    segs = [elfb.Segment(0, pages[0]), elfb.Segment(1 << 63, pages[1] + pages[2])]
+    path = tmp_path / "high.elf"
+    path.write_bytes(elfb.build_elf(segs).data)
+    code, out, err = run("info", "--json", str(path))
+    assert code == 0, err
+    (d,) = json.loads(out)["dumps"]
+    assert d["ranges"] == [
+        {"start": "0x0", "end": "0x1000", "pages": 1},
+        {"start": "0x8000000000000000", "end": "0x8000000000002000", "pages": 2},
+    ]
+    assert d["zero_pages"] == 0  # the pages at 2**63 are read from their data, not zeros
+    code, _, err = run("extract", str(path), "-o", str(tmp_path / "flat.raw"))
+    assert code == EXIT_OUTPUT
+    assert "more than a file can hold" in one_error_line(err)
+
+
+def test_elf_zero_tail_of_a_terabyte_is_refused_before_allocating(tmp_path: Path) -> None:
+    # Fuzz cases 6664, 8514 (seed 0): p_memsz 1 TiB past a one-page p_filesz, within the old
+    # 1 TiB budget, made a 4 GiB page table of zero pages stored nowhere (MemoryError under the
+    # fuzzer's 1 GiB address-space bound).  The budget is 16 GiB now.
+    seg = elfb.Segment(0, random.Random(2).randbytes(PAGE), memsz=1 << 40)
+    path = tmp_path / "tail.elf"
+    built = elfb.build_elf([seg])
+    path.write_bytes(built.data)
+    for line in every_command(path, tmp_path, EXIT_BAD_DUMP):
+        assert line.endswith(
+            f"at offset {built.phdr_offsets[0]:#x}: expected at most 0x400000000 bytes of zero pages "
+            "past p_filesz in all PT_LOADs, found p_memsz 0x10000000000 with p_filesz 0x1000"
+        )
+
+
 #: The failing cases of the 10,000-case campaign of seed 0, replayed through the harness itself
 #: (same mutant, same three command lines): each must now pass.
-FOUND = (28, 138, 368, 403, 795, 984, 990, 1035, 1076, 1159, 1439)
+FOUND = (28, 138, 368, 403, 795, 984, 990, 1035, 1076, 1159, 1439, 6048, 6664, 8514)
 
 
 def test_the_cases_the_campaign_found_now_pass(tmp_path: Path) -> None:

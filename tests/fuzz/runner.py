@@ -48,7 +48,7 @@ class Limits:
 
     cpu_seconds: int = 30
     wall_seconds: float = 180.0
-    address_space: int = 3 << 30
+    address_space: int = 1 << 30
     rss_growth: int = 1 << 30
 
 
@@ -297,7 +297,7 @@ def _become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
 
 
-def _group_lingers(pgid: int, patience: float = 5.0) -> bool:
+def _group_lingers(pgid: int, patience: float = 30.0) -> bool:
     """Whether processes of the exited child's group are still there after ``patience`` seconds
     (workers die with their parent, but the kernel takes a moment to say so)."""
     deadline = time.monotonic() + patience

@@ -144,6 +144,26 @@ def _stream_pages(n: int, seed: int) -> dict[tuple[str, int], bytes | int]:
     return {("pc.ram", i): p for i, p in enumerate(pages)}
 
 
+def _mapped_ram_layout(data: bytes, blocks: dict[str, int]) -> Layout:
+    """A mapped-ram stream: each block's MappedRamHeader (be32 version, be64 page_size,
+    bitmap_offset, pages_offset), its bitmap and first pages (QEMU ``ram.c``)."""
+    lay = maps.stream_map(data).layout
+    for name, length in blocks.items():
+        at = data.index(bytes([len(name)]) + name.encode() + struct.pack(">Q", length))
+        lay.int(at, 1, ">", "mem_size.name_length")
+        lay.int(at + 1 + len(name), 8, ">", "mem_size.block_length")
+        hdr = at + 1 + len(name) + 8
+        lay.int(hdr, 4, ">", "mapped_ram.version")
+        for k, field_name in enumerate(("page_size", "bitmap_offset", "pages_offset")):
+            lay.int(hdr + 4 + 8 * k, 8, ">", f"mapped_ram.{field_name}")
+        bitmap_at, pages_at = u(data, hdr + 12, 8, ">"), u(data, hdr + 20, 8, ">")
+        lay.region(bitmap_at, (length // PAGE + 63) // 64 * 8, "mapped_ram.bitmap")
+        for k in range(min(4, length // PAGE)):
+            lay.region(pages_at + k * PAGE, PAGE, "page")
+        lay.cuts.update((hdr, bitmap_at, pages_at, pages_at + length))
+    return lay
+
+
 def _qevm_seeds() -> list[Seed]:
     blocks = {"pc.ram": 24 * PAGE, "pc.bios": 2 * PAGE}
     pages = _stream_pages(24, 4)
@@ -151,7 +171,7 @@ def _qevm_seeds() -> list[Seed]:
     plain = qevmb.build_stream(pages, blocks, uuid="6c0ffee0-0000-4000-8000-00000000a1fa")
     packed = qevmb.build_stream(pages, blocks, compress=True, resend={("pc.ram", 3): b"\x55" * PAGE})
     mapped = qevmb.build_mapped_ram({k: v for k, v in pages.items() if isinstance(v, bytes)}, blocks)
-    mapped_lay = maps.stream_map(mapped).layout
+    mapped_lay = _mapped_ram_layout(mapped, blocks)
     return [
         Seed("qevm", "qemu-stream", ".qevm", plain, maps.stream_map(plain).layout),
         Seed("qevm-compressed", "qemu-stream", ".qevm", packed, maps.stream_map(packed).layout),
