@@ -236,65 +236,73 @@ def run_tasks(tasks: Iterator[Task], jobs: int, limits: Limits) -> Iterator[Outc
     it forked).  A child that exits but leaves processes in its group fails, and they are
     killed."""
     baseline = own_rss()
-    _become_subreaper()
     running: dict[int, _Running] = {}
-    pending = iter(tasks)
-    exhausted = False
-    while running or not exhausted:
-        while not exhausted and len(running) < jobs:
-            task = next(pending, None)
-            if task is None:
-                exhausted = True
+    _subreaper(True)
+    try:
+        pending = iter(tasks)
+        exhausted = False
+        while running or not exhausted:
+            while not exhausted and len(running) < jobs:
+                task = next(pending, None)
+                if task is None:
+                    exhausted = True
+                    break
+                prepare(task)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _child(task, limits)
+                with contextlib.suppress(OSError):
+                    os.setpgid(pid, pid)
+                running[pid] = _Running(task, time.monotonic(), pid)
+            if not running:
                 break
-            prepare(task)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
             if pid == 0:
-                _child(task, limits)
+                now = time.monotonic()
+                for r in running.values():
+                    if now - r.started > limits.wall_seconds:
+                        with contextlib.suppress(OSError):
+                            os.killpg(r.pid, signal.SIGKILL)
+                time.sleep(0.002)
+                continue
+            r = running.pop(pid, None)
+            if r is None:
+                continue  # an orphaned worker of an earlier child, reaped
+            seconds = time.monotonic() - r.started
+            outcome = Outcome(
+                r.task,
+                os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                seconds,
+                usage.ru_utime + usage.ru_stime,
+                usage.ru_maxrss * 1024,
+                (r.task.root / "stdout").read_bytes(),
+                (r.task.root / "stderr").read_bytes(),
+            )
+            if _group_lingers(pid):
+                outcome.problems.append("left processes running after it exited")
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+            judge(outcome, baseline, limits)
+            yield outcome
+    finally:
+        for r in running.values():  # the harness was stopped: its children go with it
             with contextlib.suppress(OSError):
-                os.setpgid(pid, pid)
-            running[pid] = _Running(task, time.monotonic(), pid)
-        if not running:
-            break
-        pid, status, usage = os.wait4(-1, os.WNOHANG)
-        if pid == 0:
-            now = time.monotonic()
-            for r in running.values():
-                if now - r.started > limits.wall_seconds:
-                    with contextlib.suppress(OSError):
-                        os.killpg(r.pid, signal.SIGKILL)
-            time.sleep(0.002)
-            continue
-        r = running.pop(pid, None)
-        if r is None:
-            continue  # an orphaned worker of an earlier child, reaped
-        seconds = time.monotonic() - r.started
-        outcome = Outcome(
-            r.task,
-            os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-            os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-            seconds,
-            usage.ru_utime + usage.ru_stime,
-            usage.ru_maxrss * 1024,
-            (r.task.root / "stdout").read_bytes(),
-            (r.task.root / "stderr").read_bytes(),
-        )
-        if _group_lingers(pid):
-            outcome.problems.append("left processes running after it exited")
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-        judge(outcome, baseline, limits)
-        yield outcome
+                os.killpg(r.pid, signal.SIGKILL)
+                os.waitpid(r.pid, 0)
+        _subreaper(False)
 
 
-def _become_subreaper() -> None:
-    """Orphaned workers of a child become this process's children (Linux
-    PR_SET_CHILD_SUBREAPER), so that they can be reaped and counted, whatever init does."""
+def _subreaper(on: bool) -> None:
+    """While tasks run, orphaned workers of a child become this process's children (Linux
+    PR_SET_CHILD_SUBREAPER), so that they can be reaped and counted, whatever init does; off
+    again after (a test runner must not stay the reaper of other tests' orphans)."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0)
 
 
 def _group_lingers(pgid: int, patience: float = 30.0) -> bool:
