@@ -32,6 +32,9 @@ def zero_mask(pages: PageArray) -> npt.NDArray[np.bool_]:
 #: Version of :func:`info_document` (the ``--json`` output of ``dengine info``).
 SCHEMA = "dengine.info/1"
 
+#: The largest file offset (``off_t`` is signed 64-bit): an image must end at or below it.
+MAX_FILE_SIZE = (1 << 63) - 1
+
 
 @dataclass(frozen=True)
 class DumpInfo:
@@ -95,6 +98,9 @@ def extract(dump: Dump, output: Path, on_progress: Progress | None = None) -> in
     never leaves a partial image.  Returns the image size in bytes."""
     out_dir = output.parent if str(output.parent) else Path(".")
     size = (int(dump.gfns[-1]) + 1) * PAGE_SIZE if dump.page_count else 0
+    if size > MAX_FILE_SIZE:
+        # A page at an address past 2**63 (a lying or exotic header) cannot have a file offset.
+        raise OutputError(output, f"the image would be {size:#x} bytes, more than a file can hold")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=out_dir)
     except OSError as e:

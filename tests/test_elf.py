@@ -240,7 +240,7 @@ def test_huge_zero_tail(tmp_path: Path) -> None:
     err = open_error(tmp_path, built.data)
     assert err.exit_code == 4
     assert str(err).endswith(
-        f"at offset {built.phdr_offsets[1]:#x}: expected at most 0x10000000000 bytes of zero pages past "
+        f"at offset {built.phdr_offsets[1]:#x}: expected at most 0x400000000 bytes of zero pages past "
         "p_filesz in all PT_LOADs, found p_memsz 0x20000000000 with p_filesz 0x1000"
     )
 

@@ -600,7 +600,8 @@ def extent_page_table(
             if offset == ZERO_PAGE:
                 offs = np.full(len(gfns), ZERO_PAGE, dtype=np.int64)
             else:
-                offs = offset + (gfns * PAGE_SIZE - addr)
+                # From the extent's first whole page: an address past 2**63 fits no int64.
+                offs = (offset + first_full * PAGE_SIZE - addr) + (gfns - first_full) * PAGE_SIZE
             gfn_parts.append(gfns.astype(np.uint64))
             offset_parts.append(offs)
         # The pages at either end that the extent covers only in part.

@@ -96,9 +96,11 @@ MACHINES = {
     243: "riscv",
 }
 X86_MACHINES = (3, 62)
-#: The most zero pages past p_filesz all segments together may claim (1 TiB): they are stored
-#: nowhere, so the file size cannot bound them, and each costs 16 bytes of page table.
-MAX_ZERO_TAIL = 1 << 40
+#: The most zero pages past p_filesz all segments together may claim (16 GiB): they are stored
+#: nowhere, so the file size cannot bound them, and each costs 16 bytes of page table (16 GiB of
+#: them: 230 MiB at peak; 1 TiB took 4 GiB, which a lying header must not make dengine take).
+#: QEMU and the kernel's /proc/vmcore write p_filesz == p_memsz.
+MAX_ZERO_TAIL = 16 << 30
 
 #: e_ident[16], e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize,
 #: e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx (after the endianness prefix).

@@ -994,7 +994,8 @@ def _open_image(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8]
             expected=f"a page descriptor size of {bs} for an uncompressed page (or > 0 compressed)",
             found=f"size {int(sizes[i])}, flags {int(flags[i]):#x} (pfn {int(gfns[i]):#x})",
         )
-    beyond = np.flatnonzero((offsets < 0) | (offsets + sizes64 > image.size))
+    # offsets > size - length, not offsets + length > size: an offset near 2**63 would wrap.
+    beyond = np.flatnonzero((offsets < 0) | (offsets > image.size - sizes64))
     if len(beyond):
         i = int(beyond[0])
         raise source.error(

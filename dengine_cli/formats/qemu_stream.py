@@ -507,7 +507,7 @@ class _Indexer:
                     p - 8,
                     expected=f"a page-multiple block length of at most the {left:#x} bytes the MEM_SIZE "
                     f"total {total:#x} leaves",
-                    found=f"{name.decode('ascii', 'replace')} of {length:#x} bytes",
+                    found=f"{_shown(name)} of {length:#x} bytes",
                 )
             if name in self.by_name:
                 raise self.source.error(at, expected="a RAM block listed once", found=f"{name!r} again")
@@ -605,6 +605,13 @@ class _Indexer:
     def discard(self) -> None:
         if self._side_file is not None:
             self._side_file.close()
+
+
+def _shown(name: bytes) -> str:
+    """A block name for a message: as is when it is printable ASCII, else quoted with escapes
+    (a lying length can take in newlines and binary bytes, and a message is one line)."""
+    text = name.decode("ascii", "replace")
+    return text if text.isascii() and text.isprintable() else repr(text)
 
 
 def _is_x86(machine: str | None) -> bool:

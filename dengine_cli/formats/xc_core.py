@@ -39,7 +39,7 @@ from dengine_cli.formats.base import (
     require,
 )
 from dengine_cli.formats.registry import FormatSpec
-from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.pages import PAGE_SHIFT, PAGE_SIZE
 
 #: xch_magic of the dump-core header note (xg_core.h / xc_private.h): PV and HVM guests.
 XC_CORE_MAGIC = 0xF00FEBED
@@ -61,6 +61,8 @@ XEN_ELFNOTE_DUMPCORE_XEN_VERSION = 0x2000002
 XEN_ELFNOTE_DUMPCORE_FORMAT_VERSION = 0x2000003
 #: Table entries padding a live dump whose guest gave back pages (XC_CORE_INVALID_PFN).
 XC_CORE_INVALID_PFN = 0xFFFF_FFFF_FFFF_FFFF
+#: Every other pfn is below this: its page's physical address (pfn << 12) fits in 64 bits.
+PFN_LIMIT = 1 << (64 - PAGE_SHIFT)
 #: XEN_VERSION descriptor: u64 major, u64 minor, char extra[16], compile info (64+16+32+32),
 #: char capabilities[1024], char changeset[64], platform parameters, u64 pagesize.
 XEN_VERSION_EXTRA_AT = 16
@@ -207,6 +209,14 @@ def open_xc_core(source: Source, options: OpenOptions) -> Dump:
     pfns = table[0::2] if is_p2m else table
     listed = np.flatnonzero(pfns != np.uint64(XC_CORE_INVALID_PFN))
     gfns = pfns[listed]
+    beyond = np.flatnonzero(gfns >= np.uint64(PFN_LIMIT))
+    if len(beyond):
+        j = int(listed[beyond[0]])
+        raise source.error(
+            index_at + j * entry_size,
+            expected=f"a pfn below {PFN_LIMIT:#x} (a 64-bit physical address) or ~0 in {table_name}",
+            found=f"pfn {int(gfns[beyond[0]]):#x} at entry {j}",
+        )
     offsets = pages_at + listed.astype(np.int64) * PAGE_SIZE
     by_gfn = np.argsort(gfns, kind="stable")
     gfns, offsets, listed = gfns[by_gfn], offsets[by_gfn], listed[by_gfn]
