@@ -58,11 +58,28 @@ def figures(command: str, stdout: str) -> object:
     return json.loads(stdout)
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (the command runs in a child of its supervisor)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 def mapped(pid: int, path: Path) -> bool:
-    try:
-        return str(path) in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
+    for p in descendants(pid):
+        try:
+            if str(path) in Path(f"/proc/{p}/maps").read_text():
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def kill_at(point: str, command: str, dumps: list[Path], cache: Path, clean_seconds: float) -> int | None:
