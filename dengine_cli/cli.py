@@ -39,8 +39,19 @@ EXIT_PIPE = 141
 EXIT_INTERRUPTED = 130
 
 
+class _PipeClosed(Exception):
+    """Standard output's reader went away.  Not an OSError: click's own ``main`` turns an EPIPE
+    OSError into exit status 1, an internal error by our codes."""
+
+
 class DengineGroup(click.Group):
     """Turns every error into one line on stderr and its documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            raise _PipeClosed() from e
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:
         argv = kwargs.get("args")
@@ -63,7 +74,7 @@ class DengineGroup(click.Group):
                 traceback.print_exc()
             click.echo(f"dengine: {e}", err=True)
             sys.exit(e.exit_code)
-        except BrokenPipeError:
+        except (BrokenPipeError, _PipeClosed):
             # Our reader stopped reading: nothing more to say, and nothing to say it to.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())

@@ -32,7 +32,8 @@ def console(buf: io.StringIO, width: int | None = None) -> Console:
         # On a terminal, its width; in a pipe or file, wide enough that nothing is cut.
         width = shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 240
         width = max(80, width)
-    return Console(file=buf, width=width, color_system=None, highlight=False, emoji=False)
+    # No markup: names of dumps are text ("[bold]x.raw" is a file name, not a style).
+    return Console(file=buf, width=width, color_system=None, highlight=False, emoji=False, markup=False)
 
 
 def size_text(n_bytes: int) -> str:
@@ -384,6 +385,7 @@ def term_console(buf: io.StringIO, width: int, color: bool = False) -> Console:
         color_system="standard" if color else None,
         highlight=False,
         emoji=False,
+        markup=False,
         soft_wrap=False,
     )
 

@@ -159,3 +159,32 @@ def test_formats_lists_every_reader() -> None:
     assert code == 0
     names = {line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")}
     assert {"elf", "kdump", "raw", "lime", "xc-core", "qemu-stream", "libvirt-save"} <= names
+
+
+@pytest.mark.parametrize("command", [["formats"], ["info", "--json"]])
+def test_a_reader_that_went_away_is_exit_141_not_an_internal_error(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """`dengine ... | head -1`: click turns EPIPE into exit 1, our code for a bug; it must be the
+    shell's 141 (128 + SIGPIPE), with nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    args = [*command, str(write_raw_image(tmp_path / "vm.raw", np.ones((8, 4096), np.uint8)))]
+    if command == ["formats"]:
+        args = command
+    read, write = os.pipe()
+    os.close(read)  # every write to stdout fails with EPIPE, whatever the scheduler does
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dengine_cli", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            env={**os.environ, "DENGINE_INDEX_DIR": str(tmp_path / "idx")},
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == b""

@@ -409,12 +409,19 @@ def qemu_dump_elf(out: Path, machine: str) -> None:
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert time.monotonic() < deadline, "QEMU did not start"
-            time.sleep(0.05)
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(sock))
+        # The socket file appears at bind(), before QEMU listens: connecting then is refused.
+        # Retry until it listens; generous bounds, as QEMU starts slowly on a loaded machine.
+        deadline = time.monotonic() + 120
+        s = socket.socket(socket.AF_UNIX)
+        while True:
+            try:
+                s.connect(str(sock))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert proc.poll() is None, "QEMU exited"
+                assert time.monotonic() < deadline, "QEMU did not start"
+                time.sleep(0.05)
+        with s:
             f = s.makefile("rwb")
 
             def command(name: str, **args: object) -> None:
@@ -428,7 +435,7 @@ def qemu_dump_elf(out: Path, machine: str) -> None:
             command("qmp_capabilities")
             command("dump-guest-memory", paging=False, protocol=f"file:{out}")
             command("quit")
-        proc.wait(20)
+        proc.wait(120)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -205,3 +205,19 @@ def test_a_pipe_keeps_the_plain_layout(fleet: tuple[SharingReport, PlanReport], 
     assert "Memory of each VM" not in out
     # Only the run-time line may differ (it is the same model, so it should not).
     assert out == expected
+
+
+def test_names_are_text_not_markup(tmp_path: Path) -> None:
+    """A dump named like rich markup keeps its name in every table."""
+    import numpy as np
+
+    from dengine_cli.formats.base import OpenOptions
+    from dengine_cli.render import render_sharing
+    from dengine_cli.session import analyze
+
+    paths = [tmp_path / "[bold]web.raw", tmp_path / "db[1].raw"]
+    for p in paths:
+        p.write_bytes(np.ones((4, 4096), np.uint8).tobytes())
+    report = analyze(paths, OpenOptions(format="raw"), index_dir=tmp_path / "i", workers=Workers(jobs=1))
+    for text in (render_sharing(report, width=120), render_sharing_terminal(report, width=120)):
+        assert "[bold]web.raw" in text and "db[1].raw" in text
