@@ -27,6 +27,7 @@ from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dum
 # The engine and the renderers are imported by the commands that use them: every command pays
 # for what it imports before it starts, and `dengine info` needs neither the planner nor rich.
 if TYPE_CHECKING:
+    from dengine_cli.engine.index import PageIndex
     from dengine_cli.engine.plan.model import PlanReport
     from dengine_cli.formats.base import Dump
     from dengine_cli.inspect import DumpInfo
@@ -680,10 +681,11 @@ def plan_command(
             _, report = session.plan(
                 policy, history=history, host_memory=host_memory, sample=sample, seed=seed, baseline=baseline
             )
+            identities = _dump_identities(paths, session.indexes(), options)
     finally:
         bar.close()
     if output is not None:
-        write_plan(report, output)
+        write_plan(report, output, identities)
     _print_plan(report, output_format, wide)
 
 
@@ -791,6 +793,17 @@ def report_command(
     _note(f"{output}: {len(data.vms)} VM(s), {len(data.points)} snapshot(s), policies {', '.join(names)}")
 
 
+def _dump_identities(
+    paths: Sequence[Path], indexes: Sequence[PageIndex], options: OpenOptions
+) -> list[dict[str, Any]]:
+    """What names each planned dump for `dengine apply`: the key its index was read or built
+    under (the file as it was when its pages were read), or, where the index could not be
+    cached, the file as it is now."""
+    from dengine_cli.cache.index_store import index_key
+
+    return [ix.key or index_key(p, options) for p, ix in zip(paths, indexes, strict=True)]
+
+
 def _print_plan(report: PlanReport, output_format: str, wide: bool = False) -> None:
     if output_format == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -821,6 +834,154 @@ def terminal_width() -> int | None:
 def terminal_color() -> bool:
     """Colour on a terminal unless NO_COLOR is set (https://no-color.org) or TERM is dumb."""
     return not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
+
+
+# --- the page store: apply, restore, verify ------------------------------------------------------
+
+#: The codecs of ``apply --pack`` frames (dengine_cli.store.frames.FRAME_CODECS; listed here so
+#: that `dengine --help` imports no store module).
+FRAME_CODEC_NAMES = ("xz-x86", "xz", "xz-x86-6", "xz-6", "zstd-3", "zstd-9", "zstd-19")
+
+
+@cli.command("apply")
+@click.argument("plan_file", metavar="PLAN", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "store",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The store directory to write (an existing store there is replaced once the new one is complete).",
+)
+@click.option(
+    "--pack",
+    is_flag=True,
+    help="Archive: whole and compressed pages in zstd frames of many pages with a trained dictionary.",
+)
+@click.option(
+    "--frame-codec",
+    type=click.Choice(FRAME_CODEC_NAMES),
+    default=None,
+    help="Codec of --pack frames (default: xz-x86 for x86 guests, else xz).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="How to print what the store takes.",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads that encode pages (default: every CPU).",
+)
+def apply_command(
+    plan_file: Path, store: Path, pack: bool, frame_codec: str | None, output_format: str, jobs: int | None
+) -> None:
+    """Write the page store a plan file describes (`dengine plan -o PLAN`) and print, per VM, the
+    bytes it really takes beside the plan's estimate."""
+    from dengine_cli.parallel import Workers
+    from dengine_cli.store.apply import apply_plan
+
+    if frame_codec is not None and not pack:
+        raise click.BadParameter("only --pack stores frames", param_hint="--frame-codec")
+    bar = PageProgress("applying")
+    try:
+        result = apply_plan(
+            plan_file,
+            store,
+            pack=pack,
+            frame_codec=frame_codec,
+            workers=Workers(jobs=jobs or 0),
+            on_progress=bar,
+        )
+    finally:
+        bar.close()
+    if output_format == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        from dengine_cli.render_store import render_apply
+
+        click.echo(render_apply(result), nl=False)
+
+
+@cli.command("restore")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("vms", nargs=-1)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The image to write; a directory (made if needed) when several VMs are restored.",
+)
+@click.option(
+    "--format",
+    "image_format",
+    type=click.Choice(["raw", "elf"]),
+    default="raw",
+    show_default=True,
+    help="raw: a flat image as `dengine extract` writes; elf: an ELF core, one PT_LOAD per present range.",
+)
+def restore_command(store: Path, vms: tuple[str, ...], output: Path, image_format: str) -> None:
+    """Write VMs of a store back as memory images, byte for byte as they were; every page checked.
+    VM: a name as `dengine apply` printed it, its file name, or its number (default: every VM)."""
+    from dengine_cli.store.reader import StoreReader
+    from dengine_cli.store.restore import restore_vm
+
+    reader = StoreReader(store)
+    try:
+        chosen = [reader.vm(v) for v in vms] if vms else list(reader.vms)
+        targets = _restore_targets([vm.name for vm in chosen], output, image_format, several=len(chosen) != 1)
+        for vm, target in zip(chosen, targets, strict=True):
+            with progress(vm.pages, Path(vm.name).name) as tick:
+                size = restore_vm(reader, vm, target, image_format, tick)
+            _note(f"{target}: VM {vm.name}: {size} bytes, {vm.pages} pages present")
+    finally:
+        reader.close()
+
+
+def _restore_targets(names: Sequence[str], output: Path, image_format: str, several: bool) -> list[Path]:
+    """One file per VM: ``output`` itself for one VM, else ``output/NAME.FORMAT`` (NAME the file
+    name of the VM's dump, numbered where two VMs share one)."""
+    if not several:
+        return [output]
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from dengine_cli.errors import OutputError
+
+        raise OutputError(output, e.strerror or str(e)) from e
+    bases = [Path(n).name for n in names]
+    return [
+        output / (f"{base}.{image_format}" if bases.count(base) == 1 else f"{k}-{base}.{image_format}")
+        for k, base in enumerate(bases)
+    ]
+
+
+@cli.command("verify")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (every damaged gfn) instead of text.")
+def verify_command(store: Path, as_json: bool) -> None:
+    """Check every object, pack and VM image of a store against its checksums; report what is
+    damaged (which VM, which gfn) and exit 7 if anything is."""
+    from dengine_cli.errors import StoreDamaged
+    from dengine_cli.store.verify import verify_store
+
+    with progress(0, "verifying") as tick:
+        report = verify_store(store, tick)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        from dengine_cli.render_store import render_verify
+
+        click.echo(render_verify(report), nl=False)
+    if not report.ok:
+        raise StoreDamaged(store, f"{len(report.problems)} problem(s) found")
 
 
 def _open(path: Path, options: OpenOptions) -> Dump:

@@ -13,6 +13,9 @@ Exit codes (documented in the README and ``man/dengine.1``):
 4     a dump is malformed: unknown format, wrong magic, truncated, a lying header
 5     a dump uses a feature dengine does not support (codec, stream flag, layout)
 6     an output cannot be written (the partial output is removed)
+7     a page store fails its checks (``verify``, ``restore``): a checksum, a missing,
+      truncated or unreadable pack, a missing reference, a catalog row outside a pack
+8     a plan file no longer matches its dumps (a dump changed since the plan was made)
 ====  ===========================================================================
 """
 
@@ -28,6 +31,8 @@ EXIT_UNREADABLE = 3
 EXIT_BAD_DUMP = 4
 EXIT_UNSUPPORTED = 5
 EXIT_OUTPUT = 6
+EXIT_DAMAGED = 7
+EXIT_STALE = 8
 
 
 class DengineError(Exception):
@@ -107,3 +112,39 @@ class UsageError(DengineError):
     """A request that cannot be carried out as asked (beyond what option parsing catches)."""
 
     exit_code = EXIT_USAGE
+
+
+class StoreDamaged(DengineError):
+    """A page store whose data or catalog fails a check: names the store and what failed (the
+    VM and gfn where a page is concerned)."""
+
+    exit_code = EXIT_DAMAGED
+
+    def __init__(self, store: Path | str, problem: str) -> None:
+        super().__init__(f"{store}: damaged store: {problem}")
+        self.store = str(store)
+        self.problem = problem
+
+
+class StalePlan(DengineError):
+    """A plan file whose dumps are not as they were when it was made."""
+
+    exit_code = EXIT_STALE
+
+    def __init__(self, plan: Path | str, problem: str) -> None:
+        super().__init__(f"{plan}: {problem}")
+        self.plan = str(plan)
+        self.problem = problem
+
+
+class BadPlanFile(DengineError):
+    """A file that is not a plan file dengine can apply: not JSON, another schema, missing or
+    inconsistent columns."""
+
+    exit_code = EXIT_BAD_DUMP
+
+    def __init__(self, plan: Path | str, problem: str, *, exit_code: int = EXIT_BAD_DUMP) -> None:
+        super().__init__(f"{plan}: {problem}")
+        self.plan = str(plan)
+        self.problem = problem
+        self.exit_code = exit_code

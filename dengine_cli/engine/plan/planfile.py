@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,7 +21,7 @@ from dengine_cli.errors import OutputError
 _WRITE_CHUNK = 1 << 16
 
 
-def write_plan(plan: PlanReport, path: Path | str) -> None:
+def write_plan(plan: PlanReport, path: Path | str, dumps: Sequence[Mapping[str, Any]] | None = None) -> None:
     """Write the plan file: a JSON document, schema :data:`SCHEMA`.
 
     It is :meth:`PlanReport.to_dict` (policy with every parameter, the detector's seed and
@@ -35,12 +35,19 @@ def write_plan(plan: PlanReport, path: Path | str) -> None:
     reference page), ``null`` otherwise; ``size`` is the bytes the page then occupies (4096 whole,
     the patch or compressed size, 0 for zero, shared and swapped pages).
 
+    ``dumps``: per VM, what names the dump file the plan was made from, as it was when its pages
+    were read (the index key: real path, device, inode, size, mtime, ctime, and the reader
+    options that change its page set); written as ``"dump"`` beside each VM's pages, so that
+    ``dengine apply`` opens the same file the same way and refuses one that changed since.
+
     Written as it is produced, a chunk of pages at a time, to a temporary file in the same
     directory renamed over ``path`` at the end: never half-written.  Refuses an estimate (a
     sampled plan has no size for the pages it did not compute).
     """
     if plan.estimate:
         raise ValueError("a plan file needs an exact plan, not an estimate")
+    if dumps is not None and len(dumps) != len(plan.pages):
+        raise ValueError(f"{len(dumps)} dump identities for {len(plan.pages)} VMs")
     path = Path(path)
     tmp: str | None = None
     try:
@@ -56,7 +63,7 @@ def write_plan(plan: PlanReport, path: Path | str) -> None:
             for v, pp in enumerate(plan.pages):
                 if v:
                     f.write(", ")
-                _write_vm(f, plan, v, pp, share_refs[v])
+                _write_vm(f, plan, v, pp, share_refs[v], dumps[v] if dumps is not None else None)
             f.write("]}\n")
             f.flush()
             os.fsync(f.fileno())
@@ -91,7 +98,14 @@ def _share_references(plan: PlanReport) -> list[tuple[I64, I64]]:
     return out
 
 
-def _write_vm(f: TextIO, plan: PlanReport, v: int, pp: PagePlan, share_refs: tuple[I64, I64]) -> None:
+def _write_vm(
+    f: TextIO,
+    plan: PlanReport,
+    v: int,
+    pp: PagePlan,
+    share_refs: tuple[I64, I64],
+    dump: Mapping[str, Any] | None,
+) -> None:
     n = len(pp.actions)
     ref_vm = np.full(n, -1, dtype=np.int64)
     ref_gfn = np.zeros(n, dtype=np.int64)
@@ -104,7 +118,10 @@ def _write_vm(f: TextIO, plan: PlanReport, v: int, pp: PagePlan, share_refs: tup
     if len(at):
         ref_vm[at] = pp.patch_ref_vm[still]
         ref_gfn[at] = _gfns_of(plan, pp.patch_ref_vm[still], pp.patch_ref_pos[still])
-    f.write(json.dumps({"vm": v, "name": plan.vms[v].name})[:-1])
+    head: dict[str, Any] = {"vm": v, "name": plan.vms[v].name}
+    if dump is not None:
+        head["dump"] = dict(dump)
+    f.write(json.dumps(head)[:-1])
     f.write(', "gfn": ')
     _write_column(f, pp.gfns, lambda c: ",".join(map(str, c.tolist())))
     f.write(', "action": ')

@@ -1,0 +1,420 @@
+"""``dengine apply``: write the store a plan describes, and measure what it really takes.
+
+Every present page of every VM is read once, in scan order (VMs in the plan's order, ascending
+gfn), in batches that worker threads check and encode (:mod:`~dengine_cli.store.encode`) while
+this thread writes the results in order:
+
+* a zero page is stored as nothing (the page map does not list it); it is checked to be zero;
+* a shared page is an entry of the page map pointing at the object of its kept copy; its
+  checksum must equal the kept copy's, so a plan that merged two different pages (a hash
+  collision, or a plan file edited by hand) is refused instead of stored wrong;
+* a whole, patched or compressed page is an object of its own, encoded with the plan's codec
+  (so its size is the plan's, byte for byte); a page the plan paged out is stored whole and
+  counted apart (it would be on the host's swap device, not in its memory);
+* with ``pack``, whole, compressed and paged-out pages go into frames
+  (:mod:`~dengine_cli.store.frames`) instead; patches stay objects of their own.
+
+Objects are numbered in scan order, and a patch's reference and a shared page's kept copy are
+always a whole page earlier in scan order, so restoring one VM decodes its own objects and only
+the few objects of other VMs it refers to.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from dengine_cli import __version__
+from dengine_cli.codecs import CompressionCodec, PatchCodec, compression_codec, patch_codec
+from dengine_cli.engine.plan.model import COMPRESS, PATCH, SHARE, ZERO
+from dengine_cli.errors import StalePlan
+from dengine_cli.formats import open_dump
+from dengine_cli.formats.base import Dump
+from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.parallel import Workers
+from dengine_cli.store import layout
+from dengine_cli.store.accounting import VmBytes, vm_bytes
+from dengine_cli.store.catalog import CatalogWriter, FrameRow, VmRow
+from dengine_cli.store.encode import Batch, Encoded, encode_batch, stored_mask
+from dengine_cli.store.frames import FRAME_PAGES, FrameCodec, delta_codec_for, frame_codec_for
+from dengine_cli.store.layout import FRAMED, FRAMED_XOR, OBJECT_COLUMNS, PAGE_COLUMNS
+from dengine_cli.store.objects import ObjectPlan
+from dengine_cli.store.packs import WrittenPack
+from dengine_cli.store.planread import PlanFile, check_dumps_unchanged, read_plan
+from dengine_cli.store.writer import StoreWriter
+
+#: Pages per batch handed to a worker thread.
+BATCH = 2048
+
+#: ``on_progress(what, done, total)``.
+Progress = Callable[[str, int, int], None]
+I64 = npt.NDArray[np.int64]
+
+
+class _Fill:
+    """Pages waiting for a frame (of one kind), with their objects."""
+
+    def __init__(self, codec: str, object_codec: int) -> None:
+        self.codec = codec
+        self.object_codec = object_codec
+        self.pages: list[npt.NDArray[np.uint8]] = []
+        self.ids: list[I64] = []
+        self.count = 0
+
+    def add(self, pages: npt.NDArray[np.uint8], ids: I64) -> None:
+        if len(ids):
+            self.pages.append(pages)
+            self.ids.append(ids)
+            self.count += len(ids)
+
+    def take(self, n: int) -> tuple[npt.NDArray[np.uint8], I64]:
+        pages, ids = np.concatenate(self.pages), np.concatenate(self.ids)
+        k = min(n, len(ids))
+        self.pages, self.ids = ([pages[k:]], [ids[k:]]) if k < len(ids) else ([], [])
+        self.count = len(ids) - k
+        return pages[:k].copy(), ids[:k]
+
+
+@dataclass
+class ApplyResult:
+    """A store written: per VM what it takes, the page data and metadata in total."""
+
+    store: Path
+    packed: bool
+    vms: list[VmBytes]
+    data_bytes: int = 0
+    metadata_bytes: int = 0
+    catalog_bytes: int = 0
+    pack_files: int = 0
+    objects: int = 0
+    frames: int = 0
+    frame_codec: str | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.data_bytes + self.metadata_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        from dengine_cli.store.layout import FORMAT
+
+        return {
+            "schema": "dengine.apply/1",
+            "store": str(self.store),
+            "format": FORMAT,
+            "packed": self.packed,
+            "vms": [vm.to_dict() for vm in self.vms],
+            "plan_bytes": sum(vm.plan_bytes for vm in self.vms),
+            "data_bytes": self.data_bytes,
+            "metadata_bytes": self.metadata_bytes,
+            "catalog_bytes": self.catalog_bytes,
+            "total_bytes": self.total_bytes,
+            "pack_files": self.pack_files,
+            "objects": self.objects,
+            "frames": self.frames,
+            "frame_codec": self.frame_codec,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def apply_plan(
+    plan_path: Path | str,
+    store: Path | str,
+    *,
+    pack: bool = False,
+    frame_codec: str | None = None,
+    workers: Workers | None = None,
+    on_progress: Progress | None = None,
+) -> ApplyResult:
+    """Write the store of the plan file at ``plan_path`` into the directory ``store`` (replacing
+    the store there, if any, only once the new one is complete).  ``frame_codec``: with
+    ``pack``, the codec of frames (default :func:`~dengine_cli.store.frames.frame_codec_for`)."""
+    started = time.perf_counter()
+    plan = read_plan(plan_path)
+    check_dumps_unchanged(plan)
+    workers = workers or Workers()
+    store = Path(store)
+    dumps: list[Dump] = []
+    try:
+        for vm in plan.vms:
+            dump = open_dump(vm.path, vm.options)
+            dumps.append(dump)
+            if not np.array_equal(np.asarray(dump.gfns), vm.gfns):
+                raise StalePlan(
+                    plan.path, f"VM {vm.vm} ({vm.name}): the dump's present pages are not the plan's"
+                )
+        with StoreWriter(store) as writer:
+            run = _Apply(plan, dumps, writer, pack, frame_codec, workers, on_progress)
+            result = run.write()
+    finally:
+        for d in dumps:
+            d.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class _Apply:
+    """One apply's state: the object plan, the writer, the frames being filled."""
+
+    def __init__(
+        self,
+        plan: PlanFile,
+        dumps: Sequence[Dump],
+        writer: StoreWriter,
+        pack: bool,
+        frame_codec: str | None,
+        workers: Workers,
+        on_progress: Progress | None,
+    ) -> None:
+        self.plan = plan
+        self.dumps = dumps
+        self.writer = writer
+        self.pack = pack
+        self.workers = workers
+        self.on_progress = on_progress
+        self.objects = ObjectPlan(plan)
+        self.sums = [np.zeros(len(vm.gfns), dtype=np.uint64) for vm in plan.vms]
+        pol = plan.policy
+        self.compression: CompressionCodec | None = (
+            compression_codec(plan.compression_codec) if pol["compression"]["enabled"] else None
+        )
+        self.patch: PatchCodec | None = patch_codec(plan.patch_codec) if pol["patch"]["enabled"] else None
+        self.frame_codec = frame_codec or frame_codec_for([d.facts.arch for d in dumps])
+        self.frame_rows: list[FrameRow] = []
+        # Whole pages (by the frame codec), XOR deltas (LZMA2 alone, or the same zstd).
+        self._fills = (_Fill(self.frame_codec, FRAMED), _Fill(delta_codec_for(self.frame_codec), FRAMED_XOR))
+        self._codec_local = threading.local()
+        self._frames_submitted = 0
+
+    # --- the pass over the pages -----------------------------------------------------------
+
+    def write(self) -> ApplyResult:
+        threads = max(1, self.workers.count)
+        pending: collections.deque[Future[Any]] = collections.deque()
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dengine-apply") as pool:
+            self._pool = pool
+            for batch in self._batches():
+                pending.append(pool.submit(encode_batch, batch, self.compression, self.patch, self.pack))
+                while len(pending) > 2 * threads:
+                    self._take(pending, pending.popleft().result())
+            while pending:
+                self._take(pending, pending.popleft().result())
+            self._flush_frames(pending, final=True)
+            while pending:
+                self._take(pending, pending.popleft().result())
+        self._check_shared()
+        return self._commit()
+
+    def _batches(self) -> Iterator[Batch]:
+        total = sum(len(vm.gfns) for vm in self.plan.vms)
+        done = 0
+        for v, (vm, dump) in enumerate(zip(self.plan.vms, self.dumps, strict=True)):
+            at = 0
+            for b in dump.batches(BATCH):
+                n = len(b)
+                acts = vm.actions[at : at + n]
+                patched = np.flatnonzero(acts == PATCH) + at
+                refs = self._reference_pages(v, patched)
+                yield Batch(v, at, b.pages, acts, refs)
+                at += n
+                done += n
+                if self.on_progress is not None:
+                    self.on_progress("applying", done, total)
+
+    def _reference_pages(self, v: int, positions: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+        vm = self.plan.vms[v]
+        out = np.empty((len(positions), PAGE_SIZE), dtype=np.uint8)
+        rv, rg = vm.ref_vm[positions], vm.ref_gfn[positions]
+        for r in np.unique(rv).tolist():
+            sel = rv == r
+            out[sel] = self.dumps[r].pages_at(rg[sel].astype(np.uint64))
+        return out
+
+    def _take(
+        self, pending: collections.deque[Future[Any]], result: Encoded | tuple[int, str, bytes, int]
+    ) -> None:
+        """Write one finished job: a batch's blobs and checksums, or a frame."""
+        if isinstance(result, tuple):
+            self._write_frame(*result)
+            return
+        v, lo = result.vm, result.lo
+        vm = self.plan.vms[v]
+        n = len(result.checksums)
+        if len(result.not_zero):
+            gfn = int(vm.gfns[lo + int(result.not_zero[0])])
+            raise StalePlan(
+                self.plan.path, f"VM {v} ({vm.name}) gfn {gfn:#x}: planned as a zero page, it is not"
+            )
+        self.sums[v][lo : lo + n] = result.checksums
+        acts = vm.actions[lo : lo + n]
+        stored = np.flatnonzero(stored_mask(acts))
+        ids = self.objects.at_position[v][lo : lo + n][stored]
+        self.objects.checksum[ids] = result.checksums[stored]
+        self._write_blobs(ids, acts[stored], result.blobs)
+        if self.pack:
+            self._add_to_frames(pending, result, ids, acts[stored])
+
+    def _write_blobs(
+        self, ids: npt.NDArray[np.int64], acts: npt.NDArray[np.uint8], blobs: list[bytes | None]
+    ) -> None:
+        keep = [i for i, b in enumerate(blobs) if b is not None]
+        if not keep:
+            return
+        chunk = [blobs[i] for i in keep]
+        data = b"".join(b for b in chunk if b is not None)
+        lengths = np.fromiter((len(b) for b in chunk if b is not None), dtype=np.int64, count=len(chunk))
+        pack, at = self.writer.packs.append(data)
+        objs = ids[keep]
+        o = self.objects
+        o.where[objs] = pack
+        o.offset[objs] = at + np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        o.length[objs] = lengths
+        a = acts[keep]
+        codec = np.zeros(len(keep), dtype=np.uint8)
+        if self.compression is not None:
+            codec[a == COMPRESS] = self.compression.id
+        if self.patch is not None:
+            codec[a == PATCH] = self.patch.id
+        o.codec[objs] = codec
+
+    # --- frames --------------------------------------------------------------------------------
+
+    def _add_to_frames(self, pending: collections.deque[Future[Any]], result: Encoded, ids: I64,
+                       acts: npt.NDArray[np.uint8]) -> None:  # fmt: skip
+        framed = np.array([b is None for b in result.blobs], dtype=np.bool_)
+        if not framed.any():
+            return
+        kinds = acts[framed] == PATCH
+        self._fills[0].add(result.raw, ids[framed][~kinds])
+        self._fills[1].add(result.xor, ids[framed][kinds])
+        self._flush_frames(pending, final=False)
+
+    def _flush_frames(self, pending: collections.deque[Future[Any]], final: bool) -> None:
+        for fill in self._fills:
+            while fill.count >= FRAME_PAGES or (final and fill.count):
+                pages, ids = fill.take(FRAME_PAGES)
+                frame = self._frames_submitted
+                self._frames_submitted += 1
+                o = self.objects
+                o.codec[ids] = fill.object_codec
+                o.where[ids] = frame
+                o.offset[ids] = np.arange(len(ids), dtype=np.uint64)
+                o.length[ids] = PAGE_SIZE
+                pending.append(self._pool.submit(self._compress_frame, frame, fill.codec, pages))
+
+    def _compress_frame(
+        self, frame: int, codec_name: str, pages: npt.NDArray[np.uint8]
+    ) -> tuple[int, str, bytes, int]:
+        codecs: dict[str, FrameCodec] | None = getattr(self._codec_local, "codecs", None)
+        if codecs is None:
+            codecs = self._codec_local.codecs = {}
+        codec = codecs.get(codec_name)
+        if codec is None:
+            codec = codecs[codec_name] = FrameCodec(codec_name)
+        return frame, codec_name, codec.compress(pages), len(pages)
+
+    def _write_frame(self, frame: int, codec: str, blob: bytes, pages: int) -> None:
+        pack, at = self.writer.packs.append(blob)
+        assert frame == len(self.frame_rows)
+        self.frame_rows.append((frame, pack, at, len(blob), pages, codec, xxhash.xxh3_64_intdigest(blob)))
+
+    # --- after the pass ----------------------------------------------------------------------
+
+    def _check_shared(self) -> None:
+        """Every shared page has its kept copy's checksum."""
+        for v, vm in enumerate(self.plan.vms):
+            share = np.flatnonzero(vm.actions == SHARE)
+            if not len(share):
+                continue
+            kept = self.objects.page_object[v][share]
+            bad = self.sums[v][share] != self.objects.checksum[kept]
+            if bad.any():
+                k = int(share[int(np.argmax(bad))])
+                raise StalePlan(
+                    self.plan.path,
+                    f"VM {v} ({vm.name}) gfn {int(vm.gfns[k]):#x}: planned as a copy of VM "
+                    f"{int(vm.ref_vm[k])} gfn {int(vm.ref_gfn[k]):#x}, but their contents differ "
+                    "(make the plan again, with --verify)",
+                )
+
+    def _commit(self) -> ApplyResult:
+        vm_bytes = self._vm_bytes()
+        rows = [self._vm_row(v, b) for v, b in enumerate(vm_bytes)]
+        written: list[WrittenPack] = []
+
+        def fill(catalog: CatalogWriter, packs: list[WrittenPack]) -> None:
+            written.extend(packs)
+            catalog.meta(self._meta())
+            for row in rows:
+                catalog.vm(row)
+            for k, p in enumerate(packs):
+                catalog.pack(k, p.file, p.size, p.checksum)
+            catalog.frames(self.frame_rows)
+            catalog.columns("objects", -1, self.objects.columns(), OBJECT_COLUMNS)
+            for v in range(len(self.plan.vms)):
+                catalog.columns("pages", v, self.objects.page_map(v), PAGE_COLUMNS)
+
+        self.writer.commit(fill)
+        return self._result(vm_bytes, written)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": layout.FORMAT,
+            "run": self.writer.run.hex(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dengine": __version__,
+            "plan": json.dumps(self.plan.head),
+            "plan_file": str(self.plan.path.resolve()),
+            "packed": "1" if self.pack else "0",
+            "frame_codec": self.frame_codec if self.pack else "",
+            "page_checksum": layout.PAGE_CHECKSUM,
+            "image_checksum": layout.IMAGE_CHECKSUM,
+        }
+
+    def _vm_row(self, v: int, b: VmBytes) -> VmRow:
+        vm, dump = self.plan.vms[v], self.dumps[v]
+        pairs = np.stack((vm.gfns, self.sums[v]), axis=1).astype("<u8")
+        return VmRow(
+            vm=v,
+            name=vm.name,
+            dump=vm.dump,
+            facts=dump.facts.to_dict(),
+            pages=len(vm.gfns),
+            zero_pages=int(np.count_nonzero(vm.actions == ZERO)),
+            ranges=np.asarray(dump.ranges(), dtype=np.uint64).reshape(-1),
+            image_checksum=xxhash.xxh3_128_hexdigest(pairs.tobytes()),
+            bytes=b.to_dict(),
+        )
+
+    def _vm_bytes(self) -> list[VmBytes]:
+        return vm_bytes(self.plan, self.objects, self.frame_rows)
+
+    def _result(self, vms: list[VmBytes], packs: list[WrittenPack]) -> ApplyResult:
+        from dengine_cli.store.layout import CATALOG, PACK_HEADER
+
+        catalog = (self.writer.store / CATALOG).stat().st_size
+        data = sum(p.size for p in packs) - PACK_HEADER.size * len(packs)
+        return ApplyResult(
+            store=self.writer.store,
+            packed=self.pack,
+            vms=vms,
+            data_bytes=data,
+            metadata_bytes=catalog + PACK_HEADER.size * len(packs),
+            catalog_bytes=catalog,
+            pack_files=len(packs),
+            objects=self.objects.count,
+            frames=len(self.frame_rows),
+            frame_codec=self.frame_codec if self.pack else None,
+        )

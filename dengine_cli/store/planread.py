@@ -1,0 +1,203 @@
+"""Reading a plan file (``dengine plan -o``, schema ``dengine.plan/1``) for ``dengine apply``: its
+policy, and per VM the dump it was made from and the columnar page plan as numpy arrays.
+
+Everything ``apply`` relies on is checked here, before a dump is opened: the schema, an exact plan
+(not an estimate), one dump identity per VM (plan files of dengine 0.1.0 before ``apply`` existed
+record none and are refused, with the advice to make the plan again), columns of one length,
+ascending gfns, known action codes, a reference for every shared and patched page pointing at a
+page the plan keeps whole.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dengine_cli.cache.keys import dump_identity
+from dengine_cli.engine.plan.model import ACTIONS, PATCH, SCHEMA, SHARE, WHOLE
+from dengine_cli.errors import EXIT_UNSUPPORTED, BadPlanFile, StalePlan, UnreadableFile
+from dengine_cli.formats.base import OpenOptions
+
+I64 = npt.NDArray[np.int64]
+
+#: The identity fields a dump must still have for its plan to apply (see
+#: :func:`dengine_cli.cache.keys.dump_identity`: ctime cannot be set back by any user).
+IDENTITY_FIELDS = ("path", "dev", "ino", "size", "mtime_ns", "ctime_ns")
+
+
+@dataclass(frozen=True, eq=False)
+class PlannedVm:
+    """One VM of a plan file: its name (the dump path as given to ``plan``), the dump's identity
+    as it was when its pages were read, and per present page (ascending gfn) the action code, the
+    reference ``(vm, gfn)`` (-1 where none) and the planned size."""
+
+    vm: int
+    name: str
+    dump: dict[str, Any]
+    gfns: npt.NDArray[np.uint64]
+    actions: npt.NDArray[np.uint8]
+    ref_vm: I64
+    ref_gfn: I64
+    sizes: npt.NDArray[np.int64]
+
+    @property
+    def path(self) -> str:
+        """The dump's real path, as the plan recorded it."""
+        return str(self.dump["path"])
+
+    @property
+    def options(self) -> OpenOptions:
+        """How the plan opened the dump (the reader options that change its page set)."""
+        return OpenOptions(format=self.dump.get("format"), device_memory=bool(self.dump.get("device_memory")))
+
+
+@dataclass(frozen=True, eq=False)
+class PlanFile:
+    """A plan file as ``apply`` needs it: the document's head (policy, figures) and its VMs."""
+
+    path: Path
+    head: dict[str, Any]
+    vms: tuple[PlannedVm, ...]
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        policy: dict[str, Any] = self.head["policy"]
+        return policy
+
+    @property
+    def patch_codec(self) -> str:
+        return str(self.policy["patch"]["codec"])
+
+    @property
+    def compression_codec(self) -> str:
+        return str(self.policy["compression"]["codec"])
+
+    def figures(self, v: int) -> dict[str, Any]:
+        """The plan's per-VM figures of VM ``v`` (``footprint_bytes``...)."""
+        vm: dict[str, Any] = self.head["vms"][v]
+        return vm
+
+
+def read_plan(path: Path | str) -> PlanFile:
+    """The plan file at ``path``, checked (:class:`BadPlanFile`, exit 4, or exit 5 for another
+    schema; :class:`UnreadableFile` when it cannot be read)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise UnreadableFile(path, e.strerror or str(e)) from e
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        where = f" at offset {e.pos:#x}" if isinstance(e, json.JSONDecodeError) else ""
+        raise BadPlanFile(path, f"not a JSON document{where}: {e}") from None
+    if not isinstance(doc, dict):
+        raise BadPlanFile(path, "not a dengine plan file (a JSON object with a schema)")
+    schema = doc.get("schema")
+    if schema != SCHEMA:
+        raise BadPlanFile(
+            path, f"schema {schema!r} is not {SCHEMA!r}: not a plan file this dengine applies",
+            exit_code=EXIT_UNSUPPORTED,
+        )  # fmt: skip
+    if doc.get("estimate"):
+        raise BadPlanFile(path, "an estimate (--sample) cannot be applied: make an exact plan")
+    if "pages" not in doc:
+        raise BadPlanFile(path, "no per-page plan: write it with `dengine plan -o FILE`")
+    if list(doc.get("actions", [])) != list(ACTIONS):
+        raise BadPlanFile(path, f"actions {doc.get('actions')!r} are not {list(ACTIONS)!r}")
+    pages = doc.pop("pages")
+    if not isinstance(pages, list) or not isinstance(doc.get("vms"), list) or len(pages) != len(doc["vms"]):
+        raise BadPlanFile(path, "the per-page plan does not list one entry per VM")
+    vms = tuple(_vm(path, v, entry) for v, entry in enumerate(pages))
+    _check_references(path, vms)
+    return PlanFile(path, doc, vms)
+
+
+def _vm(path: Path, v: int, entry: Any) -> PlannedVm:
+    if not isinstance(entry, dict) or entry.get("vm") != v:
+        raise BadPlanFile(path, f"pages[{v}] is not the page plan of VM {v}")
+    dump = entry.get("dump")
+    if not isinstance(dump, dict) or any(k not in dump for k in IDENTITY_FIELDS):
+        raise BadPlanFile(
+            path,
+            f"VM {v} ({entry.get('name')}): the plan records no dump identity (made by an older "
+            "dengine): make the plan again",
+        )
+    try:
+        gfns = np.asarray(entry["gfn"], dtype=np.uint64)
+        actions = np.asarray(entry["action"], dtype=np.int64)
+        sizes = np.asarray(entry["size"], dtype=np.int64)
+        refs = entry["reference"]
+        has = np.fromiter((r is not None for r in refs), dtype=np.bool_, count=len(refs))
+        pairs = np.asarray([r for r in refs if r is not None], dtype=np.int64).reshape(-1, 2)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise BadPlanFile(path, f"VM {v}: bad page columns: {e}") from None
+    n = len(gfns)
+    if gfns.ndim != 1 or not (len(actions) == len(sizes) == len(has) == n):
+        raise BadPlanFile(path, f"VM {v}: the gfn, action, reference and size columns differ in length")
+    if n > 1 and not np.all(gfns[1:] > gfns[:-1]):
+        raise BadPlanFile(path, f"VM {v}: gfns are not in ascending order")
+    if n and (actions.min() < 0 or actions.max() >= len(ACTIONS)):
+        raise BadPlanFile(path, f"VM {v}: an action code outside 0..{len(ACTIONS) - 1}")
+    ref_vm = np.full(n, -1, dtype=np.int64)
+    ref_gfn = np.full(n, -1, dtype=np.int64)
+    ref_vm[has] = pairs[:, 0]
+    ref_gfn[has] = pairs[:, 1]
+    need = (actions == SHARE) | (actions == PATCH)
+    if not np.array_equal(need, has):
+        k = int(np.argmax(need != has))
+        raise BadPlanFile(
+            path, f"VM {v} gfn {int(gfns[k]):#x}: a {ACTIONS[actions[k]]} page with reference {refs[k]!r}"
+        )
+    return PlannedVm(v, str(entry.get("name", dump["path"])), dump, gfns, actions.astype(np.uint8),
+                     ref_vm, ref_gfn, sizes)  # fmt: skip
+
+
+def _check_references(path: Path, vms: tuple[PlannedVm, ...]) -> None:
+    """Every reference names a present page of a VM of the plan, which the plan keeps whole."""
+    for vm in vms:
+        at = np.flatnonzero(vm.ref_vm >= 0)
+        if not len(at):
+            continue
+        bad = vm.ref_vm[at] >= len(vms)
+        found = np.zeros(len(at), dtype=np.bool_)
+        for r in np.unique(vm.ref_vm[at][~bad]).tolist():
+            sel = np.flatnonzero(vm.ref_vm[at] == r)
+            target = vms[r]
+            pos = np.searchsorted(target.gfns, vm.ref_gfn[at][sel].astype(np.uint64))
+            pos = np.minimum(pos, max(len(target.gfns) - 1, 0))
+            if len(target.gfns):
+                found[sel] = (target.gfns[pos] == vm.ref_gfn[at][sel].astype(np.uint64)) & (
+                    target.actions[pos] == WHOLE
+                )
+        if not found.all():
+            k = int(at[int(np.argmin(found))])
+            raise BadPlanFile(
+                path,
+                f"VM {vm.vm} gfn {int(vm.gfns[k]):#x}: its reference [{vm.ref_vm[k]}, {vm.ref_gfn[k]:#x}] "
+                "is not a page the plan keeps whole",
+            )
+
+
+def check_dumps_unchanged(plan: PlanFile) -> None:
+    """:class:`StalePlan` (exit 8) naming the first dump that is gone or not the file the plan
+    was made from (another device, inode, size, mtime or ctime)."""
+    for vm in plan.vms:
+        try:
+            now = dump_identity(vm.path)
+        except UnreadableFile as e:
+            raise StalePlan(
+                plan.path, f"VM {vm.vm} ({vm.name}): its dump {vm.path} is gone: {e.reason}"
+            ) from None
+        changed = [k for k in IDENTITY_FIELDS if now[k] != vm.dump[k]]
+        if changed:
+            raise StalePlan(
+                plan.path,
+                f"VM {vm.vm} ({vm.name}): its dump {vm.path} changed since the plan was made "
+                f"({', '.join(changed)} differ): make the plan again",
+            )

@@ -1,0 +1,251 @@
+"""`dengine apply`, `restore` and `verify` on real QEMU dumps of every format (and dumps the
+builders make of formats no tool here writes): the store's page data is the plan's, byte for
+byte; every VM restores to exactly what `dengine extract` gives of its dump, as a raw image and
+as an ELF core that dengine and libkdumpfile read back to the same pages."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dengine_cli.cli import cli
+from dengine_cli.errors import EXIT_BAD_DUMP, EXIT_STALE, EXIT_UNREADABLE, EXIT_UNSUPPORTED, EXIT_USAGE
+from dengine_cli.formats import open_dump
+from tests.builders.lime import build_lime
+from tests.builders.xc_core import build_xc_core
+from tests.conftest import FIXTURES, needs_oracle, oracle_pages, page_digests, read_pages
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, ["--quiet", *args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def extract(dump: Path, out: Path) -> bytes:
+    code, _, err = invoke("extract", str(dump), "-o", str(out))
+    assert code == 0, err
+    return out.read_bytes()
+
+
+def plan(dumps: list[Path], tmp: Path, *extra: str) -> Path:
+    out = tmp / "plan.json"
+    code, _, err = invoke("plan", "--baseline", "none", "--index-dir", str(tmp / "idx"), "-o", str(out),
+                          *extra, *map(str, dumps))  # fmt: skip
+    assert code == 0, err
+    return out
+
+
+def apply(plan_file: Path, store: Path, *extra: str) -> dict:  # type: ignore[type-arg]
+    code, out, err = invoke("apply", "--format", "json", str(plan_file), "-o", str(store), *extra)
+    assert code == 0, err
+    doc: dict = json.loads(out)  # type: ignore[type-arg]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def fleet(real_dump: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Dumps of every format: the real QEMU ELF, kdump and migration stream fixtures, the zstd
+    compressed ELF as committed, and a LiME, an xc_core (HVM) and a raw image holding real
+    pages (alpha's, shifted and mixed, so that they share and patch against the others)."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    with open_dump(real_dump("alpha.elf")) as d:
+        pages = read_pages(d, 4096)
+    gfns = sorted(pages)
+    chosen = gfns[:3000:3]
+    lime = tmp / "guest.lime"
+    lime.write_bytes(build_lime([(0x100000, b"".join(pages[g] for g in chosen[:600])),
+                                 (0x4000000, b"".join(pages[g] for g in chosen[600:]))]))  # fmt: skip
+    xc = tmp / "guest.xc"
+    xc.write_bytes(build_xc_core([(k * 2, 0, pages[g]) for k, g in enumerate(chosen[::-1])], hvm=True).data)
+    raw = tmp / "guest.raw"
+    image = bytearray(b"".join(pages[g] for g in gfns[:2048]))
+    image[4096 * 5 + 17] ^= 0xFF  # one page that differs from alpha's in one byte: a patch
+    raw.write_bytes(bytes(image))
+    return [real_dump("alpha.elf"), real_dump("alpha.kdump"), real_dump("beta.qevm"),
+            FIXTURES / "beta.elf.zst", lime, xc, raw]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def planned(fleet: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return plan(fleet, tmp_path_factory.mktemp("plan"))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["store", "pack"])
+def test_every_format_round_trips_byte_for_byte(
+    fleet: list[Path], planned: Path, tmp_path: Path, packed: bool
+) -> None:
+    doc = apply(planned, tmp_path / "store", *(["--pack"] if packed else []))
+    plan_doc = json.loads(planned.read_text())
+    assert [vm["name"] for vm in doc["vms"]] == [str(p) for p in fleet]
+    for vm, planned_vm in zip(doc["vms"], plan_doc["vms"], strict=True):
+        assert vm["plan_bytes"] == planned_vm["footprint_bytes"]
+        if not packed:
+            # The plan's codecs, the plan's pages: the page data is the plan's, exactly.
+            assert vm["stored_bytes"] == vm["plan_bytes"]
+            assert vm["size_mismatches"] == 0
+    total_plan = sum(vm["plan_bytes"] for vm in doc["vms"])
+    if packed:
+        assert doc["data_bytes"] < 0.8 * total_plan
+    else:
+        assert doc["data_bytes"] == total_plan
+    assert doc["metadata_bytes"] > 0
+    code, out, err = invoke("verify", str(tmp_path / "store"))
+    assert code == 0, out + err
+    code, _, err = invoke("restore", str(tmp_path / "store"), "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    names = [p.name for p in fleet]
+    for dump, name in zip(fleet, names, strict=True):
+        want = extract(dump, tmp_path / f"{name}.want")
+        assert (tmp_path / "out" / f"{name}.raw").read_bytes() == want, name
+
+
+def test_one_vm_restores_alone_as_elf_read_back_by_dengine(
+    fleet: list[Path], planned: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    apply(planned, store)
+    out = tmp_path / "beta.elf"
+    code, _, err = invoke("restore", str(store), "beta.qevm", "--format", "elf", "-o", str(out))
+    assert code == 0, err
+    with open_dump(out) as back, open_dump(fleet[2]) as original:
+        assert back.facts.format == "elf"
+        assert np.array_equal(back.gfns, original.gfns)
+        assert read_pages(back, 1000) == read_pages(original, 1000)
+    # By number, and the raw image equals extract's.
+    code, _, err = invoke("restore", str(store), "2", "-o", str(tmp_path / "two.raw"))
+    assert code == 0, err
+    assert (tmp_path / "two.raw").read_bytes() == extract(fleet[2], tmp_path / "want.raw")
+
+
+@needs_oracle
+def test_elf_restore_reads_back_in_libkdumpfile(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    alpha = real_dump("alpha.kdump")
+    store = tmp_path / "store"
+    apply(plan([alpha], tmp_path), store, "--pack")
+    out = tmp_path / "alpha.elf"
+    code, _, err = invoke("restore", str(store), "--format", "elf", "-o", str(out))
+    assert code == 0, err
+    fmt, pages = oracle_pages(out)
+    assert fmt == "elf"
+    with open_dump(alpha) as d:
+        want = {g: p for b in d.batches() for g, p in page_digests(b.gfns, b.pages).items()}
+    assert pages == want
+
+
+def test_a_changed_dump_is_refused(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    dump = tmp_path / "vm.elf"
+    dump.write_bytes(real_dump("beta.elf").read_bytes())
+    plan_file = plan([dump], tmp_path)
+    os.utime(dump, ns=(0, 0))  # same bytes, another mtime (and ctime): not the file the plan saw
+    code, _, err = invoke("apply", str(plan_file), "-o", str(tmp_path / "store"))
+    assert code == EXIT_STALE
+    assert err.startswith(f"dengine: {plan_file}: VM 0 ({dump}): its dump {dump.resolve()} changed since")
+    assert "mtime_ns" in err and "make the plan again" in err
+    assert not (tmp_path / "store" / "catalog.sqlite").exists()
+    dump.unlink()
+    code, _, err = invoke("apply", str(plan_file), "-o", str(tmp_path / "store"))
+    assert code == EXIT_STALE and "is gone" in err
+
+
+def test_a_plan_that_lies_about_a_page_is_refused(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    """A plan edited to call a non-zero page zero, or to share two pages that differ: refused,
+    never stored wrong."""
+    alpha = real_dump("alpha.elf")
+    plan_file = plan([alpha], tmp_path)
+    doc = json.loads(plan_file.read_text())
+    pages = doc["pages"][0]
+    whole = [i for i, a in enumerate(pages["action"]) if a == 2]
+    zero_lie = json.loads(json.dumps(doc))
+    zero_lie["pages"][0]["action"][whole[1]] = 0
+    zero_lie["pages"][0]["size"][whole[1]] = 0
+    lie = tmp_path / "lie.json"
+    lie.write_text(json.dumps(zero_lie))
+    code, _, err = invoke("apply", str(lie), "-o", str(tmp_path / "s1"))
+    assert code == EXIT_STALE, err
+    assert f"gfn {pages['gfn'][whole[1]]:#x}: planned as a zero page, it is not" in err
+    share_lie = json.loads(json.dumps(doc))
+    p = share_lie["pages"][0]
+    p["action"][whole[1]], p["size"][whole[1]], p["reference"][whole[1]] = 1, 0, [0, pages["gfn"][whole[0]]]
+    lie.write_text(json.dumps(share_lie))
+    code, _, err = invoke("apply", str(lie), "-o", str(tmp_path / "s2"))
+    assert code == EXIT_STALE, err
+    assert "their contents differ" in err
+    for store in ("s1", "s2"):
+        assert not (tmp_path / store / "catalog.sqlite").exists()
+        assert list((tmp_path / store / "packs").iterdir()) == []
+
+
+def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    alpha = real_dump("alpha.elf")
+    plan_file = plan([alpha], tmp_path)
+    doc = json.loads(plan_file.read_text())
+    bad = tmp_path / "bad.json"
+    cases = []
+    bad.write_text('{"schema": "dengine.plan/1", ')
+    cases.append((EXIT_BAD_DUMP, "not a JSON document at offset 0x1d"))
+    old = json.loads(json.dumps(doc))
+    del old["pages"][0]["dump"]
+    cases.append((EXIT_BAD_DUMP, "the plan records no dump identity (made by an older dengine)", old))
+    other = dict(doc, schema="dengine.plan/2")
+    cases.append((EXIT_UNSUPPORTED, "schema 'dengine.plan/2' is not 'dengine.plan/1'", other))
+    sampled = dict(doc, estimate=True)
+    cases.append((EXIT_BAD_DUMP, "an estimate (--sample) cannot be applied", sampled))
+    short = json.loads(json.dumps(doc))
+    short["pages"][0]["size"].pop()
+    cases.append((EXIT_BAD_DUMP, "columns differ in length", short))
+    dangling = json.loads(json.dumps(doc))
+    d = dangling["pages"][0]
+    k = d["action"].index(3)
+    d["reference"][k] = [0, 10**9]
+    cases.append((EXIT_BAD_DUMP, "is not a page the plan keeps whole", dangling))
+    for case in cases:
+        if len(case) == 3:
+            bad.write_text(json.dumps(case[2]))
+        code, _, err = invoke("apply", str(bad), "-o", str(tmp_path / "store"))
+        assert code == case[0], err
+        assert err.startswith(f"dengine: {bad}: ") and case[1] in err, err
+        assert "Traceback" not in err
+    code, _, err = invoke("apply", str(tmp_path / "missing.json"), "-o", str(tmp_path / "store"))
+    assert code == EXIT_UNREADABLE
+
+
+def test_store_arguments(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    plan_file = plan([real_dump("alpha.elf")], tmp_path)
+    not_store = tmp_path / "not-a-store"
+    not_store.mkdir()
+    (not_store / "notes.txt").write_text("mine")
+    code, _, err = invoke("apply", str(plan_file), "-o", str(not_store))
+    assert code == 6 and "is a directory but not a dengine store" in err
+    assert (not_store / "notes.txt").read_text() == "mine"
+    code, _, err = invoke("apply", "--frame-codec", "xz", str(plan_file), "-o", str(tmp_path / "s"))
+    assert code == EXIT_USAGE
+    code, _, err = invoke("verify", str(tmp_path / "nowhere"))
+    assert code == EXIT_UNREADABLE and "no such store" in err
+    code, _, err = invoke("restore", str(not_store), "-o", str(tmp_path / "x"))
+    assert code == EXIT_UNREADABLE and "not a complete dengine store" in err
+    store = tmp_path / "store"
+    apply(plan_file, store)
+    code, _, err = invoke("restore", str(store), "gamma", "-o", str(tmp_path / "x"))
+    assert code == EXIT_USAGE and "no VM called 'gamma'" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_applying_again_replaces_the_store(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    first = plan([real_dump("alpha.elf")], tmp_path / "a")
+    apply(first, store)
+    old_packs = set(os.listdir(store / "packs"))
+    second = plan([real_dump("beta.elf"), real_dump("alpha.elf")], tmp_path / "b")
+    doc = apply(second, store, "--pack")
+    assert [Path(vm["name"]).name for vm in doc["vms"]] == ["beta.elf", "alpha.elf"]
+    assert not old_packs & set(os.listdir(store / "packs"))
+    code, out, err = invoke("verify", "--json", str(store))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] and report["notes"] == [] and len(report["vms"]) == 2

@@ -1,0 +1,221 @@
+"""A damaged store: a flipped byte, a truncated or missing pack, a missing reference, a catalog row
+pointing outside a pack are each reported by `dengine verify` (which VM, which gfn; exit 7), and
+`dengine restore` refuses rather than write a wrong image."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dengine_cli.cli import FRAME_CODEC_NAMES, cli
+from dengine_cli.errors import EXIT_DAMAGED
+from dengine_cli.store.catalog import decode_columns, encode_columns
+from dengine_cli.store.frames import FRAME_CODECS
+from dengine_cli.store.layout import OBJECT_COLUMNS, PAGE_COLUMNS, signed
+from dengine_cli.store.reader import StoreReader
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, ["--quiet", *args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["store", "pack"])
+def pristine(request: pytest.FixtureRequest, real_dump: Callable[[str], Path],
+             tmp_path_factory: pytest.TempPathFactory) -> Path:  # fmt: skip
+    tmp = tmp_path_factory.mktemp("pristine")
+    plan = tmp / "plan.json"
+    dumps = [str(real_dump("alpha.elf")), str(real_dump("beta.elf"))]
+    code, _, err = invoke(
+        "plan", "--baseline", "none", "--index-dir", str(tmp / "idx"), "-o", str(plan), *dumps
+    )
+    assert code == 0, err
+    store = tmp / "store"
+    code, _, err = invoke("apply", str(plan), "-o", str(store), *(["--pack"] if request.param else []))
+    assert code == 0, err
+    return store
+
+
+@pytest.fixture
+def store(pristine: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "store"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def verify(store: Path) -> dict:  # type: ignore[type-arg]
+    code, out, err = invoke("verify", "--json", str(store))
+    doc: dict = json.loads(out)  # type: ignore[type-arg]
+    assert (code == 0) == doc["ok"], err
+    if code:
+        assert code == EXIT_DAMAGED
+        assert err == f"dengine: {store}: damaged store: {len(doc['problems'])} problem(s) found\n"
+    return doc
+
+
+def the_pack(store: Path) -> Path:
+    (pack,) = (store / "packs").iterdir()
+    return pack
+
+
+def where_pages(store: Path, vm: int) -> tuple[np.ndarray, np.ndarray, dict]:  # type: ignore[type-arg]
+    r = StoreReader(store)
+    gfns, objs = r.page_map(r.vms[vm])
+    return gfns, objs, r.objects
+
+
+def restore_refuses(store: Path, tmp_path: Path, vm: str, expect: str) -> None:
+    out = tmp_path / "out.raw"
+    code, _, err = invoke("restore", str(store), vm, "-o", str(out))
+    assert code == EXIT_DAMAGED, err
+    assert expect in err, err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.raw")] == []
+
+
+def test_pristine_store_verifies(pristine: Path) -> None:
+    assert verify(pristine)["ok"]
+
+
+def test_a_flipped_byte_names_the_vm_and_gfn(store: Path, tmp_path: Path) -> None:
+    gfns, objs, o = where_pages(store, 1)
+    # The last non-zero page of beta (its own object, not a page shared with alpha).
+    k = int(np.flatnonzero(objs >= objs[objs >= 0].max())[0])
+    obj = int(objs[k])
+    pack = the_pack(store)
+    data = bytearray(pack.read_bytes())
+    at = int(o["offset"][obj]) if o["codec"][obj] < 0xF0 else len(data) - 100
+    data[at + 3] ^= 0x40
+    pack.write_bytes(bytes(data))
+    doc = verify(store)
+    assert not doc["ok"]
+    assert any("checksum mismatch" in p["problem"] for p in doc["problems"])
+    hurt = [p for p in doc["problems"] if p["pages"]]
+    assert hurt, doc
+    named = {g for p in hurt for g in p["pages"].get(str(StoreReader(store).vms[1].name), [])}
+    if o["codec"][obj] < 0xF0:
+        assert f"{int(gfns[k]):#x}" in named
+    restore_refuses(store, tmp_path, "1", "damaged store: VM ")
+
+
+def test_a_truncated_pack(store: Path, tmp_path: Path) -> None:
+    pack = the_pack(store)
+    size = pack.stat().st_size
+    with pack.open("r+b") as f:
+        f.truncate(size // 2)
+    doc = verify(store)
+    problems = [p["problem"] for p in doc["problems"]]
+    assert any(f"truncated: {size // 2:#x} bytes, {size:#x} were written" in p for p in problems), problems
+    assert any("lie beyond its end" in p for p in problems), problems
+    assert any(p["pages"] for p in doc["problems"])
+    restore_refuses(store, tmp_path, "alpha.elf", "beyond its end")
+
+
+def test_a_missing_pack(store: Path, tmp_path: Path) -> None:
+    the_pack(store).unlink()
+    doc = verify(store)
+    assert any("cannot be read: No such file or directory" in p["problem"] for p in doc["problems"])
+    restore_refuses(store, tmp_path, "beta.elf", "cannot be read")
+
+
+def rewrite_objects(store: Path, change: Callable[[dict], None]) -> None:  # type: ignore[type-arg]
+    """Change the object columns in the catalog, with a correct chunk checksum (a catalog that
+    lies consistently: only the data checks can catch it)."""
+    db = sqlite3.connect(store / "catalog.sqlite")
+    seq, count, data = db.execute(
+        "SELECT seq, count, data FROM chunk WHERE tab = 'objects' ORDER BY seq"
+    ).fetchone()
+    cols, _ = decode_columns(data, count, OBJECT_COLUMNS)
+    cols = {k: v.copy() for k, v in cols.items()}
+    change(cols)
+    blob, checksum = encode_columns(cols, OBJECT_COLUMNS)
+    db.execute(
+        "UPDATE chunk SET data = ?, checksum = ? WHERE tab = 'objects' AND seq = ?",
+        (blob, signed(checksum), seq),
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_row_pointing_outside_its_pack(store: Path, tmp_path: Path) -> None:
+    """An object's row (a frame's, in a packed store) placing its bytes past the pack's end."""
+    gfns, objs, o = where_pages(store, 0)
+    obj = int(objs[objs >= 0][len(objs) // 3])
+    if o["codec"][obj] >= 0xF0:
+        frame = int(o["where"][obj])
+        db = sqlite3.connect(store / "catalog.sqlite")
+        db.execute('UPDATE frame SET "offset" = ? WHERE frame = ?', (1 << 40, frame))
+        db.commit()
+        db.close()
+        users = np.flatnonzero(np.isin(o["where"], [frame]) & (o["codec"] >= 0xF0))
+    else:
+
+        def outside(cols: dict) -> None:  # type: ignore[type-arg]
+            cols["offset"][obj] = 1 << 40
+
+        rewrite_objects(store, outside)
+        users = np.array([obj])
+    doc = verify(store)
+    assert any("lie beyond its end" in p["problem"] for p in doc["problems"]), doc
+    named = {g for p in doc["problems"] for g in p["pages"].get(StoreReader(store).vms[0].name, [])}
+    assert {f"{int(g):#x}" for g in gfns[np.isin(objs, users)]} <= named
+    restore_refuses(store, tmp_path, "0", "lie beyond its end")
+
+
+def test_a_missing_reference(store: Path, tmp_path: Path) -> None:
+    _, _, o = where_pages(store, 1)
+    patched = np.flatnonzero(o["reference"] >= 0)
+    obj = int(patched[-1])
+
+    def dangling(cols: dict) -> None:  # type: ignore[type-arg]
+        cols["reference"][obj] = 10**9
+
+    rewrite_objects(store, dangling)
+    doc = verify(store)
+    hurt = [p for p in doc["problems"] if f"object {obj}:" in p["problem"]]
+    assert hurt and "its reference object 1000000000: no such object" in hurt[0]["problem"], doc
+    assert any(hurt[0]["pages"].values())
+
+
+def test_a_page_map_naming_a_missing_object(store: Path) -> None:
+    db = sqlite3.connect(store / "catalog.sqlite")
+    count, data = db.execute("SELECT count, data FROM chunk WHERE tab = 'pages' AND vm = 1").fetchone()
+    cols, _ = decode_columns(data, count, PAGE_COLUMNS)
+    cols = {k: v.copy() for k, v in cols.items()}
+    cols["object"][3] = 10**7
+    blob, checksum = encode_columns(cols, PAGE_COLUMNS)
+    db.execute(
+        "UPDATE chunk SET data = ?, checksum = ? WHERE tab = 'pages' AND vm = 1", (blob, signed(checksum))
+    )
+    db.commit()
+    db.close()
+    doc = verify(store)
+    hurt = [p for p in doc["problems"] if "names objects the store does not have" in p["problem"]]
+    assert hurt and list(hurt[0]["pages"].values()) == [[f"{int(cols['gfn'][3]):#x}"]]
+
+
+def test_a_damaged_catalog_chunk(store: Path, tmp_path: Path) -> None:
+    db = sqlite3.connect(store / "catalog.sqlite")
+    db.execute("UPDATE chunk SET checksum = checksum + 1 WHERE tab = 'pages' AND vm = 0")
+    db.commit()
+    db.close()
+    doc = verify(store)
+    assert any("pages chunk 0 of VM 0: checksum mismatch" in p["problem"] for p in doc["problems"])
+    restore_refuses(store, tmp_path, "0", "checksum mismatch")
+
+
+def test_a_catalog_that_is_not_sqlite(store: Path) -> None:
+    (store / "catalog.sqlite").write_bytes(b"not a database at all" * 100)
+    code, _, err = invoke("verify", str(store))
+    assert code == EXIT_DAMAGED and "damaged store: catalog.sqlite" in err
+
+
+def test_cli_lists_the_frame_codecs() -> None:
+    assert FRAME_CODEC_NAMES == FRAME_CODECS
