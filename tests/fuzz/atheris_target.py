@@ -27,7 +27,7 @@ with atheris.instrument_imports(include=["dengine_cli"]):
     from dengine_cli.formats import OpenOptions, all_formats, open_dump
     from dengine_cli.inspect import zero_mask
 
-all_formats()  # import (and instrument) every reader now, not on the first input of its magic
+    all_formats()  # import (so instrument) every reader now, not on the first input of its magic
 _DIR = tempfile.mkdtemp(prefix="dengine-atheris-")
 _PATH = os.path.join(_DIR, "input.dump")
 _OPTIONS = OpenOptions(tmp_dir=Path(_DIR))
