@@ -39,7 +39,10 @@ DEFAULT_SETS = ("/work/bench-data/bench-*.elf", "/work/bench-data/fleet-16/fleet
 
 
 def files_of(spec: str) -> list[str]:
-    return sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else sorted(glob.glob(f"{spec}/*"))
+    """The dumps a glob names, or a directory's dumps (leaving out its manifests and notes)."""
+    if any(c in spec for c in "*?["):
+        return sorted(glob.glob(spec))
+    return sorted(f for f in glob.glob(f"{spec}/*") if not f.endswith((".json", ".md", ".txt")))
 
 
 def tree_bytes(path: Path) -> int:

@@ -34,6 +34,8 @@ CHUNK = 4096
 ELF_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
 PROGRAM_HEADER = struct.Struct("<IIQQQQQQ")
 ET_CORE, PT_LOAD, PF_RWX = 4, 1, 7
+#: e_phnum at or past which the count moves to section header 0 (not written here).
+PN_XNUM = 0xFFFF
 EV_CURRENT = 1
 #: e_machine by the architecture names readers report (gABI machine numbers).
 MACHINES = {"x86": 3, "mips": 8, "ppc": 20, "ppc64": 21, "s390": 22, "arm": 40, "x86_64": 62,
@@ -48,6 +50,10 @@ def restore_vm(
     """Write VM ``vm`` to ``output`` as ``raw`` or ``elf``; returns the image size."""
     ranges = vm.ranges.reshape(-1, 2).astype(np.int64)
     if fmt == "elf":
+        if len(ranges) >= PN_XNUM:
+            raise OutputError(
+                output, f"VM {vm.name} has {len(ranges)} ranges, more than an ELF header counts"
+            )
         header, place = _elf_layout(vm, ranges)
     else:
         header, place = b"", None
