@@ -466,3 +466,17 @@ def test_plan_file_is_never_half_written(tmp_path: Path, monkeypatch: pytest.Mon
     assert e.value.exit_code == 6
     assert out.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_plan_file_has_the_mode_open_would_give(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    planned = Planned(write_raw_images(tmp_path, mixed_vms(4, [20])))
+    out = tmp_path / "plan.json"
+    old = os.umask(0o027)
+    try:
+        write_plan(planned.plan(), out)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640

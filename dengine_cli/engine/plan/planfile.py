@@ -54,6 +54,10 @@ def write_plan(plan: PlanReport, path: Path | str, dumps: Sequence[Mapping[str, 
         import tempfile
 
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".plan.json", dir=path.parent or Path("."))
+        # mkstemp makes files 0600: give the plan file the mode open() would (0666 - umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             head = plan.to_dict()
             head["actions"] = list(ACTIONS)
