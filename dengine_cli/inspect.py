@@ -5,9 +5,6 @@ Both read every present page once, in batches.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +15,7 @@ import numpy.typing as npt
 
 from dengine_cli.errors import OutputError
 from dengine_cli.formats.base import Dump
+from dengine_cli.outputs import atomic_output
 from dengine_cli.pages import PAGE_SIZE, PageArray
 
 Progress = Callable[[int], None]
@@ -96,41 +94,23 @@ def extract(dump: Dump, output: Path, on_progress: Progress | None = None) -> in
     physical address.  Absent pages and zero pages are holes of a sparse file (they read as
     zeros).  Written to a temporary file beside ``output`` and renamed at the end, so a failure
     never leaves a partial image.  Returns the image size in bytes."""
-    out_dir = output.parent if str(output.parent) else Path(".")
     size = (int(dump.gfns[-1]) + 1) * PAGE_SIZE if dump.page_count else 0
     if size > MAX_FILE_SIZE:
         # A page at an address past 2**63 (a lying or exotic header) cannot have a file offset.
         raise OutputError(output, f"the image would be {size:#x} bytes, more than a file can hold")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=out_dir)
-    except OSError as e:
-        raise OutputError(output, e.strerror or str(e)) from e
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            for batch in dump.batches():
-                nonzero = ~zero_mask(batch.pages)
-                idx = np.flatnonzero(nonzero)
-                if len(idx):
-                    gfns = batch.gfns[idx].astype(np.int64)
-                    # Write runs of consecutive non-zero pages with one call each.
-                    breaks = np.flatnonzero(np.diff(gfns) != 1) + 1
-                    for run in np.split(np.arange(len(idx)), breaks):
-                        first = int(gfns[run[0]])
-                        f.seek(first * PAGE_SIZE)
-                        f.write(batch.pages[idx[run[0]] : idx[run[-1]] + 1].tobytes())
-                if on_progress:
-                    on_progress(len(batch))
-            f.truncate(size)
-        os.replace(tmp_name, output)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise OutputError(output, e.strerror or str(e)) from e
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_output(output, sync=False) as f:
+        for batch in dump.batches():
+            nonzero = ~zero_mask(batch.pages)
+            idx = np.flatnonzero(nonzero)
+            if len(idx):
+                gfns = batch.gfns[idx].astype(np.int64)
+                # Write runs of consecutive non-zero pages with one call each.
+                breaks = np.flatnonzero(np.diff(gfns) != 1) + 1
+                for run in np.split(np.arange(len(idx)), breaks):
+                    first = int(gfns[run[0]])
+                    f.seek(first * PAGE_SIZE)
+                    f.write(batch.pages[idx[run[0]] : idx[run[-1]] + 1].tobytes())
+            if on_progress:
+                on_progress(len(batch))
+        f.truncate(size)
     return size

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -280,31 +279,11 @@ def _from_plan_files(request: ReportRequest, paths: Sequence[Path]) -> ReportDat
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it and rename it over ``path``:
-    never a half-written report."""
-    import contextlib
-    import tempfile
+    """Write ``data`` as ``path``: never a half-written report."""
+    from dengine_cli.outputs import atomic_output
 
-    from dengine_cli.errors import OutputError
-
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or Path("."))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise OutputError(path, e.strerror or str(e)) from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    with atomic_output(path) as f:
+        f.write(data)
 
 
 #: Columns of ``dengine report --csv``: one row per VM, snapshot and policy.

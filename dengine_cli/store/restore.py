@@ -9,10 +9,7 @@ a wrong image behind (:class:`~dengine_cli.errors.StoreDamaged`, exit 7, names t
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +19,7 @@ import numpy.typing as npt
 import xxhash
 
 from dengine_cli.errors import OutputError, StoreDamaged
+from dengine_cli.outputs import atomic_output
 from dengine_cli.pages import PAGE_SIZE
 from dengine_cli.store.catalog import VmRow
 from dengine_cli.store.layout import ZERO_PAGE_CHECKSUM
@@ -58,28 +56,10 @@ def restore_vm(
     else:
         header, place = b"", None
     size = _image_size(ranges, place)
-    out_dir = output.parent if str(output.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=out_dir)
-    except OSError as e:
-        raise OutputError(output, e.strerror or str(e)) from e
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            _write_pages(reader, vm, f, place, on_progress)
-            f.truncate(size)
-        os.replace(tmp, output)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise OutputError(output, e.strerror or str(e)) from e
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(output, sync=False) as f:
+        f.write(header)
+        _write_pages(reader, vm, f, place, on_progress)
+        f.truncate(size)
     return size
 
 

@@ -3,9 +3,7 @@ streamed through a temporary file."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,7 +13,7 @@ import numpy.typing as npt
 
 from dengine_cli.arrays import unique
 from dengine_cli.engine.plan.model import ACTIONS, I64, PATCH, SHARE, PagePlan, PlanReport
-from dengine_cli.errors import OutputError
+from dengine_cli.outputs import atomic_text_output
 
 #: Pages written per JSON chunk.
 _WRITE_CHUNK = 1 << 16
@@ -48,37 +46,17 @@ def write_plan(plan: PlanReport, path: Path | str, dumps: Sequence[Mapping[str, 
         raise ValueError("a plan file needs an exact plan, not an estimate")
     if dumps is not None and len(dumps) != len(plan.pages):
         raise ValueError(f"{len(dumps)} dump identities for {len(plan.pages)} VMs")
-    path = Path(path)
-    tmp: str | None = None
-    try:
-        import tempfile
-
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".plan.json", dir=path.parent or Path("."))
-        # mkstemp makes files 0600: give the plan file the mode open() would (0666 - umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            head = plan.to_dict()
-            head["actions"] = list(ACTIONS)
-            text = json.dumps(head, sort_keys=False)
-            f.write(text[:-1] + ', "pages": [')
-            share_refs = _share_references(plan)
-            for v, pp in enumerate(plan.pages):
-                if v:
-                    f.write(", ")
-                _write_vm(f, plan, v, pp, share_refs[v], dumps[v] if dumps is not None else None)
-            f.write("]}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise OutputError(path, e.strerror or str(e)) from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    with atomic_text_output(path) as f:
+        head = plan.to_dict()
+        head["actions"] = list(ACTIONS)
+        text = json.dumps(head, sort_keys=False)
+        f.write(text[:-1] + ', "pages": [')
+        share_refs = _share_references(plan)
+        for v, pp in enumerate(plan.pages):
+            if v:
+                f.write(", ")
+            _write_vm(f, plan, v, pp, share_refs[v], dumps[v] if dumps is not None else None)
+        f.write("]}\n")
 
 
 def _share_references(plan: PlanReport) -> list[tuple[I64, I64]]:
