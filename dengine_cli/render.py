@@ -282,25 +282,8 @@ def render_plan(plan: PlanReport, width: int | None = None) -> str:
         table.add_row(*cells, end_section=i == len(rows) - 2)
     con.print(table)
     con.print(_plan_notes(plan))
-    host = plan.host
-    if host is not None:
-        paged = (
-            f"paged out {plan.total.paged_out} pages ({size_text(plan.total.paged_out_bytes)})"
-            if plan.total.paged_out
-            else "nothing paged out"
-        )
-        sets = f"; {host.sets_per_host} such set(s) of VMs fit" if host.sets_per_host is not None else ""
-        con.print(
-            f"host memory {size_text(host.host_memory)}: footprint before paging "
-            f"{size_text(host.footprint_before_paging)}; {paged}"
-            + ("" if host.fits else "; STILL DOES NOT FIT")
-            + sets
-        )
-    cost = plan.cost
-    con.print(
-        f"run-time cost: building the plan {cost.build_us / 1e6:.3f} s of CPU; touching every page "
-        f"once afterwards {cost.access_us / 1e6:.3f} s (unit costs in us: {_fact_text(cost.model.to_dict())})"
-    )
+    for line in _plan_tail(plan):
+        con.print(line)
     return buf.getvalue()
 
 
