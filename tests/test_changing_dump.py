@@ -25,6 +25,7 @@ from dengine_cli.parallel import Workers, fork_usable
 from dengine_cli.parallel.forked import hash_forked
 from dengine_cli.session.indexing import build_indexes
 from tests.conftest import REPO
+from tests.processes import mapped_by
 
 DENGINE = str(REPO / ".venv" / "bin" / "dengine")
 
@@ -151,28 +152,26 @@ def test_worker_killed_by_sigbus_is_reported_as_a_change(
     )
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (the command runs in a child of its supervisor)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def mapped_by(pid: int, path: Path) -> bool:
-    for p in descendants(pid):
-        try:
-            if str(path) in Path(f"/proc/{p}/maps").read_text():
-                return True
-        except OSError:
-            pass
-    return False
+def cut_while_running(command: list[str], dump: Path, size: int, cache: Path) -> tuple[int, str, bool]:
+    """Run ``command``; as soon as one of its processes maps ``dump``, freeze them all (SIGSTOP),
+    cut ``dump`` to ``size`` bytes and let them go on.  Returns the exit status, stderr, and
+    whether the command was frozen before it had cached anything."""
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not mapped_by(proc.pid, dump) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        frozen = proc.poll() is None and not any(cache.glob("*.idx"))
+        os.truncate(dump, size)
+        os.killpg(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err, frozen
 
 
 @pytest.mark.parametrize(("first", "jobs"), [("alpha.elf", "1"), ("alpha.elf", "2"), ("alpha.kdump", "1")])
@@ -186,28 +185,15 @@ def test_cli_dump_truncated_between_open_and_scan(
     b = tmp_path / "beta.elf"
     shutil.copyfile(real_dump("beta.elf"), b)
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(
+    returncode, err, frozen_before_done = cut_while_running(
         [DENGINE, "index", "-j", jobs, "--index-dir", str(cache), str(a), str(b)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        a,
+        a.stat().st_size // 2,
+        cache,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not mapped_by(proc.pid, a) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        os.killpg(proc.pid, signal.SIGSTOP)
-        frozen_before_done = proc.poll() is None and not any(cache.glob("*.idx"))
-        os.truncate(a, a.stat().st_size // 2)
-        os.killpg(proc.pid, signal.SIGCONT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     if not frozen_before_done:
         pytest.skip("the command finished before it could be frozen")  # not seen here; never a pass
-    assert proc.returncode == EXIT_UNREADABLE, err
+    assert returncode == EXIT_UNREADABLE, err
     assert err.count("\n") == 1 and "Traceback" not in err
     # Seen by the stat before a batch, or by a short read within one: both say so.
     assert err.startswith(f"dengine: {a}: cannot read: it changed while being read")
@@ -221,28 +207,12 @@ def test_cli_sigbus_is_reported_by_the_supervisor(tmp_path: Path, real_dump: Cal
     # kills the process that reads it with SIGBUS.  The supervising dengine process reports it.
     qevm = copy(real_dump, "alpha.qevm", tmp_path)
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(
-        [DENGINE, "index", "-j", "1", "--index-dir", str(cache), str(qevm)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    returncode, err, frozen_before_done = cut_while_running(
+        [DENGINE, "index", "-j", "1", "--index-dir", str(cache), str(qevm)], qevm, 4096, cache
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not mapped_by(proc.pid, qevm) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        os.killpg(proc.pid, signal.SIGSTOP)
-        frozen_before_done = proc.poll() is None and not any(cache.glob("*.idx"))
-        os.truncate(qevm, 4096)
-        os.killpg(proc.pid, signal.SIGCONT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     if not frozen_before_done:
         pytest.skip("the command finished before it could be frozen")  # not seen here; never a pass
-    assert proc.returncode == EXIT_UNREADABLE, err
+    assert returncode == EXIT_UNREADABLE, err
     assert err.count("\n") == 1 and "Traceback" not in err
     # Either the supervisor's line (SIGBUS in the open pass) or the reader's own check.
     assert err.startswith(f"dengine: {qevm}: cannot read: it changed while being read"), err

@@ -23,6 +23,7 @@ import pytest
 
 from dengine_cli.cache import files, index_store, sharing_store
 from tests.conftest import REPO
+from tests.processes import mapped_by
 
 DENGINE = str(REPO / ".venv" / "bin" / "dengine")
 COMMANDS = {
@@ -58,30 +59,6 @@ def figures(command: str, stdout: str) -> object:
     return json.loads(stdout)
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (the command runs in a child of its supervisor)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def mapped(pid: int, path: Path) -> bool:
-    for p in descendants(pid):
-        try:
-            if str(path) in Path(f"/proc/{p}/maps").read_text():
-                return True
-        except OSError:
-            pass
-    return False
-
-
 def kill_at(point: str, command: str, dumps: list[Path], cache: Path, clean_seconds: float) -> int | None:
     """Start ``command``, SIGKILL it at ``point``; its exit status (``None`` when killed)."""
     cache.mkdir()
@@ -94,7 +71,7 @@ def kill_at(point: str, command: str, dumps: list[Path], cache: Path, clean_seco
     deadline = start + 120
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            if point == "mapped" and mapped(proc.pid, dumps[0]):
+            if point == "mapped" and mapped_by(proc.pid, dumps[0]):
                 break
             if point == "cache-entry" and any(os.scandir(cache)):
                 break
