@@ -163,17 +163,7 @@ def render_sharing(
     con.print(table)
     if de is not None:
         con.print(_plan_notes(de))
-    con.print(ksm_text(report.ksm))
-    if report.verified:
-        con.print(
-            f"{report.contents} distinct non-zero contents; every match compared byte by byte, "
-            f"{report.collisions} pages in hash collisions (split)"
-        )
-    else:
-        con.print(
-            f"{report.contents} distinct non-zero contents (equal {report.hash_bits}-bit hashes; "
-            "--verify compares bytes)"
-        )
+    _sharing_notes(con, report)
     if matrix:
         con.print()
         con.print("Pages saved by placing two VMs together (diagonal: saved within the VM):")

@@ -220,6 +220,25 @@ class Dump(ABC):
         rather than map it: cheaper than a page fault and an unmap per page)."""
         return self.batches(max_pages, start=start, stop=stop)
 
+    def _reopen(self) -> int | None:
+        """A descriptor of the mapped file, opened again by path (``None`` for a decompressed
+        copy); "changed while being read" when that is not the same file any more."""
+        if self._identity is None:
+            return None
+        self.check_unchanged()
+        try:
+            fd = os.open(self.source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None  # removed: read the mapping, which keeps the inode
+        try:
+            if _identity(os.fstat(fd))[:4] == self._identity[:4]:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        self.check_unchanged()
+        return None  # another file in its place: read the mapping of the one opened
+
     def index_of(self, gfn: int) -> int:
         """Position of ``gfn`` in :attr:`gfns`; ``KeyError`` when the page is absent."""
         i = int(np.searchsorted(self.gfns, np.uint64(gfn)))
@@ -515,25 +534,6 @@ class PageTableDump(Dump):
         if first < 0 or self._run_end(lo) < hi:
             return False
         return hi - lo == 1 or int(self.offsets[lo + 1]) - first == PAGE_SIZE
-
-    def _reopen(self) -> int | None:
-        """A descriptor of the mapped file, opened again by path (``None`` for a decompressed
-        copy); "changed while being read" when that is not the same file any more."""
-        if self._identity is None:
-            return None
-        self.check_unchanged()
-        try:
-            fd = os.open(self.source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return None  # removed: read the mapping, which keeps the inode
-        try:
-            if _identity(os.fstat(fd))[:4] == self._identity[:4]:
-                return fd
-        except OSError:
-            pass
-        os.close(fd)
-        self.check_unchanged()
-        return None  # another file in its place: read the mapping of the one opened
 
     def mapped_pages(self) -> tuple[npt.NDArray[np.uint8], OffsetArray] | None:
         if len(self._buf) < PAGE_SIZE:

@@ -655,24 +655,6 @@ class KdumpDump(Dump):
         finally:
             os.close(fd)
 
-    def _reopen(self) -> int | None:
-        """The dump file opened again, if it is still the file that was mapped."""
-        if self._identity is None:
-            return None
-        try:
-            fd = os.open(self.source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self._identity[:4]:
-                return fd
-        except OSError:
-            pass
-        os.close(fd)
-        self.check_unchanged()
-        return None  # another file in its place: read the mapping of the one opened
-
     def _read(self, idx: OffsetArray, fd: int | None = None) -> PageArray:
         """The pages at positions ``idx`` of :attr:`gfns`; with ``fd``, read with pread."""
         # np.zeros maps fresh pages lazily: shared zero pages cost nothing until read.
