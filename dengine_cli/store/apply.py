@@ -56,6 +56,11 @@ from dengine_cli.store.writer import StoreWriter
 
 #: Pages per batch handed to a worker thread.
 BATCH = 2048
+#: Frames being compressed at once per thread, at most (4 MiB of pages each).  Frames wait in a
+#: queue of their own, not behind the batches: a frame takes a thread a quarter of a second of
+#: LZMA2, a batch a few milliseconds, and waiting for a frame before handing out the next batch
+#: left the other thread idle a third of the time.
+FRAMES_AHEAD = 2
 
 #: ``on_progress(what, done, total)``.
 Progress = Callable[[str, int, int], None]
@@ -197,23 +202,24 @@ class _Apply:
         self._fills = (_Fill(self.frame_codec, FRAMED), _Fill(delta_codec_for(self.frame_codec), FRAMED_XOR))
         self._codec_local = threading.local()
         self._frames_submitted = 0
+        self._frame_jobs: collections.deque[Future[tuple[int, str, bytes, int]]] = collections.deque()
 
     # --- the pass over the pages -----------------------------------------------------------
 
     def write(self) -> ApplyResult:
         threads = max(1, self.workers.count)
-        pending: collections.deque[Future[Any]] = collections.deque()
+        batches: collections.deque[Future[Encoded]] = collections.deque()
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dengine-apply") as pool:
             self._pool = pool
             for batch in self._batches():
-                pending.append(pool.submit(encode_batch, batch, self.compression, self.patch, self.pack))
-                while len(pending) > 2 * threads:
-                    self._take(pending, pending.popleft().result())
-            while pending:
-                self._take(pending, pending.popleft().result())
-            self._flush_frames(pending, final=True)
-            while pending:
-                self._take(pending, pending.popleft().result())
+                batches.append(pool.submit(encode_batch, batch, self.compression, self.patch, self.pack))
+                while len(batches) > 2 * threads:
+                    self._take(batches.popleft().result())
+                self._write_frames(limit=FRAMES_AHEAD * threads)
+            while batches:
+                self._take(batches.popleft().result())
+            self._flush_frames(final=True)
+            self._write_frames(limit=0)
         self._check_shared()
         return self._commit()
 
@@ -242,13 +248,8 @@ class _Apply:
             out[sel] = self.dumps[r].pages_at(rg[sel].astype(np.uint64))
         return out
 
-    def _take(
-        self, pending: collections.deque[Future[Any]], result: Encoded | tuple[int, str, bytes, int]
-    ) -> None:
-        """Write one finished job: a batch's blobs and checksums, or a frame."""
-        if isinstance(result, tuple):
-            self._write_frame(*result)
-            return
+    def _take(self, result: Encoded) -> None:
+        """Write one encoded batch: its blobs and checksums; its pages for frames to the fills."""
         v, lo = result.vm, result.lo
         vm = self.plan.vms[v]
         n = len(result.checksums)
@@ -264,7 +265,7 @@ class _Apply:
         self.objects.checksum[ids] = result.checksums[stored]
         self._write_blobs(ids, acts[stored], result.blobs)
         if self.pack:
-            self._add_to_frames(pending, result, ids, acts[stored])
+            self._add_to_frames(result, ids, acts[stored])
 
     def _write_blobs(
         self, ids: npt.NDArray[np.int64], acts: npt.NDArray[np.uint8], blobs: list[bytes | None]
@@ -291,17 +292,17 @@ class _Apply:
 
     # --- frames --------------------------------------------------------------------------------
 
-    def _add_to_frames(self, pending: collections.deque[Future[Any]], result: Encoded, ids: I64,
-                       acts: npt.NDArray[np.uint8]) -> None:  # fmt: skip
+    def _add_to_frames(self, result: Encoded, ids: I64, acts: npt.NDArray[np.uint8]) -> None:
         framed = np.array([b is None for b in result.blobs], dtype=np.bool_)
         if not framed.any():
             return
         kinds = acts[framed] == PATCH
         self._fills[0].add(result.raw, ids[framed][~kinds])
         self._fills[1].add(result.xor, ids[framed][kinds])
-        self._flush_frames(pending, final=False)
+        self._flush_frames(final=False)
 
-    def _flush_frames(self, pending: collections.deque[Future[Any]], final: bool) -> None:
+    def _flush_frames(self, final: bool) -> None:
+        """Submit the frames the fills hold (every page left, when ``final``)."""
         for fill in self._fills:
             while fill.count >= FRAME_PAGES or (final and fill.count):
                 pages, ids = fill.take(FRAME_PAGES)
@@ -312,7 +313,7 @@ class _Apply:
                 o.where[ids] = frame
                 o.offset[ids] = np.arange(len(ids), dtype=np.uint64)
                 o.length[ids] = PAGE_SIZE
-                pending.append(self._pool.submit(self._compress_frame, frame, fill.codec, pages))
+                self._frame_jobs.append(self._pool.submit(self._compress_frame, frame, fill.codec, pages))
 
     def _compress_frame(
         self, frame: int, codec_name: str, pages: npt.NDArray[np.uint8]
@@ -324,6 +325,13 @@ class _Apply:
         if codec is None:
             codec = codecs[codec_name] = FrameCodec(codec_name)
         return frame, codec_name, codec.compress(pages), len(pages)
+
+    def _write_frames(self, limit: int) -> None:
+        """Write the compressed frames, in order: those finished, and then, while more than
+        ``limit`` are in flight, the oldest once it is finished (``limit=0``: all of them)."""
+        jobs = self._frame_jobs
+        while jobs and (jobs[0].done() or len(jobs) > limit):
+            self._write_frame(*jobs.popleft().result())
 
     def _write_frame(self, frame: int, codec: str, blob: bytes, pages: int) -> None:
         pack, at = self.writer.packs.append(blob)
