@@ -13,10 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dengine_cli.cache.index_store import INDEX_MAGIC, INDEX_VERSION, index_path_for
 from dengine_cli.cache.keys import default_index_dir
-from dengine_cli.engine.index import ZERO_PAGE_CHECK, ZERO_PAGE_HASH, hash_dump, hash_pages, index_dump
+from dengine_cli.engine.index import (
+    ZERO_PAGE_CHECK,
+    ZERO_PAGE_HASH,
+    _rows_zero,
+    hash_dump,
+    hash_pages,
+    index_dump,
+)
 from dengine_cli.errors import FormatError, UnreadableFile
 from dengine_cli.formats.base import OpenOptions, Source
 from dengine_cli.formats.raw import open_raw
@@ -78,6 +87,41 @@ def test_hash_pages_of_a_strided_batch() -> None:
     assert hashes.tolist() == expected_hashes(every_other)
     assert check.tolist() == expected_checks(every_other)
     assert zero.tolist() == [not p.any() for p in every_other]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.none(), st.tuples(st.integers(0, PAGE_SIZE - 1), st.integers(1, 255))),
+        min_size=1,
+        max_size=24,
+    )
+)
+def test_zero_flags_are_exact_whatever_byte_is_set(layout: list[tuple[int, int] | None]) -> None:
+    """Zero pages are told from pages zero but for one byte anywhere (the last byte of the last
+    page of the batch too), on a fresh batch and on the same buffer hashed again."""
+    pages = np.zeros((len(layout), PAGE_SIZE), dtype=np.uint8)
+    for row, spec in enumerate(layout):
+        if spec is not None:
+            pages[row, spec[0]] = spec[1]
+    for _ in range(2):
+        hashes, check, zero = hash_pages(pages)
+        assert zero.tolist() == [spec is None for spec in layout]
+        assert hashes.tolist() == expected_hashes(pages)
+        assert check.tolist() == expected_checks(pages)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_byte_check_of_zero_hash_candidates(data: st.DataObject) -> None:
+    """The byte check that guards the zero flag against a page colliding with the zero page's
+    hash (never seen: 2**-128 a page) tells zero rows from others, any rows of a batch."""
+    n = data.draw(st.integers(1, 16))
+    pages = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+    for row in data.draw(st.sets(st.integers(0, n - 1))):
+        pages[row, data.draw(st.integers(0, PAGE_SIZE - 1))] = data.draw(st.integers(1, 255))
+    rows = np.array(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1))), dtype=np.intp)
+    assert _rows_zero(pages, rows).tolist() == [not pages[r].any() for r in rows]
 
 
 def test_hash_dump_over_a_page_range(tmp_path: Path) -> None:

@@ -84,8 +84,10 @@ def hash_pages(pages: PageArray) -> Hashed:
     """``(hashes, check, zero)`` of a batch of pages (``(n, 4096) uint8``): the high and low 64
     bits of each page's xxh3-128 hash, and whether it is all zeros.
 
-    Zero pages are found with one vectorized pass and get :data:`ZERO_PAGE_HASH` and
-    :data:`ZERO_PAGE_CHECK` without being hashed; only the others go through xxh3.
+    Every page is hashed, and only the pages whose hash is the zero page's are then checked
+    byte by byte: a page with any other hash cannot be zero, so the zero flag stays exact, and
+    the batch is read once instead of twice (a vectorized zero test over every page, then xxh3
+    over the others, cost 15-30 % more).
     """
     n = len(pages)
     if pages.flags.c_contiguous:
@@ -93,21 +95,30 @@ def hash_pages(pages: PageArray) -> Hashed:
     else:
         flat = np.ascontiguousarray(pages).reshape(-1)
         pages = flat.reshape(n, PAGE_SIZE)
-    zero: ZeroArray = np.logical_not(pages.view(np.uint64).any(axis=1))
-    hashes = np.full(n, ZERO_PAGE_HASH, dtype=np.uint64)
-    check = np.full(n, ZERO_PAGE_CHECK, dtype=np.uint64)
-    nonzero = np.flatnonzero(~zero).tolist()
-    if nonzero:
-        views = _page_views(flat, n)
-        # digest() is the 128-bit hash big-endian: its first 8 bytes are the high half.  One
-        # join of 16-byte digests costs 0.1 us a page more than xxh3-64's integers.
-        digests = b"".join(
-            map(xxhash.xxh3_128_digest, [views[i] for i in nonzero] if views else _slices(flat, nonzero))
-        )
-        halves = np.frombuffer(digests, dtype=">u8").reshape(-1, 2)
-        hashes[nonzero] = halves[:, 0]
-        check[nonzero] = halves[:, 1]
+    zero: ZeroArray = np.zeros(n, dtype=np.bool_)
+    if not n:
+        return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint64), zero
+    views = _page_views(flat, n) or _slices(flat, n)
+    # digest() is the 128-bit hash big-endian: its first 8 bytes are the high half.
+    halves = np.frombuffer(b"".join(map(xxhash.xxh3_128_digest, views)), dtype=">u8").reshape(-1, 2)
+    hashes = halves[:, 0].astype(np.uint64)
+    check = halves[:, 1].astype(np.uint64)
+    maybe = np.flatnonzero((hashes == ZERO_PAGE_HASH) & (check == ZERO_PAGE_CHECK))
+    if len(maybe):
+        zero[maybe] = _rows_zero(pages, maybe)
     return hashes, check, zero
+
+
+def _rows_zero(pages: PageArray, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+    """Whether each of ``rows`` of ``pages`` is all zeros, read in place (no copy of the rows):
+    one OR-reduction per row over the batch's 64-bit words."""
+    words = pages.view(np.uint64).reshape(-1)
+    per_page = PAGE_SIZE // 8
+    bounds = np.stack((rows * per_page, rows * per_page + per_page), axis=1).reshape(-1)
+    if bounds[-1] == len(words):  # reduceat runs the last segment to the end by itself
+        bounds = bounds[:-1]
+    found: npt.NDArray[np.bool_] = np.bitwise_or.reduceat(words, bounds)[::2] == 0
+    return found
 
 
 _seen = threading.local()
@@ -129,11 +140,11 @@ def _page_views(flat: npt.NDArray[np.uint8], n: int) -> list[memoryview] | None:
     return views
 
 
-def _slices(flat: npt.NDArray[np.uint8], rows: list[int]) -> list[memoryview]:
+def _slices(flat: npt.NDArray[np.uint8], n: int) -> list[memoryview]:
     # Slicing a memoryview costs one small object per page and no copy (tobytes() copies;
     # iterating ndarray rows is 2.5x slower).
     data = flat.data
-    return [data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in rows]
+    return [data[i : i + PAGE_SIZE] for i in range(0, n * PAGE_SIZE, PAGE_SIZE)]
 
 
 def hash_dump(
