@@ -29,6 +29,7 @@ from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dum
 if TYPE_CHECKING:
     from dengine_cli.engine.index import PageIndex
     from dengine_cli.engine.plan.model import PlanReport
+    from dengine_cli.engine.policy import Policy
     from dengine_cli.formats.base import Dump
     from dengine_cli.inspect import DumpInfo
     from dengine_cli.session import Settings
@@ -631,6 +632,13 @@ def analyze_command(
 )
 @sample_options
 @click.option(
+    "--ksm-max-page-sharing",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="ksm policies: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing), as analyze's.",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -650,6 +658,7 @@ def plan_command(
     host_memory: int | None,
     sample: float | None,
     seed: int,
+    ksm_max_page_sharing: int,
     output: Path | None,
     output_format: str,
     wide: bool,
@@ -669,8 +678,10 @@ def plan_command(
 
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = expand_dump_args(dumps)
-    policy = resolve_policy(policy_name)
-    baseline = None if baseline_name == "none" else resolve_policy(baseline_name)
+    policy = _with_ksm_cap(resolve_policy(policy_name), ksm_max_page_sharing)
+    baseline = None
+    if baseline_name != "none":
+        baseline = _with_ksm_cap(resolve_policy(baseline_name), ksm_max_page_sharing)
     history = parse_history(history_pairs, paths)
     if output is not None and sample is not None:
         raise click.BadParameter("a plan file needs an exact plan: drop --sample", param_hint="-o")
@@ -687,6 +698,13 @@ def plan_command(
     if output is not None:
         write_plan(report, output, identities)
     _print_plan(report, output_format, wide)
+
+
+def _with_ksm_cap(policy: Policy, max_page_sharing: int) -> Policy:
+    """``policy`` with KSM's cap set to ``max_page_sharing`` when it models KSM (it has a cap)."""
+    if policy.max_page_sharing is None:
+        return policy
+    return dataclasses.replace(policy, max_page_sharing=max_page_sharing)
 
 
 @cli.command("report")

@@ -8,7 +8,9 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -16,6 +18,9 @@ from dengine_cli.cli import cli
 from dengine_cli.errors import EXIT_USAGE
 from dengine_cli.formats import open_dump
 from tests.conftest import read_pages
+from tests.vms import write_raw_images
+
+PAGE = 4096
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -215,3 +220,100 @@ def test_bad_plan_options(alpha: Path, tmp_path: Path, args: list[str], message:
     assert out == ""
     assert message.format(d=d) in err
     assert not (tmp_path / "p.json").exists()
+
+
+def ksm_plan_and_view(
+    tmp_path: Path, paths: list[Path], *knobs: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`plan --policy ksm` and analyze's KSM view (zero pages taken as backed, as the ksm policy
+    merges them) of the same dumps under the same knobs: the plan's JSON and the view's."""
+    idx = str(tmp_path / "idx")
+    code, out, err = invoke(
+        "plan", "--policy", "ksm", "--baseline", "none", "--format", "json", "--index-dir", idx,
+        *knobs, *map(str, paths),
+    )  # fmt: skip
+    assert code == 0, err
+    plan = json.loads(out)
+    code, out, err = invoke(
+        "analyze", "--sharing-only", "--ksm-zero-pages-backed", "--format", "json", "--index-dir", idx,
+        *knobs, *map(str, paths),
+    )  # fmt: skip
+    assert code == 0, err
+    return plan, json.loads(out)
+
+
+@pytest.mark.parametrize("knobs", [(), ("--ksm-max-page-sharing", "2"), ("--ksm-max-page-sharing", "7")])
+def test_the_ksm_plan_holds_what_analyzes_ksm_view_says(
+    real_dump: Callable[[str], Path], tmp_path: Path, knobs: tuple[str, ...]
+) -> None:
+    """On the real guests, the ksm plan's footprint is the host pages KSM holds by analyze's
+    view of the same dumps under the same max_page_sharing: every page present less the
+    mappings KSM merges (pages_sharing; the zero page is a content of thousands of copies)."""
+    paths = [real_dump("alpha.elf"), real_dump("beta.elf")]
+    plan, analyzed = ksm_plan_and_view(tmp_path, paths, *knobs)
+    ksm = analyzed["ksm"]
+    assert ksm["max_page_sharing"] == (int(knobs[1]) if knobs else 256)
+    assert plan["policy"]["max_page_sharing"] == ksm["max_page_sharing"]
+    present = analyzed["total"]["pages_present"]
+    assert plan["total"]["footprint_bytes"] == (present - ksm["pages_sharing"]) * 4096
+    # The cap costs pages: more than the one frame per content that sharing alone keeps.
+    kept = analyzed["total"]["kept_pages"] + 1  # and one frame for the zero pages
+    assert plan["total"]["footprint_bytes"] > kept * 4096
+    assert sum(vm["footprint_bytes"] for vm in plan["vms"]) == plan["total"]["footprint_bytes"]
+
+
+def test_the_ksm_plan_charges_a_content_beyond_the_cap_to_the_vm_keeping_it(tmp_path: Path) -> None:
+    """Three raw guests without zero pages holding 40, 35 and 25 copies of one page and 10
+    unique pages each: under max_page_sharing M the 100 copies take ceil(100 / M) KSM pages
+    (M = 2: 50 pairs; M = 3: 33 triples and one page left over, unshared), all charged to the
+    first VM, which keeps the content; analyze's view (its default knobs) says the same."""
+    rng = np.random.default_rng(5)
+    page = rng.integers(1, 256, PAGE, dtype=np.uint8)
+    images = [
+        np.concatenate([np.tile(page, (copies, 1)), rng.integers(1, 256, (10, PAGE), dtype=np.uint8)])
+        for copies in (40, 35, 25)
+    ]
+    paths = write_raw_images(tmp_path, images)
+    for m, ksm_pages in ((2, 50), (3, 34), (256, 1)):
+        plan, analyzed = ksm_plan_and_view(tmp_path, paths, "--ksm-max-page-sharing", str(m))
+        assert [vm["footprint_bytes"] // PAGE for vm in plan["vms"]] == [10 + ksm_pages, 10, 10], m
+        ksm = analyzed["ksm"]
+        assert ksm["pages_sharing"] == 100 - ksm_pages
+        assert plan["total"]["footprint_bytes"] == (130 - ksm["pages_sharing"]) * PAGE
+
+
+def test_ksm_max_page_sharing_below_two_is_a_usage_error(alpha: Path, tmp_path: Path) -> None:
+    code, _, err = invoke("plan", "--ksm-max-page-sharing", "1", "--index-dir", str(tmp_path), str(alpha))
+    assert code == EXIT_USAGE and "--ksm-max-page-sharing" in err
+
+
+def test_the_ksm_cap_changes_ksm_policies_only(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    """`--ksm-max-page-sharing` caps the ksm baseline and a policy file based on ksm; the de
+    plan beside them is the same with any cap."""
+    alpha = str(real_dump("alpha.elf"))
+    policy = tmp_path / "ksm-like.toml"
+    policy.write_text('base = "ksm"\n')
+    docs = []
+    for cap in ("256", "2"):
+        args = [
+            "--format",
+            "json",
+            "--index-dir",
+            str(tmp_path / "idx"),
+            "--ksm-max-page-sharing",
+            cap,
+            alpha,
+        ]
+        code, out, err = invoke("plan", *args)
+        assert code == 0, err
+        code, out2, err = invoke("plan", "--policy", str(policy), "--baseline", "none", *args)
+        assert code == 0, err
+        docs.append((json.loads(out), json.loads(out2)))
+    (de_256, file_256), (de_2, file_2) = docs
+    assert de_2["total"]["footprint_bytes"] == de_256["total"]["footprint_bytes"]
+    assert de_2["policy"]["max_page_sharing"] is None
+    assert de_2["baseline"]["policy"]["max_page_sharing"] == 2
+    assert de_2["baseline"]["total"]["footprint_bytes"] > de_256["baseline"]["total"]["footprint_bytes"]
+    assert file_256["policy"]["max_page_sharing"] == 256
+    assert file_256["total"]["footprint_bytes"] == de_256["baseline"]["total"]["footprint_bytes"]
+    assert file_2["total"]["footprint_bytes"] == de_2["baseline"]["total"]["footprint_bytes"]

@@ -169,3 +169,65 @@ def test_tools_table_matches_libvirt() -> None:
     # libvirt runs "xz -c -3" and the others with -c (FORMATS.md §3.1); the builder must too.
     assert TOOLS["xz"][:3] == ["xz", "-c", "-3"]
     assert subprocess.run(["lzop", "--version"], capture_output=True).returncode == 0
+
+
+#: The name endings of each container, as a user names such files, and the magic it starts with.
+ENDINGS = [
+    ("zstd", ".zst", "28 b5 2f fd"),
+    ("zstd", ".zstd", "28 b5 2f fd"),
+    ("gzip", ".gz", "1f 8b"),
+    ("xz", ".xz", "fd 37 7a 58 5a 00"),
+    ("bzip2", ".bz2", "42 5a 68 31-39"),
+    ("lzop", ".lzo", "89 4c 5a 4f 00 0d 0a 1a 0a"),
+    ("lzop", ".LZOP", "89 4c 5a 4f 00 0d 0a 1a 0a"),
+]
+
+
+def dengine(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "dengine_cli", *args], capture_output=True, text=True, env={**os.environ}
+    )
+
+
+@pytest.mark.parametrize(("kind", "ending", "magic"), ENDINGS)
+def test_a_name_promising_a_container_its_content_is_not_names_the_container(
+    tmp_path: Path, originals: dict[str, bytes], kind: str, ending: str, magic: str
+) -> None:
+    """`guest.raw.zst` that is a plain raw image (never compressed, or renamed by mistake):
+    the error names the container the name promised and what the file starts with instead
+    (exit 4, a wrong magic), not "expected the magic of a known dump format"."""
+    plain = write(tmp_path, f"guest.raw{ending}", originals["raw"])
+    r = dengine("info", str(plain))
+    assert r.returncode == EXIT_BAD_DUMP, r.stderr
+    first = originals["raw"][: max(4, len(magic.split()))].hex(" ")
+    assert r.stderr == (
+        f"dengine: {plain}: at offset 0x0: expected {kind} compressed data (the name ends in "
+        f"{ending}; magic {magic}), found {first}\n"
+    )
+
+
+def test_an_empty_file_named_as_a_container_names_the_container(tmp_path: Path) -> None:
+    empty = write(tmp_path, "guest.raw.gz", b"")
+    r = dengine("info", str(empty))
+    assert r.returncode == EXIT_BAD_DUMP
+    assert r.stderr == (
+        f"dengine: {empty}: at offset 0x0: expected gzip compressed data (the name ends in .gz; "
+        "magic 1f 8b), found an empty file\n"
+    )
+
+
+def test_the_content_decides_when_a_reader_or_another_container_claims_it(
+    tmp_path: Path, originals: dict[str, bytes]
+) -> None:
+    """Formats are found by magic: a QEMU stream named `.zst` is read as the stream it is, and a
+    raw image in zstd named `guest.raw.gz` as a raw image (the name's container ending is taken
+    off whichever container it really is)."""
+    stream = write(tmp_path, "vm.qevm.zst", originals["stream"])
+    with open_dump(stream) as d:
+        assert d.facts.format == "qemu-stream" and "file_compression" not in d.facts.extra
+    misnamed = write(tmp_path, "guest.raw.gz", compress("zstd", originals["raw"][: 64 * PAGE]))
+    with open_dump(misnamed, OpenOptions(tmp_dir=tmp_path)) as d:
+        assert d.facts.format == "raw" and d.facts.extra["file_compression"] == "zstd"
+        assert d.page_count == 64  # every page of the 64 compressed is present (zero or not)

@@ -26,7 +26,7 @@ from tests.builders.kdump import (
     reassemble,
     record,
 )
-from tests.conftest import FIXTURES, needs_oracle, oracle_pages, page_digests, read_pages
+from tests.conftest import FIXTURES, REPO, needs_oracle, oracle_pages, page_digests, read_pages
 
 CODECS = ["zlib", "lzo", "snappy", "zstd", "none"]
 ZERO = bytes(4096)
@@ -188,12 +188,95 @@ def test_shared_zero_page_like_qemu(tmp_path: Path) -> None:
     assert read_all(d) == pages
 
 
-def test_incomplete_dump_drops_unwritten_pages(tmp_path: Path) -> None:
+#: Where ``disk_dump_header.status`` lies in a kdump file (diskdump_mod.h: after the signature,
+#: header_version, the six 65-byte utsname fields, padding to 8 and the 16-byte timestamp).
+STATUS_AT = {"64": 8 + 4 + 6 * 65 + 6 + 16, "32": 8 + 4 + 6 * 65 + 2 + 8}
+
+
+@pytest.mark.parametrize("layout", ["64", "32"])
+@pytest.mark.parametrize("flat", [False, True], ids=["plain", "flattened"])
+def test_incomplete_dump_is_refused_naming_partial(tmp_path: Path, layout: str, flat: bool) -> None:
+    """makedumpfile marks a dump it could not finish (ENOSPC) DUMP_DH_COMPRESSED_INCOMPLETE:
+    refused, as an xc_core cut short is, at the status field, naming what --partial reads."""
     pages = sample_pages(60)
     missing = {3, 4, 40}
-    d = open_path(write(tmp_path, build_kdump(pages, codec="zlib", incomplete=missing).data))
+    kf = build_kdump(pages, codec="zlib", incomplete=missing, layout=layout)
+    status_at = STATUS_AT[layout]
+    assert struct.unpack_from("<I", kf.data, status_at)[0] & 0x8
+    path = write(tmp_path, flatten(kf) if flat else kf.data)
+    at = 4096 + 16 + status_at if flat else status_at  # the header is the first record
+    e = fails(path)
+    assert str(e) == (
+        f"{path}: at offset {at:#x}: expected a complete dump (status without "
+        "DUMP_DH_COMPRESSED_INCOMPLETE 0x8), found status 0x9: makedumpfile stopped early, 3 of the "
+        "60 pages it lists were never written; --partial reads the 57 pages present"
+    )
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["plain", "flattened"])
+def test_incomplete_dump_with_partial_drops_unwritten_pages_and_says_so(tmp_path: Path, flat: bool) -> None:
+    pages = sample_pages(60)
+    missing = {3, 4, 40}
+    kf = build_kdump(pages, codec="zlib", incomplete=missing)
+    path = write(tmp_path, flatten(kf) if flat else kf.data)
+    d = open_path(path, partial=True)
     assert read_all(d) == {g: p for g, p in pages.items() if g not in missing}
     assert d.facts.extra["missing_pages"] == 3
+    assert d.name == f"{path} (partial: 57 pages, 3 of the 60 listed never written)"
+    assert d.source.name == str(path)  # errors still name the file
+    assert d.facts.extra["partial"] == {
+        "pages_claimed": 60,
+        "pages_read": 57,
+        "covers": "the 57 pages written of the 60 the bitmap lists",
+    }
+    assert d.facts.skipped == [
+        "3 of the 60 pages the bitmap lists, which makedumpfile never wrote (status "
+        "DUMP_DH_COMPRESSED_INCOMPLETE: it stopped early): the figures cover the 57 pages written "
+        "only (--partial)"
+    ]
+
+
+def test_every_command_refuses_or_names_an_incomplete_dump(tmp_path: Path) -> None:
+    """Through the command line: `info` without --partial is exit 4 on one line; with it, `info`
+    lists what was left out (text and JSON) and `analyze` names what its figures cover; an
+    index built with --partial serves no run without it."""
+    import json
+    import subprocess
+
+    dengine = str(REPO / ".venv" / "bin" / "dengine")
+    path = write(tmp_path, build_kdump(sample_pages(60), codec="zlib", incomplete={3, 4, 40}).data)
+    cache = str(tmp_path / "cache")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([dengine, *args], capture_output=True, text=True)
+
+    refused = f"dengine: {path}: at offset {STATUS_AT['64']:#x}: expected a complete dump"
+    r = run("info", str(path))
+    assert r.returncode == 4 and r.stderr.startswith(refused) and r.stderr.count("\n") == 1
+    assert r.stderr.endswith("; --partial reads the 57 pages present\n") and r.stdout == ""
+    r = run("info", "--partial", "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    (dump,) = json.loads(r.stdout)["dumps"]
+    assert dump["pages_present"] == 57 and dump["extra"]["partial"]["pages_claimed"] == 60
+    r = run("info", "--partial", str(path))
+    assert "which makedumpfile never wrote" in r.stdout and "(--partial)" in " ".join(r.stdout.split())
+    r = run("index", "--partial", "--index-dir", cache, str(path))
+    assert r.returncode == 0, r.stderr
+    r = run("analyze", "--partial", "--index-dir", cache, "--format", "json", str(path))
+    assert r.returncode == 0, r.stderr
+    (vm,) = json.loads(r.stdout)["vms"]
+    assert vm["name"] == f"{path} (partial: 57 pages, 3 of the 60 listed never written)"
+    assert vm["pages_present"] == 57
+    r = run("analyze", "--index-dir", cache, str(path))
+    assert r.returncode == 4 and r.stderr.startswith(refused)
+
+
+def test_complete_kdump_is_the_same_with_partial(tmp_path: Path) -> None:
+    path = write(tmp_path, build_kdump(sample_pages(60), codec="zlib").data)
+    a, b = open_path(path), open_path(path, partial=True)
+    assert read_all(a) == read_all(b)
+    assert a.name == b.name == str(path)
+    assert "partial" not in b.facts.extra and b.facts.skipped == []
 
 
 def test_offset_zero_without_incomplete_is_an_error(tmp_path: Path) -> None:

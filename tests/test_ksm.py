@@ -14,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dengine_cli.cli import cli
-from dengine_cli.engine.sharing.model import KSM_RMAP_ITEM_BYTES, CopyCounts, KsmModel, KsmView, ksm_view
+from dengine_cli.engine.sharing.model import (
+    KSM_RMAP_ITEM_BYTES,
+    CopyCounts,
+    KsmModel,
+    KsmView,
+    ksm_extra_pages,
+    ksm_view,
+)
 from dengine_cli.pages import PAGE_SIZE
 from tests.vms import design_vms, write_raw_images
 
@@ -189,3 +196,19 @@ def test_analyze_json_has_the_kernels_counters(tmp_path: Path) -> None:
     assert backed["rmap_item_bytes"] == KSM_RMAP_ITEM_BYTES
     bad = CliRunner().invoke(cli, [*base, "--ksm-max-page-sharing", "1", str(paths[0])])
     assert bad.exit_code == 2 and "--ksm-max-page-sharing" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("copies", "cap", "pages"),
+    [([600], 256, 3), ([513], 256, 3), ([256, 2], 256, 2), ([5, 4, 3], 2, 3 + 2 + 2), ([100], 3, 34)],
+)
+def test_extra_ksm_pages_are_the_pages_beyond_one_per_content(
+    copies: list[int], cap: int, pages: int
+) -> None:
+    """ceil(n / cap) host pages per content of n copies (its KSM pages and a copy left over),
+    less one each: what the plan charges beyond sharing, and what the view's pages_sharing
+    leaves of the copies."""
+    counts = CopyCounts.of(np.array(copies, dtype=np.int64))
+    assert ksm_extra_pages(counts, cap) == pages - len(copies)
+    view = view_of(copies, max_page_sharing=cap)
+    assert sum(copies) - view.pages_sharing == pages

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from dengine_cli.errors import UsageError
 from dengine_cli.parallel import Workers
 from dengine_cli.policies import named_policy
 from dengine_cli.report.build import ReportData, ReportRequest, build_report, series_csv
-from dengine_cli.report.snapshots import group_by_guest, parse_vm_option, snapshot_changes
+from dengine_cli.report.snapshots import dumps_to_group, group_by_guest, parse_vm_option, snapshot_changes
 from dengine_cli.session import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -294,3 +295,100 @@ def test_snapshots_are_grouped_by_the_guest_their_headers_name(
     assert change["pages_changed"] > 1000 and change["pages_appeared"] == change["pages_disappeared"] == 0
     assert [Path(d).name for d in doc["series"][1]["dumps"]] == ["web-tue.save", "db-mon.save"]
     assert 'data-chart="series"' in (tmp_path / "r.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def shared_idx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One index directory for the tests below (each fixture dump is indexed once)."""
+    return tmp_path_factory.mktemp("shared-idx")
+
+
+def report_json(tmp_path: Path, idx: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    """Run ``dengine report ARGS`` (JSON beside the HTML): exit code, the JSON (``{}`` if none)
+    and stderr."""
+    out = tmp_path / "r.json"
+    out.unlink(missing_ok=True)
+    code, _, err = invoke(
+        "-q", "report", "--index-dir", str(idx), "-j", "1", "-o", str(tmp_path / "r.html"),
+        "--json", str(out), *args,
+    )  # fmt: skip
+    return code, json.loads(out.read_text()) if out.exists() else {}, err
+
+
+def vms_of(doc: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    return [(vm["name"], vm["grouped_by"], vm["snapshots"]) for vm in doc["vms"]]
+
+
+def test_a_dump_given_to_vm_and_as_an_argument_is_the_vms(tmp_path: Path, shared_idx: Path) -> None:
+    """`--vm alpha=A,L A B` (a glob that also matches the --vm dumps): A is alpha's first
+    snapshot and nothing else, whether the argument spells it as --vm does, another way, or by
+    a symlink; every dump is indexed and listed once."""
+    link = tmp_path / "link.elf.zst"
+    link.symlink_to(ALPHA)
+    other_spelling = str(ALPHA.parent / ".." / ALPHA.parent.name / ALPHA.name)
+    for again in (str(ALPHA), other_spelling, str(link)):
+        code, doc, err = report_json(tmp_path, shared_idx, "--vm", f"alpha={ALPHA},{LATER}", again, str(BETA))
+        assert code == 0, err
+        assert vms_of(doc) == [
+            ("beta.elf.zst", "dump", [str(BETA)]),
+            ("alpha", "--vm", [str(ALPHA), str(LATER)]),
+        ], again
+        assert [i["path"] for i in doc["inputs"]] == [str(BETA), str(ALPHA), str(LATER)]
+        assert [len(p["dumps"]) for p in doc["series"]] == [2, 2]
+
+
+def test_a_dump_given_twice_as_an_argument_is_read_once(tmp_path: Path, shared_idx: Path) -> None:
+    """The same file under three names (as given, by another path, by a symlink) is one dump of
+    one VM, named as first given; a hard link is the same file too."""
+    link = tmp_path / "link.elf.zst"
+    link.symlink_to(ALPHA)
+    other_spelling = str(ALPHA.parent / ".." / ALPHA.parent.name / ALPHA.name)
+    code, doc, err = report_json(tmp_path, shared_idx, str(ALPHA), other_spelling, str(link), str(BETA))
+    assert code == 0, err
+    assert vms_of(doc) == [("alpha.elf.zst", "dump", [str(ALPHA)]), ("beta.elf.zst", "dump", [str(BETA)])]
+    assert [i["path"] for i in doc["inputs"]] == [str(ALPHA), str(BETA)]
+
+
+@pytest.mark.parametrize(
+    ("specs", "where"),
+    [
+        (["a={0},{1}"], "in VM 'a'"),
+        (["a={0}", "b={1}"], "in VMs 'a' and 'b'"),
+    ],
+)
+def test_a_dump_given_to_vm_twice_is_refused(tmp_path: Path, specs: list[str], where: str) -> None:
+    """Under --vm a file belongs to the VM it is given to: the same file twice, by any name, in
+    one VM or two, is a usage error naming it (and nothing is read or written)."""
+    link = tmp_path / "link.elf.zst"
+    link.symlink_to(ALPHA)
+    for second in (ALPHA, link):
+        args = [a for spec in specs for a in ("--vm", spec.format(ALPHA, second))]
+        code, _, err = invoke(
+            "-q", "report", "--index-dir", str(tmp_path / "idx"), "-o", str(tmp_path / "r.html"), *args
+        )
+        assert code == 2, err
+        named = str(ALPHA) if second == ALPHA else f"{ALPHA} (as {link})"
+        assert f"--vm: {named} is given twice, {where}" in err, err
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.elf.zst"]
+
+
+def test_dumps_to_group_compares_files_not_names(tmp_path: Path) -> None:
+    """Device and inode decide: a hard link is the file; a copy is another file; a missing file
+    is compared by its real path (opening it names the error)."""
+    a = tmp_path / "a.raw"
+    a.write_bytes(b"\0" * 4096)
+    os.link(a, tmp_path / "hard.raw")
+    (tmp_path / "copy.raw").write_bytes(a.read_bytes())
+    names = [
+        a,
+        tmp_path / "hard.raw",
+        tmp_path / "copy.raw",
+        tmp_path / "gone",
+        tmp_path / "sub" / ".." / "gone",
+    ]
+    assert dumps_to_group(names, []) == [a, tmp_path / "copy.raw", tmp_path / "gone"]
+    assert dumps_to_group(names, parse_vm_option([f"v={tmp_path / 'hard.raw'}"])) == [
+        tmp_path / "copy.raw",
+        tmp_path / "gone",
+    ]

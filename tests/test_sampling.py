@@ -89,7 +89,7 @@ class Population:
             self.patch_size,
             self.compressed & s.active,
             self.comp_size,
-            -1,
+            [0] * len(self.exact.vms),  # no frames beyond the pages' own (de)
             None,
         )
         return s, vms, total_of(vms, None, half)
@@ -228,7 +228,8 @@ def group_scopes(draw: st.DrawFn) -> tuple[Scope, np.ndarray, np.ndarray]:
     n = len(e_vm)
     kept = [np.ones(int((e_vm == v).sum()), dtype=np.bool_) for v in range(n_vms)]
     e_pos = np.concatenate([np.arange(len(k)) for k in kept])
-    scope = Scope(kept, kept, kept, [0] * n_vms, [0] * n_vms, e_vm, e_pos, np.ones(n, dtype=np.bool_))
+    copies = [np.ones(len(k), dtype=np.int64) for k in kept]
+    scope = Scope(kept, copies, kept, kept, [0] * n_vms, [0] * n_vms, e_vm, e_pos, np.ones(n, dtype=np.bool_))
     p, r = np.array(pages, dtype=np.int64), np.array(refs, dtype=np.int64)
     return scope, np.maximum(p, r), np.minimum(p, r)
 

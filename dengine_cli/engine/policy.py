@@ -20,9 +20,14 @@ DEFAULT_THRESHOLD = 2048
 class Policy:
     """What a host does to save memory.
 
-    ``zero_frame``: zero pages are merged into one ordinary frame (KSM without
+    ``zero_frame``: zero pages are merged into ordinary frames like any content (KSM without
     ``use_zero_pages``), charged to the first VM holding a zero page; otherwise zero pages cost
     nothing (they map the hypervisor's zero page).
+
+    ``max_page_sharing``: one merged frame holds at most this many mappings (KSM's
+    ``/sys/kernel/mm/ksm/max_page_sharing``), so a content of n copies takes ceil(n / M)
+    frames, as analyze's KSM view counts them (:func:`~dengine_cli.engine.sharing.model.ksm_extra_pages`);
+    the frames beyond the first are charged to the VM that keeps the content.  ``None``: no cap.
     """
 
     name: str
@@ -37,8 +42,11 @@ class Policy:
     detector: HashSimilarityDetector = field(default_factory=HashSimilarityDetector)
     costs: CostModel = field(default_factory=CostModel)
     zero_frame: bool = False
+    max_page_sharing: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_page_sharing is not None and self.max_page_sharing < 2:
+            raise ValueError("max_page_sharing must be at least 2, as in the kernel")
         # The codec names are looked up once, here: an unknown one is refused when the policy is
         # made (UnknownCodec; policy files turn it into a usage error naming the key).
         self.patcher  # noqa: B018
@@ -60,6 +68,7 @@ class Policy:
             "description": self.description,
             "cross_vm": self.cross_vm,
             "zero_frame": self.zero_frame,
+            "max_page_sharing": self.max_page_sharing,
             "patch": {
                 "enabled": self.patch,
                 "codec": self.patch_codec,

@@ -109,12 +109,12 @@ def open_dump(path: Path | str, options: OpenOptions | None = None) -> Dump:
     head = read_head(source.path, source.name, PROBE_BYTES)
     kind = container.detect(head)
     if kind is None:
-        return _open_plain(source, options)
+        return _open_plain(source, options, head)
     # The content is probed on its first bytes, before anything is written to disk; a name like
     # guest.raw.zst says a raw image is inside.
     spec: FormatSpec | None = format_named(options.format) if options.format else None
     probed = Source(source.path, f"{source.name} (decompressed {kind})", origin=source.label)
-    inner_name = container.inner_name(source.name, kind)
+    inner_name = container.inner_name(source.name)
 
     def accept(content: bytes, size: int | None) -> None:
         nonlocal spec
@@ -136,8 +136,19 @@ def open_dump(path: Path | str, options: OpenOptions | None = None) -> Dump:
             os.unlink(inner.path)
 
 
-def _open_plain(source: Source, options: OpenOptions) -> Dump:
-    spec = format_named(options.format) if options.format else detect(source)
+def _open_plain(source: Source, options: OpenOptions, head: bytes) -> Dump:
+    """Open a file that is no container by its magic (``head``: its first bytes).  Content no
+    reader claims in a file whose name says it is a container (``guest.raw.zst``) is refused
+    as that container with the wrong magic."""
+    if options.format:
+        return format_named(options.format).open(source, options)
+    try:
+        spec = detect_head(head, _size(source), source, source.name)
+    except FormatError:
+        named = container.named_kind(source.name)
+        if named is None:
+            raise
+        raise container.not_as_named(source, head, named) from None
     return spec.open(source, options)
 
 

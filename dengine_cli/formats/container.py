@@ -71,6 +71,14 @@ LZOP_MAGIC = b"\x89LZO\x00\r\n\x1a\n"
 ZSTD_SKIPPABLE_LO, ZSTD_SKIPPABLE_HI = 0x184D2A50, 0x184D2A5F
 
 KINDS = ("gzip", "bzip2", "xz", "zstd", "lzop")
+#: Each container's magic as an error shows it (bzip2's fourth byte is its level, "1"-"9").
+MAGICS_SHOWN = {
+    "gzip": GZIP_MAGIC.hex(" "),
+    "bzip2": BZIP2_MAGIC.hex(" ") + " 31-39",
+    "xz": XZ_MAGIC.hex(" "),
+    "zstd": ZSTD_MAGIC.hex(" "),
+    "lzop": LZOP_MAGIC.hex(" "),
+}
 
 #: Compressed bytes handed to a codec at a time; an error is located within this much.
 INPUT_CHUNK = 1 << 16
@@ -113,14 +121,34 @@ def detect(head: bytes) -> str | None:
     return None
 
 
-def inner_name(name: str, kind: str) -> str:
-    """``name`` without the ending that says it is a ``kind`` file (``guest.raw.zst`` ->
-    ``guest.raw``), or as it is."""
+def named_kind(name: str) -> tuple[str, str] | None:
+    """The container a file name's ending says the file is, and that ending as the name spells
+    it (``guest.raw.zst`` -> ``("zstd", ".zst")``), or ``None``."""
     lower = name.lower()
-    for suffix in SUFFIXES.get(kind, ()):
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
+    for kind, suffixes in SUFFIXES.items():
+        for suffix in suffixes:
+            if lower.endswith(suffix) and len(name) > len(suffix):
+                return kind, name[-len(suffix) :]
+    return None
+
+
+def inner_name(name: str) -> str:
+    """``name`` without an ending that names a container (``guest.raw.zst`` -> ``guest.raw``),
+    or as it is.  Whichever container the file really is: the name says what is inside."""
+    named = named_kind(name)
+    return name[: -len(named[1])] if named else name
+
+
+def not_as_named(source: Source, head: bytes, named: tuple[str, str]) -> FormatError:
+    """The error for a file whose name says it is a ``named`` container but whose first bytes
+    ``head`` are no container's and no reader's: the container promised, its magic, and what
+    the file starts with instead."""
+    kind, ending = named
+    magic = MAGICS_SHOWN[kind]
+    shown = head[: max(4, len(magic.split()))].hex(" ") if head else "an empty file"
+    return source.error(
+        0, expected=f"{kind} compressed data (the name ends in {ending}; magic {magic})", found=shown
+    )
 
 
 def reserve(fs_bytes: int) -> int:

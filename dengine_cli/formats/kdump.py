@@ -25,6 +25,7 @@ reader (:func:`dengine_cli.formats.elf.open_flattened_elf`) with the same record
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -951,8 +952,7 @@ def _open_image(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8]
     offsets = d["offset"].astype(np.int64)
     if hdr.status & DUMP_DH_COMPRESSED_INCOMPLETE:
         written = offsets != 0
-        extra["incomplete"] = True
-        extra["missing_pages"] = int(np.count_nonzero(~written))
+        source = _incomplete(source, image, hdr, options, facts, len(gfns), int(np.count_nonzero(written)))
         gfns, desc_index, d, offsets = gfns[written], desc_index[written], d[written], offsets[written]
     sizes = d["size"].astype(np.uint32)
     flags = d["flags"].astype(np.uint32)
@@ -1002,6 +1002,45 @@ def _open_image(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8]
         slow_rows,
         offsets[slow_rows],
     )
+
+
+def _incomplete(
+    source: Source,
+    image: KdumpImage,
+    hdr: Header,
+    options: OpenOptions,
+    facts: GuestFacts,
+    listed: int,
+    written: int,
+) -> Source:
+    """A dump makedumpfile could not finish (ENOSPC; DUMP_DH_COMPRESSED_INCOMPLETE): the
+    descriptors of the pages it never wrote have offset 0.  Refused, naming the status field,
+    unless ``options.partial``; then read for the ``written`` of the ``listed`` pages, and its
+    facts and name say so, as an xc_core cut short does."""
+    missing = listed - written
+    if not options.partial:
+        raise source.error(
+            image.file_offset(hdr.layout.status),
+            expected="a complete dump (status without DUMP_DH_COMPRESSED_INCOMPLETE "
+            f"{DUMP_DH_COMPRESSED_INCOMPLETE:#x})",
+            found=f"status {hdr.status:#x}: makedumpfile stopped early, {missing} of the {listed} pages it "
+            f"lists were never written; --partial reads the {written} pages present",
+        )
+    facts.extra["incomplete"] = True
+    facts.extra["missing_pages"] = missing
+    facts.extra["partial"] = {
+        "pages_claimed": listed,
+        "pages_read": written,
+        "covers": f"the {written} pages written of the {listed} the bitmap lists",
+    }
+    facts.skipped.append(
+        f"{missing} of the {listed} pages the bitmap lists, which makedumpfile never wrote (status "
+        f"DUMP_DH_COMPRESSED_INCOMPLETE: it stopped early): the figures cover the {written} pages "
+        "written only (--partial)"
+    )
+    note = f"partial: {written} pages, {missing} of the {listed} listed never written"
+    # Parentheses, not brackets: tables render names as rich markup.
+    return dataclasses.replace(source, origin=f"{source.label} ({note})")
 
 
 FORMAT = FormatSpec(

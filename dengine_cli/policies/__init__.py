@@ -5,7 +5,8 @@ Named policies (:data:`POLICIES`):
 
 ============================  ==============================================================
 ``ksm``                       Linux KSM: identical pages shared across all VMs; zero pages are
-                              merged like any content (one frame for all of them)
+                              merged like any content; a frame holds at most 256 mappings
+                              (``max_page_sharing``)
 ``esx``                       ESX with salting (its default since 2014): sharing within each VM
 ``de``                        the Difference Engine: share across VMs, patch, compress
 ``de-share-patch``            share across VMs and patch, no compression
@@ -57,6 +58,7 @@ from typing import Any
 
 from dengine_cli.engine.costs import CostModel
 from dengine_cli.engine.policy import Policy
+from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING
 from dengine_cli.engine.similarity import HashSimilarityDetector
 from dengine_cli.errors import UsageError
 from dengine_cli.pages import PAGE_SIZE
@@ -64,7 +66,12 @@ from dengine_cli.pages import PAGE_SIZE
 POLICIES: dict[str, Policy] = {
     p.name: p
     for p in (
-        Policy("ksm", "Linux KSM: identical pages shared across VMs, zero pages merged", zero_frame=True),
+        Policy(
+            "ksm",
+            "Linux KSM: identical pages shared across VMs, zero pages merged",
+            zero_frame=True,
+            max_page_sharing=KSM_MAX_PAGE_SHARING,
+        ),
         Policy("esx", "ESX with salting: identical pages shared within each VM", cross_vm=False),
         Policy(
             "de",
@@ -212,6 +219,7 @@ def policy_from_dict(data: dict[str, Any], path: Path) -> Policy:
             **{name: f.number(costs, name, getattr(base.costs, name), "costs.") for name in _TABLES["costs"]}
         ),
         zero_frame=base.zero_frame,
+        max_page_sharing=base.max_page_sharing,
     )
     return policy
 

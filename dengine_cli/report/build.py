@@ -23,7 +23,7 @@ from dengine_cli import __version__
 from dengine_cli.engine.index import PageIndex, Progress
 from dengine_cli.engine.policy import Policy
 from dengine_cli.errors import FormatError, UnreadableFile, UsageError
-from dengine_cli.report.snapshots import SnapshotChanges, Vm, group_by_guest, snapshot_changes
+from dengine_cli.report.snapshots import SnapshotChanges, Vm, dumps_to_group, group_by_guest, snapshot_changes
 from dengine_cli.session import Session, Settings
 
 #: Version of :meth:`ReportData.to_dict` (``dengine report --json``).
@@ -176,16 +176,17 @@ def build_report(
     """Index every dump once, group them into VMs, plan each policy at each snapshot, and
     compare consecutive snapshots."""
     say = note or (lambda text: None)
-    plan_files = [p for p in request.dumps if is_plan_file(p)]
+    dumps = dumps_to_group(request.dumps, request.vms)
+    plan_files = [p for p in dumps if is_plan_file(p)]
     if plan_files:
-        if len(plan_files) != len(request.dumps) or request.vms:
+        if len(plan_files) != len(dumps) or request.vms:
             raise UsageError("give either dumps or plan files (dengine plan -o), not both")
         return _from_plan_files(request, plan_files)
-    every = list(dict.fromkeys([*request.dumps, *(p for vm in request.vms for p in vm.snapshots)]))
+    every = [*dumps, *(p for vm in request.vms for p in vm.snapshots)]
     say(f"report: indexing {len(every)} dump(s)")
     with Session(every, settings, on_progress) as session:
         indexes = dict(zip(every, session.indexes(), strict=True))
-    vms = [*group_by_guest(list(request.dumps), {p: indexes[p].facts for p in request.dumps}), *request.vms]
+    vms = [*group_by_guest(dumps, {p: indexes[p].facts for p in dumps}), *request.vms]
     names = [vm.name for vm in vms]
     if len(set(names)) != len(names):
         raise UsageError(f"two VMs are named {next(n for n in names if names.count(n) > 1)!r}")

@@ -27,8 +27,10 @@ How pages are chosen (decisions recorded here, tested in tests/test_plan.py):
   patch stays whole: it is never compressed.
 * Every other candidate is compressed, really, and kept compressed only when the result is below
   the compression threshold.
-* Footprint of a VM = whole pages * 4096 + patch bytes + compressed bytes - paged-out bytes (+ one
-  frame for the merged zero page under ``ksm``, charged to the first VM that has one).  Per-page
+* Footprint of a VM = whole pages * 4096 + patch bytes + compressed bytes - paged-out bytes (+
+  under ``ksm`` the frames of the merged zero pages, charged to the first VM that has one, and
+  the KSM pages beyond one per content that ``max_page_sharing`` makes, charged to the VM that
+  keeps the content: :func:`~dengine_cli.engine.plan.choice.merged_frames`).  Per-page
   metadata (the hypervisor's records of where patches and compressed pages live) is not counted,
   as in the paper.  Savings = 1 - footprint / present bytes.
 

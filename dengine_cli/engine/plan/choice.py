@@ -33,7 +33,7 @@ from dengine_cli.engine.plan.model import (
 from dengine_cli.engine.plan.sampling import Sampling, extrapolate, sample_groups
 from dengine_cli.engine.plan.scope import Scope, scope_of, similarity_keys
 from dengine_cli.engine.policy import Policy
-from dengine_cli.engine.sharing.model import SharingReport
+from dengine_cli.engine.sharing.model import CopyCounts, SharingReport, ksm_extra_pages
 from dengine_cli.engine.similarity import candidate_pairs
 from dengine_cli.formats.base import Dump
 from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE
@@ -171,10 +171,9 @@ def plan_dumps(
     choices = _choose(dumps, indexes, policy, scope, sample, seed, workers, on_progress, batch_pages)
     bounds = np.searchsorted(scope.e_vm, np.arange(n_vms + 1))
     page_plans = _page_plans(sharing, indexes, scope, choices, bounds)
-    zero_frame_vm = next((v for v in range(n_vms) if indexes[v].zero_pages), -1) if policy.zero_frame else -1
+    frames = merged_frames(indexes, policy, scope)
     footprints = [
-        int(pp.sizes.sum(dtype=np.int64)) + (PAGE_SIZE if v == zero_frame_vm else 0)
-        for v, pp in enumerate(page_plans)
+        int(pp.sizes.sum(dtype=np.int64)) + f * PAGE_SIZE for pp, f in zip(page_plans, frames, strict=True)
     ]
     host, swapped = _page_out(host_memory, footprints, page_plans, scope, choices, hot_of, bounds)
     vms = _vm_plans(dumps, page_plans, scope, choices, hot_of, bounds, footprints, swapped, host_memory)
@@ -182,7 +181,7 @@ def plan_dumps(
     if choices.sampling is not None:
         vms, total_half = extrapolate(
             vms, scope, choices.sampling, choices.patched, choices.patch_size, choices.compressed,
-            choices.comp_size, zero_frame_vm, host_memory,
+            choices.comp_size, frames, host_memory,
         )  # fmt: skip
     total = total_of(vms, host_memory, total_half)
     base_report = None
@@ -213,6 +212,20 @@ def plan_dumps(
         content_ids=sharing.content_ids,
         estimate=choices.sampling is not None,
     )
+
+
+def merged_frames(indexes: Sequence[PageIndex], policy: Policy, scope: Scope) -> list[int]:
+    """Per VM, the frames the host holds beyond its pages' own sizes: under ``zero_frame`` the
+    merged zero pages' (charged to the first VM holding one), and under a ``max_page_sharing``
+    cap the further KSM pages of the contents a VM keeps, as analyze's KSM view counts them
+    (the zero page being a content of every zero page's copies)."""
+    cap = policy.max_page_sharing
+    frames = [ksm_extra_pages(CopyCounts.of(copies), cap) if cap else 0 for copies in scope.kept_copies]
+    first = next((v for v, index in enumerate(indexes) if index.zero_pages), None)
+    if policy.zero_frame and first is not None:
+        zeros = CopyCounts.of(np.array([sum(index.zero_pages for index in indexes)], dtype=np.int64))
+        frames[first] += 1 + (ksm_extra_pages(zeros, cap) if cap else 0)
+    return frames
 
 
 def _operations(vms: Sequence[VmPlan], scope: Scope, total: VmPlan) -> OperationCounts:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,7 +179,7 @@ def extrapolate(
     patch_size: npt.NDArray[np.int32],
     compressed: Bool,
     comp_size: npt.NDArray[np.int32],
-    zero_frame_vm: int,
+    frames: Sequence[int],
     host_memory: int | None,
 ) -> tuple[list[VmPlan], float]:
     """Scale the sampled groups' figures up to all groups, per VM (each computed page weighs
@@ -203,7 +204,7 @@ def extrapolate(
 
         half = Z95 * math.sqrt(_variance(s, a_unit[sl], saved[sl]))
         kept = int(scope.kept[v].sum())
-        base = kept * PAGE_SIZE + (PAGE_SIZE if v == zero_frame_vm else 0)
+        base = (kept + frames[v]) * PAGE_SIZE
         fp = base - scaled(saved[sl])
         p = a_patched[sl].astype(np.int64)
         c = a_compressed[sl].astype(np.int64)

@@ -23,10 +23,12 @@ PLAN_THREADS = min(2, os.cpu_count() or 1)
 
 @dataclass
 class Scope:
-    """Per VM: which pages are kept, candidates, shared frames; and the offered pages E in scan
-    order (VM, position)."""
+    """Per VM: which pages are kept, candidates, shared frames, and how many copies (in the
+    sharing's scope: all VMs, or the VM) the content of each kept page has; and the offered
+    pages E in scan order (VM, position)."""
 
     kept: list[Bool]
+    kept_copies: list[I64]
     shared_kept: list[Bool]
     candidate: list[Bool]
     within: list[int]
@@ -45,7 +47,7 @@ def scope_of(sharing: SharingReport, policy: Policy, hot: Sequence[Bool | None],
         copies_all = np.zeros(n_contents, dtype=np.int64)
         for ids in ids_all:
             copies_all += np.bincount(ids.astype(np.int64), minlength=n_contents)
-    kept_l, sk_l, cand_l, within_l, across_l = [], [], [], [], []
+    kept_l, kc_l, sk_l, cand_l, within_l, across_l = [], [], [], [], [], []
     e_vm_parts, e_pos_parts, e_cand_parts = [], [], []
     # The per-VM sorts first, in threads (numpy sorts without the GIL); then VM after VM.
     per_vm = map_in_threads(
@@ -74,6 +76,7 @@ def scope_of(sharing: SharingReport, policy: Policy, hot: Sequence[Bool | None],
         if h is not None:
             cand &= ~h
         kept_l.append(kept)
+        kc_l.append(copies[kept].astype(np.int64))
         sk_l.append(shared_kept)
         cand_l.append(cand)
         pos = np.flatnonzero(kept)
@@ -82,6 +85,7 @@ def scope_of(sharing: SharingReport, policy: Policy, hot: Sequence[Bool | None],
         e_cand_parts.append(cand[pos])
     return Scope(
         kept_l,
+        kc_l,
         sk_l,
         cand_l,
         within_l,

@@ -192,6 +192,28 @@ class KsmView:
         }
 
 
+def _chains(
+    copies: npt.NDArray[np.int64], max_page_sharing: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """For contents of ``copies`` copies each, as mm/ksm.c fills their stable_node_dups under
+    ``max_page_sharing`` M: the KSM pages each takes (n // M full ones, and one more of n % M
+    mappings when that is at least 2) and the mappings they merge (pages_sharing: all but one
+    per KSM page; a single copy left over stays unshared)."""
+    m = max_page_sharing
+    full, rest = copies // m, copies % m
+    dups = full + (rest >= 2)
+    sharing = full * (m - 1) + np.where(rest >= 2, rest - 1, 0)
+    return dups, sharing
+
+
+def ksm_extra_pages(counts: CopyCounts, max_page_sharing: int) -> int:
+    """The host pages KSM holds for contents of ``counts`` copies beyond one per content: what
+    the cap of ``max_page_sharing`` mappings a KSM page costs (its chains' further KSM pages and
+    the copies left over unshared), the same count :func:`ksm_view` gives under that cap."""
+    _, sharing = _chains(counts.copies, max_page_sharing)
+    return int(((counts.copies - 1 - sharing) * counts.contents).sum())
+
+
 def ksm_view(counts: CopyCounts, zero_pages: int, present: int, model: KsmModel) -> KsmView:
     """The :class:`KsmView` of contents with ``counts`` copies beside ``zero_pages`` zero pages,
     out of ``present`` pages in all, under ``model``."""
@@ -207,10 +229,7 @@ def ksm_view(counts: CopyCounts, zero_pages: int, present: int, model: KsmModel)
         else:
             copies = np.insert(copies, at, backed_zero)
             contents = np.insert(contents, at, 1)
-    m = model.max_page_sharing
-    full, rest = copies // m, copies % m
-    dups = full + (rest >= 2)
-    sharing = full * (m - 1) + np.where(rest >= 2, rest - 1, 0)
+    dups, sharing = _chains(copies, model.max_page_sharing)
     chained = dups >= 2
     return KsmView(
         pages_shared=int((dups * contents).sum()),
