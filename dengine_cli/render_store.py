@@ -38,7 +38,7 @@ def render_apply(result: ApplyResult, width: int | None = None) -> str:
     con.print(table)
     lines = [
         f"page data {result.data_bytes} B in {result.pack_files} pack file(s), {result.objects} objects"
-        + (f", {result.frames} frames ({result.frame_codec})" if result.packed else ""),
+        + (_frames(result) if result.packed else ""),
         f"metadata {result.metadata_bytes} B (catalog {result.catalog_bytes} B); store total "
         f"{result.total_bytes} B ({size_text(result.total_bytes)}) in {result.seconds:.2f} s",
     ]
@@ -71,3 +71,9 @@ def render_verify(report: VerifyReport, shown: int = 8) -> str:
         f"{report.frames} frames checked"
     )
     return "\n".join(lines) + "\n"
+
+
+def _frames(result: ApplyResult) -> str:
+    stored = result.stored_frames
+    also = f"; {stored} of incompressible pages, stored as they are" if stored else ""
+    return f", {result.frames} frames ({result.frame_codec}{also})"

@@ -12,11 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 from click.testing import CliRunner
 
 from dengine_cli.cli import cli
-from dengine_cli.errors import EXIT_BAD_DUMP, EXIT_STALE, EXIT_UNREADABLE, EXIT_UNSUPPORTED, EXIT_USAGE
+from dengine_cli.errors import (
+    EXIT_BAD_DUMP,
+    EXIT_DAMAGED,
+    EXIT_STALE,
+    EXIT_UNREADABLE,
+    EXIT_UNSUPPORTED,
+    EXIT_USAGE,
+)
 from dengine_cli.formats import open_dump
+from dengine_cli.store.frames import incompressible
+from dengine_cli.store.reader import StoreReader
 from tests.builders.lime import build_lime
 from tests.builders.xc_core import build_xc_core
 from tests.conftest import FIXTURES, needs_oracle, oracle_pages, page_digests, read_pages
@@ -249,3 +259,65 @@ def test_applying_again_replaces_the_store(real_dump: Callable[[str], Path], tmp
     assert code == 0, err
     report = json.loads(out)
     assert report["ok"] and report["notes"] == [] and len(report["vms"]) == 2
+
+
+def test_incompressible_pages_are_framed_as_they_are(
+    real_dump: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Random pages (incompressible: LZMA2 would only spend time on them) go into frames stored
+    as they are; the rest into LZMA2 frames; the VM restores byte for byte, and a flipped byte in
+    a stored frame is found by verify.  With a zstd frame codec nothing is probed."""
+    with open_dump(real_dump("alpha.elf")) as d:
+        pages = read_pages(d, 4096)
+    real = [pages[g] for g in sorted(pages)[:1500]]
+    noise = np.random.default_rng(7).integers(0, 256, (1200, 4096), dtype=np.uint8)
+    raw = tmp_path / "mixed.raw"
+    raw.write_bytes(b"".join(real[:700]) + noise.tobytes() + b"".join(real[700:]))
+    plan_file = plan([raw], tmp_path)
+    store = tmp_path / "store"
+    doc = apply(plan_file, store, "--pack")
+    assert doc["frame_codec"] == "xz-x86" and doc["stored_frames"] >= 2
+    reader = StoreReader(store)
+    stored = [i for i, codec in enumerate(reader.frame_codecs) if codec == "stored"]
+    assert len(stored) == doc["stored_frames"]
+    frames = reader.frames
+    stored_pages = int(sum(int(frames["pages"][i]) for i in stored))
+    # Every page kept whole that zstd-1 cannot shrink below 4000 bytes: the random ones and
+    # those of the real guest (counted here with zstd itself, from the plan's actions).
+    plan_doc = json.loads(plan_file.read_text())
+    whole = plan_doc["actions"].index("whole")
+    (vm,) = plan_doc["pages"]
+    image = raw.read_bytes()
+    zstd1 = zstandard.ZstdCompressor(level=1)
+    expected = sum(
+        1
+        for gfn, action in zip(vm["gfn"], vm["action"], strict=True)
+        if action == whole and len(zstd1.compress(image[gfn * 4096 : (gfn + 1) * 4096])) >= 4000
+    )
+    assert expected >= 1200
+    assert stored_pages == expected
+    assert all(int(frames["length"][i]) == int(frames["pages"][i]) * 4096 for i in stored)
+    code, out, err = invoke("verify", str(store))
+    assert code == 0, out + err
+    code, _, err = invoke("restore", str(store), "-o", str(tmp_path / "out.raw"))
+    assert code == 0, err
+    assert (tmp_path / "out.raw").read_bytes() == raw.read_bytes()
+    (pack,) = (store / "packs").iterdir()
+    data = bytearray(pack.read_bytes())
+    data[int(frames["offset"][stored[0]]) + 4096 * 3 + 5] ^= 0x01
+    pack.write_bytes(bytes(data))
+    code, out, err = invoke("verify", str(store))
+    assert code == EXIT_DAMAGED, out + err
+    zstd = apply(plan_file, tmp_path / "zstd-store", "--pack", "--frame-codec", "zstd-3")
+    assert zstd["stored_frames"] == 0
+
+
+def test_incompressible_probe() -> None:
+    rng = np.random.default_rng(3)
+    random_pages = rng.integers(0, 256, (4, 4096), dtype=np.uint8)
+    text = np.frombuffer((b"guest memory page " * 300)[:4096], dtype=np.uint8)
+    half = random_pages[0].copy()
+    half[2048:] = 0
+    pages = np.stack([random_pages[1], np.zeros(4096, np.uint8), text, half, random_pages[2]])
+    assert incompressible(pages).tolist() == [True, False, False, False, True]
+    assert incompressible(pages[:0]).tolist() == []

@@ -47,7 +47,14 @@ from dengine_cli.store import layout
 from dengine_cli.store.accounting import VmBytes, vm_bytes
 from dengine_cli.store.catalog import CatalogWriter, FrameRow, VmRow
 from dengine_cli.store.encode import Batch, Encoded, encode_batch, stored_mask
-from dengine_cli.store.frames import FRAME_PAGES, FrameCodec, delta_codec_for, frame_codec_for
+from dengine_cli.store.frames import (
+    FRAME_PAGES,
+    STORED,
+    FrameCodec,
+    delta_codec_for,
+    frame_codec_for,
+    probes_incompressible,
+)
 from dengine_cli.store.layout import FRAMED, FRAMED_XOR, OBJECT_COLUMNS, PAGE_COLUMNS
 from dengine_cli.store.objects import ObjectPlan
 from dengine_cli.store.packs import WrittenPack
@@ -105,6 +112,8 @@ class ApplyResult:
     objects: int = 0
     frames: int = 0
     frame_codec: str | None = None
+    #: Of ``frames``, those of incompressible pages stored as they are.
+    stored_frames: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -130,6 +139,7 @@ class ApplyResult:
             "objects": self.objects,
             "frames": self.frames,
             "frame_codec": self.frame_codec,
+            "stored_frames": self.stored_frames,
             "seconds": round(self.seconds, 3),
         }
 
@@ -198,8 +208,14 @@ class _Apply:
         self.patch: PatchCodec | None = patch_codec(plan.patch_codec) if pol["patch"]["enabled"] else None
         self.frame_codec = frame_codec or frame_codec_for([d.facts.arch for d in dumps])
         self.frame_rows: list[FrameRow] = []
-        # Whole pages (by the frame codec), XOR deltas (LZMA2 alone, or the same zstd).
-        self._fills = (_Fill(self.frame_codec, FRAMED), _Fill(delta_codec_for(self.frame_codec), FRAMED_XOR))
+        # Whole pages (by the frame codec), XOR deltas (LZMA2 alone, or the same zstd), and
+        # incompressible whole pages as they are (LZMA2 frame codecs only).
+        self.probe = pack and probes_incompressible(self.frame_codec)
+        self._fills = (
+            _Fill(self.frame_codec, FRAMED),
+            _Fill(delta_codec_for(self.frame_codec), FRAMED_XOR),
+            _Fill(STORED, FRAMED),
+        )
         self._codec_local = threading.local()
         self._frames_submitted = 0
         self._frame_jobs: collections.deque[Future[tuple[int, str, bytes, int]]] = collections.deque()
@@ -212,7 +228,8 @@ class _Apply:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dengine-apply") as pool:
             self._pool = pool
             for batch in self._batches():
-                batches.append(pool.submit(encode_batch, batch, self.compression, self.patch, self.pack))
+                job = pool.submit(encode_batch, batch, self.compression, self.patch, self.pack, self.probe)
+                batches.append(job)
                 while len(batches) > 2 * threads:
                     self._take(batches.popleft().result())
                 self._write_frames(limit=FRAMES_AHEAD * threads)
@@ -297,8 +314,10 @@ class _Apply:
         if not framed.any():
             return
         kinds = acts[framed] == PATCH
-        self._fills[0].add(result.raw, ids[framed][~kinds])
+        raw_ids, stored = ids[framed][~kinds], result.incompressible
+        self._fills[0].add(result.raw[~stored], raw_ids[~stored])
         self._fills[1].add(result.xor, ids[framed][kinds])
+        self._fills[2].add(result.raw[stored], raw_ids[stored])
         self._flush_frames(final=False)
 
     def _flush_frames(self, final: bool) -> None:
@@ -425,4 +444,5 @@ class _Apply:
             objects=self.objects.count,
             frames=len(self.frame_rows),
             frame_codec=self.frame_codec if self.pack else None,
+            stored_frames=sum(1 for row in self.frame_rows if row[5] == STORED),
         )

@@ -17,6 +17,7 @@ from dengine_cli.codecs import CompressionCodec, PatchCodec
 from dengine_cli.codecs.base import zero_rows
 from dengine_cli.engine.plan.model import COMPRESS, PATCH, SWAP, WHOLE, ZERO
 from dengine_cli.pages import PageArray
+from dengine_cli.store.frames import incompressible
 from dengine_cli.store.layout import ZERO_PAGE_CHECKSUM
 
 U64 = npt.NDArray[np.uint64]
@@ -39,8 +40,9 @@ class Encoded:
     """A batch encoded: every page's xxh3-64 (the zero page's for zero pages), the positions
     (within the batch) of zero-planned pages that are not zero, and per stored page (whole,
     patched, compressed, paged out, in order) its blob, or ``None`` for a page left raw for a
-    frame (``raw_for_frames``): then ``raw`` holds those pages (whole, compressed, paged out) and
-    ``xor`` the patched pages XOR their references, each in order."""
+    frame (``raw_for_frames``): then ``raw`` holds those pages (whole, compressed, paged out),
+    ``xor`` the patched pages XOR their references, each in order, and ``incompressible`` which
+    of ``raw`` are (whole and paged-out pages only, when asked to probe; else all ``False``)."""
 
     vm: int
     lo: int
@@ -49,6 +51,7 @@ class Encoded:
     blobs: list[bytes | None]
     raw: PageArray
     xor: PageArray
+    incompressible: npt.NDArray[np.bool_]
 
 
 def stored_mask(actions: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
@@ -61,10 +64,12 @@ def encode_batch(
     compression: CompressionCodec | None,
     patch: PatchCodec | None,
     raw_for_frames: bool,
+    probe: bool = False,
 ) -> Encoded:
     """Checksum and encode one batch.  With ``raw_for_frames`` no page is encoded here: whole,
     compressed and paged-out pages are returned in ``raw``, patched pages XOR their reference in
-    ``xor``, for frames."""
+    ``xor``, for frames; with ``probe`` too, whole and paged-out pages are tested for
+    :func:`~dengine_cli.store.frames.incompressible` (compressed ones compress, by the plan)."""
     pages, actions = batch.pages, batch.actions
     sums = np.full(len(pages), ZERO_PAGE_CHECKSUM, dtype=np.uint64)
     zero_planned = actions == ZERO
@@ -97,4 +102,8 @@ def encode_batch(
         else:
             blobs.append(pages[i].tobytes())
     raw = pages[raw_rows] if raw_rows else np.zeros((0, pages.shape[1]), dtype=np.uint8)
-    return Encoded(batch.vm, batch.lo, sums, not_zero, blobs, raw, xor)
+    flagged = np.zeros(len(raw), dtype=np.bool_)
+    if probe and len(raw):
+        whole = actions[raw_rows] != COMPRESS
+        flagged[whole] = incompressible(raw[whole])
+    return Encoded(batch.vm, batch.lo, sums, not_zero, blobs, raw, xor, flagged)

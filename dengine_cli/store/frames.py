@@ -20,14 +20,25 @@ LZMA2 preset 6 with BCJ 9.16 MB (19 s), in 256-page frames 9.39 MB.  On all 270 
 frames: LZMA2 fast with BCJ 69.4 MB in 12 CPU seconds, preset 1 68.2 MB in 21 s.
 Guest memory is mostly code and data of x86 programs, and LZMA's literal coding and the BCJ
 filter model them better than zstd does at any speed: ``xz-x86`` is the default for x86 guests.
+
+Incompressible pages (compressed or encrypted data, random content) go into frames of their own,
+stored as they are (:data:`STORED`), when the frame codec is LZMA2: LZMA2's match finder is at
+its slowest on them (4.4 MB/s a core here, against 9-16 on the other pages) and gains nothing
+(the 4155 pages of the bench dumps whose zstd-1 is 4000 bytes or more: 17,018,880 bytes in,
+17,019,727 out).  Which pages those are is measured, not guessed: zstd-1 of each whole page (22
+us a page, in the worker threads), incompressible when it comes to :data:`INCOMPRESSIBLE_BYTES`
+or more.  A byte-entropy test found the same pages but cost more (36 us a page in numpy); zstd's
+negative levels are faster but took 300-500 compressible pages for incompressible.
 """
 
 from __future__ import annotations
 
 import lzma
+import threading
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from dengine_cli.pages import PAGE_SIZE, PageArray
@@ -48,14 +59,46 @@ LZMA2_FAST: dict[str, Any] = {
 #: LZMA2 preset 6 (``-6``: about 12 % smaller, 6 times the time), zstd-N.
 FRAME_CODECS = ("xz-x86", "xz", "xz-x86-6", "xz-6", "zstd-3", "zstd-9", "zstd-19")
 DEFAULT_FRAME_CODEC = "xz-x86"
+#: The frame codec of incompressible pages: the pages as they are (not a user's choice).
+STORED = "stored"
+#: A whole page whose zstd-1 frame is at least this long is incompressible (4096 + 13 bytes of
+#: frame when zstd stores the block raw).
+INCOMPRESSIBLE_BYTES = 4000
+
+_probe = threading.local()
+
+
+def incompressible(pages: PageArray) -> npt.NDArray[np.bool_]:
+    """Which of ``pages`` are incompressible (zstd-1 to :data:`INCOMPRESSIBLE_BYTES` or more).
+    Thread-safe: each thread uses its own zstd context."""
+    compressor: zstandard.ZstdCompressor | None = getattr(_probe, "compressor", None)
+    if compressor is None:
+        compressor = _probe.compressor = zstandard.ZstdCompressor(level=1)
+    rows = np.ascontiguousarray(pages)
+    data = rows.reshape(-1).data
+    starts = range(0, len(rows) * PAGE_SIZE, PAGE_SIZE)
+    sizes = np.fromiter(
+        (len(compressor.compress(data[i : i + PAGE_SIZE])) for i in starts),
+        dtype=np.int32,
+        count=len(rows),
+    )
+    found: npt.NDArray[np.bool_] = sizes >= INCOMPRESSIBLE_BYTES
+    return found
+
+
+def probes_incompressible(codec: str) -> bool:
+    """Whether frames of ``codec`` leave incompressible pages to :data:`STORED` frames: LZMA2
+    frames do; zstd stores an incompressible block raw by itself, at no cost."""
+    return codec.startswith("xz")
 
 
 class FrameCodec:
     """Compresses and decompresses frames of pages with codec ``name`` (one of
-    :data:`FRAME_CODECS`).  zstd contexts are not for two threads: one object per thread."""
+    :data:`FRAME_CODECS`, or :data:`STORED`).  zstd contexts are not for two threads: one object
+    per thread."""
 
     def __init__(self, name: str) -> None:
-        if name not in FRAME_CODECS:
+        if name not in FRAME_CODECS and name != STORED:
             raise ValueError(f"unknown frame codec {name!r}")
         self.name = name
         lzma2 = {"id": lzma.FILTER_LZMA2, "preset": 6} if name.endswith("-6") else LZMA2_FAST
@@ -66,6 +109,8 @@ class FrameCodec:
 
     def compress(self, pages: PageArray) -> bytes:
         data = np.ascontiguousarray(pages).data
+        if self.name == STORED:
+            return bytes(data)
         if self._level:
             if self._compressor is None:
                 self._compressor = zstandard.ZstdCompressor(level=self._level, write_content_size=True)
@@ -76,7 +121,9 @@ class FrameCodec:
         """The ``pages`` pages of a frame; ``ValueError`` (or a zstd or LZMA error, both
         subclasses of ``Exception`` the caller catches) when the blob is not such a frame."""
         size = pages * PAGE_SIZE
-        if self._level:
+        if self.name == STORED:
+            raw = blob
+        elif self._level:
             if self._decompressor is None:
                 self._decompressor = zstandard.ZstdDecompressor()
             raw = self._decompressor.decompress(blob, max_output_size=size)

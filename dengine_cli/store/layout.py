@@ -21,7 +21,8 @@ Catalog (SQLite, ``application_id`` = :data:`APPLICATION_ID`, ``user_version`` =
 * ``vm``: one row per VM: number, name, dump identity, guest facts (JSON), pages present, zero
   pages, present ranges (a ``RANGES`` blob), image checksum, and the bytes it takes (JSON);
 * ``pack``: file name (under ``packs/``), size and xxh3-128 of each pack as written;
-* ``frame`` (packed stores): pack, offset, length, pages, codec (:mod:`~dengine_cli.store.frames`)
+* ``frame`` (packed stores): pack, offset, length, pages, codec (:mod:`~dengine_cli.store.frames`;
+  ``stored``: the pages as they are)
   and xxh3-64 of each frame;
 * ``chunk(tab, vm, seq, first, count, data, checksum)``: the columnar arrays, a chunk of
   :data:`CHUNK_ROWS` rows at a time: ``tab = 'objects'`` (``vm`` = -1) and ``tab = 'pages'``
