@@ -12,11 +12,18 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from dengine_cli.cache.spill import SpilledRuns
 from dengine_cli.engine.index import PageIndex, index_dump
 from dengine_cli.engine.sharing.model import KsmModel, SharingReport
-from dengine_cli.engine.sharing.partitions import gather, group_partition, partition_starts, sort_run
+from dengine_cli.engine.sharing.partitions import (
+    argsort_stable,
+    gather,
+    group_partition,
+    partition_starts,
+    sort_run,
+)
 from dengine_cli.engine.sharing.pipeline import MemoryRuns, Shape, share
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import Dump, OpenOptions
@@ -191,3 +198,17 @@ def test_empty_fleets_and_all_zero_vms(tmp_path: Path) -> None:
     assert report.contents == 0 and report.total.kept == 0
     for d in dumps:
         d.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hnp.arrays(
+        np.uint64,
+        st.integers(0, 400),
+        elements=st.one_of(st.integers(0, 6), st.integers(0, 2**64 - 1)).map(np.uint64),
+    )
+)
+def test_argsort_stable_is_numpys_stable_argsort(keys: np.ndarray) -> None:
+    """Quicksort with ties put back in row order gives exactly the stable order, whether ties
+    are none, a few or most of the rows (then timsort is used)."""
+    assert argsort_stable(keys).tolist() == np.argsort(keys, kind="stable").tolist()

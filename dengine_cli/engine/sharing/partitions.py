@@ -89,8 +89,7 @@ def sort_run(
     (``hashes``, ``check``, ``zero``: the whole VM's, only the slice is read)."""
     keep = np.flatnonzero(~np.asarray(np.asarray(zero)[start:stop], dtype=np.bool_))
     h = np.asarray(hashes)[start:stop][keep]
-    # Stable: equal hashes keep their position order.
-    order = np.argsort(h, kind="stable")
+    order = argsort_stable(h)
     h = h[order]
     c = np.asarray(check)[start:stop][keep][order]
     wide = stop > (1 << 32) - 1
@@ -99,6 +98,31 @@ def sort_run(
     bounds[:-1] = np.searchsorted(h, partition_starts(bits), side="left")
     bounds[-1] = len(h)
     return SortedRun(vm, h, c, positions, bounds)
+
+
+def argsort_stable(keys: U64) -> I64:
+    """``np.argsort(keys, kind="stable")``, faster on keys in no order: numpy's quicksort
+    (vectorized for 64-bit keys: 32 ms for 722 k random hashes here, timsort 108 ms), then the
+    rows of each run of equal keys put back in ascending order (those runs are the pages a VM
+    holds more than once, sorted by a lexsort of their own).  Where more than a quarter of the
+    rows are in such runs, timsort alone is faster (a guest full of copies of a few pages)."""
+    order: I64 = np.argsort(keys, kind="quicksort").astype(np.int64, copy=False)
+    if len(order) < 2:
+        return order
+    ordered = keys[order]
+    tie = ordered[1:] == ordered[:-1]
+    if not tie.any():
+        return order
+    tied = np.zeros(len(order), dtype=np.bool_)
+    tied[1:] |= tie
+    tied[:-1] |= tie
+    rows = np.flatnonzero(tied)
+    if len(rows) > len(order) // 4:
+        stable: I64 = np.argsort(keys, kind="stable").astype(np.int64, copy=False)
+        return stable
+    sub = order[rows]
+    order[rows] = sub[np.lexsort((sub, ordered[rows]))]
+    return order
 
 
 @dataclass(frozen=True, eq=False)
