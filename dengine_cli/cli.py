@@ -254,17 +254,43 @@ class Fraction(click.ParamType[float]):
         return f
 
 
+def distinct_dumps(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` with each file once, under the first name it was given by, as ``report`` reads
+    them: the same file twice (``x`` and ``./x``, a symlink, a hard link; see
+    :func:`~dengine_cli.session.names.file_key`) is one dump, not two VMs that share everything.
+    A note names each file given more than once and its other names."""
+    from dengine_cli.session.names import one_name_per_file
+
+    kept, repeated = one_name_per_file(paths)
+    for first, others in repeated:
+        times = "twice" if len(others) == 1 else f"{len(others) + 1} times"
+        spellings = list(dict.fromkeys(str(p) for p in others if p != first))
+        also = f" (also as {', '.join(spellings)})" if spellings else ""
+        _note(f"warning: {first} is given {times}{also}: one file, read once")
+    return kept
+
+
 def parse_history(pairs: Sequence[str], dumps: Sequence[Path]) -> dict[str, str]:
-    """``CURRENT=EARLIER`` pairs, CURRENT being one of the dumps as given."""
+    """``CURRENT=EARLIER`` pairs, CURRENT being one of the dumps by any of its names (compared
+    as files, as the dumps are), keyed by that dump as given in ``dumps``."""
+    from dengine_cli.session.names import file_key
+
     history: dict[str, str] = {}
-    known = {str(d) for d in dumps}
+    known = {file_key(d): str(d) for d in dumps}
     for pair in pairs:
         current, sep, earlier = pair.partition("=")
         if not sep or not current or not earlier:
             raise click.BadParameter(f"{pair!r} is not CURRENT=EARLIER", param_hint="--history")
-        if current not in known:
+        dump = known.get(file_key(current))
+        if dump is None:
             raise click.BadParameter(f"{current!r} is not one of the dumps given", param_hint="--history")
-        history[current] = earlier
+        if dump in history and file_key(history[dump]) != file_key(earlier):
+            same = "" if current == dump else f" (the same file as {dump})"
+            raise click.BadParameter(
+                f"{current!r}{same} is given two earlier snapshots, {history[dump]} and {earlier}",
+                param_hint="--history",
+            )
+        history[dump] = earlier
     return history
 
 
@@ -557,7 +583,7 @@ def analyze_command(
     """Exact whole-page sharing within and across VMs: zero, shared, unique pages, footprint and
     savings per VM and in total, and what KSM would report."""
     options = open_options(dump_format, device_memory, tmp_dir)
-    paths = expand_dump_args(dumps)
+    paths = distinct_dumps(expand_dump_args(dumps))
     settings = settings_of(options, index_dir, jobs, memory_limit, verify)
     bar = PageProgress("analyzing")
     de: PlanReport | None = None
@@ -677,7 +703,7 @@ def plan_command(
     from dengine_cli.session import Session
 
     options = open_options(dump_format, device_memory, tmp_dir)
-    paths = expand_dump_args(dumps)
+    paths = distinct_dumps(expand_dump_args(dumps))
     policy = _with_ksm_cap(resolve_policy(policy_name), ksm_max_page_sharing)
     baseline = None
     if baseline_name != "none":
