@@ -520,6 +520,29 @@ def index_command(
         click.echo(f"{path}\t{index.page_count}\t{index.zero_pages}\t{state}\t{index.path or '-'}")
 
 
+def ksm_view_options(f: F) -> F:
+    """The knobs of the KSM view (:class:`~dengine_cli.engine.sharing.model.KsmModel`), the same
+    on ``analyze`` and ``report``."""
+    f = click.option(
+        "--ksm-zero-pages-backed",
+        is_flag=True,
+        help="KSM view: take the dumps' zero pages as backed by host memory (default: never touched).",
+    )(f)
+    f = click.option(
+        "--ksm-use-zero-pages",
+        is_flag=True,
+        help="KSM view: empty pages merge with the kernel's zero page (ksm_zero_pages), as use_zero_pages=1.",
+    )(f)
+    f = click.option(
+        "--ksm-max-page-sharing",
+        type=click.IntRange(min=2),
+        default=256,
+        show_default=True,
+        help="KSM view: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing).",
+    )(f)
+    return f
+
+
 @cli.command("analyze")
 @click.argument("dumps", nargs=-1, required=True)
 @output_format_option
@@ -540,23 +563,7 @@ def index_command(
 )
 @wide_option
 @sample_options
-@click.option(
-    "--ksm-max-page-sharing",
-    type=click.IntRange(min=2),
-    default=256,
-    show_default=True,
-    help="KSM view: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing).",
-)
-@click.option(
-    "--ksm-use-zero-pages",
-    is_flag=True,
-    help="KSM view: empty pages merge with the kernel's zero page (ksm_zero_pages), as use_zero_pages=1.",
-)
-@click.option(
-    "--ksm-zero-pages-backed",
-    is_flag=True,
-    help="KSM view: take the dumps' zero pages as backed by host memory (default: never touched).",
-)
+@ksm_view_options
 @verify_option
 @index_options
 @dump_options
@@ -775,6 +782,7 @@ def _with_ksm_cap(policy: Policy, max_page_sharing: int) -> Policy:
     default=None,
     help="Also write the time series (savings and pages changed per VM and snapshot) as CSV.",
 )
+@ksm_view_options
 @verify_option
 @index_options
 @dump_options
@@ -786,6 +794,9 @@ def report_command(
     host_memory: int | None,
     json_output: Path | None,
     csv_output: Path | None,
+    ksm_max_page_sharing: int,
+    ksm_use_zero_pages: bool,
+    ksm_zero_pages_backed: bool,
     verify: bool,
     index_dir: Path | None,
     jobs: int | None,
@@ -797,6 +808,7 @@ def report_command(
     """One self-contained HTML report of DUMPS (or plan files from `plan -o`): each VM's memory
     under ksm, esx, de and any --policy side by side, the sharing matrix, savings against host
     memory, and, for VMs with several snapshots, savings over time and the pages changed."""
+    from dengine_cli.engine.sharing.model import KsmModel
     from dengine_cli.errors import OutputError
     from dengine_cli.policies import resolve_policy
     from dengine_cli.report.build import ReportRequest, build_report, series_csv, write_atomically
@@ -809,13 +821,14 @@ def report_command(
     if not inputs and not vm_specs:
         raise click.UsageError("no dumps given")
     names = dict.fromkeys(["ksm", "esx", "de", *extra_policies])
-    policies = tuple(resolve_policy(name) for name in names)
+    policies = tuple(_with_ksm_cap(resolve_policy(name), ksm_max_page_sharing) for name in names)
     request = ReportRequest(
         dumps=tuple(expand_dump_args(inputs)) if inputs else (),
         vms=tuple(parse_vm_option(vm_specs)),
         policies=policies,
         host_memory=host_memory,
         command=("dengine", *getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:])),
+        ksm=KsmModel(ksm_max_page_sharing, ksm_use_zero_pages, ksm_zero_pages_backed),
     )
     settings = settings_of(
         open_options(dump_format, device_memory, tmp_dir), index_dir, jobs, memory_limit, verify
