@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from dengine_cli.session import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 #: Exit status when the reader of our output goes away (``| head``): 128 + SIGPIPE, as a shell says.
 EXIT_PIPE = 141
@@ -669,7 +670,8 @@ def analyze_command(
     type=click.IntRange(min=2),
     default=256,
     show_default=True,
-    help="ksm policies: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing), as analyze's.",
+    help="ksm policies: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing), as analyze's; "
+    "given, it wins over a policy file's max_page_sharing.",
 )
 @click.option(
     "-o",
@@ -711,10 +713,11 @@ def plan_command(
 
     options = open_options(dump_format, device_memory, tmp_dir)
     paths = distinct_dumps(expand_dump_args(dumps))
-    policy = _with_ksm_cap(resolve_policy(policy_name), ksm_max_page_sharing)
+    cap = _given("ksm_max_page_sharing", ksm_max_page_sharing)
+    policy = _with_ksm_cap(resolve_policy(policy_name), cap)
     baseline = None
     if baseline_name != "none":
-        baseline = _with_ksm_cap(resolve_policy(baseline_name), ksm_max_page_sharing)
+        baseline = _with_ksm_cap(resolve_policy(baseline_name), cap)
     history = parse_history(history_pairs, paths)
     if output is not None and sample is not None:
         raise click.BadParameter("a plan file needs an exact plan: drop --sample", param_hint="-o")
@@ -733,11 +736,21 @@ def plan_command(
     _print_plan(report, output_format, wide)
 
 
-def _with_ksm_cap(policy: Policy, max_page_sharing: int) -> Policy:
-    """``policy`` with KSM's cap set to ``max_page_sharing`` when it models KSM (it has a cap)."""
-    if policy.max_page_sharing is None:
+def _with_ksm_cap(policy: Policy, max_page_sharing: int | None) -> Policy:
+    """``policy`` with KSM's cap set to ``max_page_sharing`` when it models KSM (it has a cap);
+    ``None``: the policy's own (a policy file's ``max_page_sharing``, else ksm's 256)."""
+    if policy.max_page_sharing is None or max_page_sharing is None:
         return policy
     return dataclasses.replace(policy, max_page_sharing=max_page_sharing)
+
+
+def _given(name: str, value: T) -> T | None:
+    """``value`` when the option ``name`` was given on the command line, else ``None`` (its
+    default then yields to what a policy file says)."""
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(name)
+    return None if source in (None, ParameterSource.DEFAULT) else value
 
 
 @cli.command("report")
@@ -821,7 +834,8 @@ def report_command(
     if not inputs and not vm_specs:
         raise click.UsageError("no dumps given")
     names = dict.fromkeys(["ksm", "esx", "de", *extra_policies])
-    policies = tuple(_with_ksm_cap(resolve_policy(name), ksm_max_page_sharing) for name in names)
+    cap = _given("ksm_max_page_sharing", ksm_max_page_sharing)
+    policies = tuple(_with_ksm_cap(resolve_policy(name), cap) for name in names)
     request = ReportRequest(
         dumps=tuple(expand_dump_args(inputs)) if inputs else (),
         vms=tuple(parse_vm_option(vm_specs)),
