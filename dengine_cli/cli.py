@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from dengine_cli.session import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 #: Exit status when the reader of our output goes away (``| head``): 128 + SIGPIPE, as a shell says.
 EXIT_PIPE = 141
@@ -254,17 +255,43 @@ class Fraction(click.ParamType[float]):
         return f
 
 
+def distinct_dumps(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` with each file once, under the first name it was given by, as ``report`` reads
+    them: the same file twice (``x`` and ``./x``, a symlink, a hard link; see
+    :func:`~dengine_cli.session.names.file_key`) is one dump, not two VMs that share everything.
+    A note names each file given more than once and its other names."""
+    from dengine_cli.session.names import one_name_per_file
+
+    kept, repeated = one_name_per_file(paths)
+    for first, others in repeated:
+        times = "twice" if len(others) == 1 else f"{len(others) + 1} times"
+        spellings = list(dict.fromkeys(str(p) for p in others if p != first))
+        also = f" (also as {', '.join(spellings)})" if spellings else ""
+        _note(f"warning: {first} is given {times}{also}: one file, read once")
+    return kept
+
+
 def parse_history(pairs: Sequence[str], dumps: Sequence[Path]) -> dict[str, str]:
-    """``CURRENT=EARLIER`` pairs, CURRENT being one of the dumps as given."""
+    """``CURRENT=EARLIER`` pairs, CURRENT being one of the dumps by any of its names (compared
+    as files, as the dumps are), keyed by that dump as given in ``dumps``."""
+    from dengine_cli.session.names import file_key
+
     history: dict[str, str] = {}
-    known = {str(d) for d in dumps}
+    known = {file_key(d): str(d) for d in dumps}
     for pair in pairs:
         current, sep, earlier = pair.partition("=")
         if not sep or not current or not earlier:
             raise click.BadParameter(f"{pair!r} is not CURRENT=EARLIER", param_hint="--history")
-        if current not in known:
+        dump = known.get(file_key(current))
+        if dump is None:
             raise click.BadParameter(f"{current!r} is not one of the dumps given", param_hint="--history")
-        history[current] = earlier
+        if dump in history and file_key(history[dump]) != file_key(earlier):
+            same = "" if current == dump else f" (the same file as {dump})"
+            raise click.BadParameter(
+                f"{current!r}{same} is given two earlier snapshots, {history[dump]} and {earlier}",
+                param_hint="--history",
+            )
+        history[dump] = earlier
     return history
 
 
@@ -494,6 +521,29 @@ def index_command(
         click.echo(f"{path}\t{index.page_count}\t{index.zero_pages}\t{state}\t{index.path or '-'}")
 
 
+def ksm_view_options(f: F) -> F:
+    """The knobs of the KSM view (:class:`~dengine_cli.engine.sharing.model.KsmModel`), the same
+    on ``analyze`` and ``report``."""
+    f = click.option(
+        "--ksm-zero-pages-backed",
+        is_flag=True,
+        help="KSM view: take the dumps' zero pages as backed by host memory (default: never touched).",
+    )(f)
+    f = click.option(
+        "--ksm-use-zero-pages",
+        is_flag=True,
+        help="KSM view: empty pages merge with the kernel's zero page (ksm_zero_pages), as use_zero_pages=1.",
+    )(f)
+    f = click.option(
+        "--ksm-max-page-sharing",
+        type=click.IntRange(min=2),
+        default=256,
+        show_default=True,
+        help="KSM view: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing).",
+    )(f)
+    return f
+
+
 @cli.command("analyze")
 @click.argument("dumps", nargs=-1, required=True)
 @output_format_option
@@ -514,23 +564,7 @@ def index_command(
 )
 @wide_option
 @sample_options
-@click.option(
-    "--ksm-max-page-sharing",
-    type=click.IntRange(min=2),
-    default=256,
-    show_default=True,
-    help="KSM view: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing).",
-)
-@click.option(
-    "--ksm-use-zero-pages",
-    is_flag=True,
-    help="KSM view: empty pages merge with the kernel's zero page (ksm_zero_pages), as use_zero_pages=1.",
-)
-@click.option(
-    "--ksm-zero-pages-backed",
-    is_flag=True,
-    help="KSM view: take the dumps' zero pages as backed by host memory (default: never touched).",
-)
+@ksm_view_options
 @verify_option
 @index_options
 @dump_options
@@ -557,7 +591,7 @@ def analyze_command(
     """Exact whole-page sharing within and across VMs: zero, shared, unique pages, footprint and
     savings per VM and in total, and what KSM would report."""
     options = open_options(dump_format, device_memory, tmp_dir)
-    paths = expand_dump_args(dumps)
+    paths = distinct_dumps(expand_dump_args(dumps))
     settings = settings_of(options, index_dir, jobs, memory_limit, verify)
     bar = PageProgress("analyzing")
     de: PlanReport | None = None
@@ -636,7 +670,8 @@ def analyze_command(
     type=click.IntRange(min=2),
     default=256,
     show_default=True,
-    help="ksm policies: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing), as analyze's.",
+    help="ksm policies: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing), as analyze's; "
+    "given, it wins over a policy file's max_page_sharing.",
 )
 @click.option(
     "-o",
@@ -677,11 +712,12 @@ def plan_command(
     from dengine_cli.session import Session
 
     options = open_options(dump_format, device_memory, tmp_dir)
-    paths = expand_dump_args(dumps)
-    policy = _with_ksm_cap(resolve_policy(policy_name), ksm_max_page_sharing)
+    paths = distinct_dumps(expand_dump_args(dumps))
+    cap = _given("ksm_max_page_sharing", ksm_max_page_sharing)
+    policy = _with_ksm_cap(resolve_policy(policy_name), cap)
     baseline = None
     if baseline_name != "none":
-        baseline = _with_ksm_cap(resolve_policy(baseline_name), ksm_max_page_sharing)
+        baseline = _with_ksm_cap(resolve_policy(baseline_name), cap)
     history = parse_history(history_pairs, paths)
     if output is not None and sample is not None:
         raise click.BadParameter("a plan file needs an exact plan: drop --sample", param_hint="-o")
@@ -700,11 +736,21 @@ def plan_command(
     _print_plan(report, output_format, wide)
 
 
-def _with_ksm_cap(policy: Policy, max_page_sharing: int) -> Policy:
-    """``policy`` with KSM's cap set to ``max_page_sharing`` when it models KSM (it has a cap)."""
-    if policy.max_page_sharing is None:
+def _with_ksm_cap(policy: Policy, max_page_sharing: int | None) -> Policy:
+    """``policy`` with KSM's cap set to ``max_page_sharing`` when it models KSM (it has a cap);
+    ``None``: the policy's own (a policy file's ``max_page_sharing``, else ksm's 256)."""
+    if policy.max_page_sharing is None or max_page_sharing is None:
         return policy
     return dataclasses.replace(policy, max_page_sharing=max_page_sharing)
+
+
+def _given(name: str, value: T) -> T | None:
+    """``value`` when the option ``name`` was given on the command line, else ``None`` (its
+    default then yields to what a policy file says)."""
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(name)
+    return None if source in (None, ParameterSource.DEFAULT) else value
 
 
 @cli.command("report")
@@ -749,6 +795,7 @@ def _with_ksm_cap(policy: Policy, max_page_sharing: int) -> Policy:
     default=None,
     help="Also write the time series (savings and pages changed per VM and snapshot) as CSV.",
 )
+@ksm_view_options
 @verify_option
 @index_options
 @dump_options
@@ -760,6 +807,9 @@ def report_command(
     host_memory: int | None,
     json_output: Path | None,
     csv_output: Path | None,
+    ksm_max_page_sharing: int,
+    ksm_use_zero_pages: bool,
+    ksm_zero_pages_backed: bool,
     verify: bool,
     index_dir: Path | None,
     jobs: int | None,
@@ -771,6 +821,7 @@ def report_command(
     """One self-contained HTML report of DUMPS (or plan files from `plan -o`): each VM's memory
     under ksm, esx, de and any --policy side by side, the sharing matrix, savings against host
     memory, and, for VMs with several snapshots, savings over time and the pages changed."""
+    from dengine_cli.engine.sharing.model import KsmModel
     from dengine_cli.errors import OutputError
     from dengine_cli.policies import resolve_policy
     from dengine_cli.report.build import ReportRequest, build_report, series_csv, write_atomically
@@ -783,13 +834,15 @@ def report_command(
     if not inputs and not vm_specs:
         raise click.UsageError("no dumps given")
     names = dict.fromkeys(["ksm", "esx", "de", *extra_policies])
-    policies = tuple(resolve_policy(name) for name in names)
+    cap = _given("ksm_max_page_sharing", ksm_max_page_sharing)
+    policies = tuple(_with_ksm_cap(resolve_policy(name), cap) for name in names)
     request = ReportRequest(
         dumps=tuple(expand_dump_args(inputs)) if inputs else (),
         vms=tuple(parse_vm_option(vm_specs)),
         policies=policies,
         host_memory=host_memory,
         command=("dengine", *getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:])),
+        ksm=KsmModel(ksm_max_page_sharing, ksm_use_zero_pages, ksm_zero_pages_backed),
     )
     settings = settings_of(
         open_options(dump_format, device_memory, tmp_dir), index_dir, jobs, memory_limit, verify

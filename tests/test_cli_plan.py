@@ -317,3 +317,63 @@ def test_the_ksm_cap_changes_ksm_policies_only(real_dump: Callable[[str], Path],
     assert file_256["policy"]["max_page_sharing"] == 256
     assert file_256["total"]["footprint_bytes"] == de_256["baseline"]["total"]["footprint_bytes"]
     assert file_2["total"]["footprint_bytes"] == de_2["baseline"]["total"]["footprint_bytes"]
+
+
+def test_a_policy_files_cap_yields_to_the_flag_given(
+    real_dump: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """`max_page_sharing` in a policy file based on ksm is its plan's cap when
+    --ksm-max-page-sharing is not given (the built-in ksm baseline keeps its 256); the flag
+    given wins, even given as the default 256; a file without the key has the default. The
+    footprint is the built-in ksm's under the cap that won. `report --policy FILE` likewise."""
+    dumps = [str(real_dump("alpha.elf")), str(real_dump("beta.elf"))]
+    idx = str(tmp_path / "idx")
+    capped, plain = tmp_path / "k7.toml", tmp_path / "k.toml"
+    capped.write_text('base = "ksm"\nmax_page_sharing = 7\n')
+    plain.write_text('base = "ksm"\n')
+
+    def plan(*args: str) -> dict[str, Any]:
+        code, out, err = invoke("plan", "--format", "json", "--index-dir", idx, *args, *dumps)
+        assert code == 0, err
+        doc: dict[str, Any] = json.loads(out)
+        return doc
+
+    ksm_footprint = {
+        cap: plan("--policy", "ksm", "--ksm-max-page-sharing", str(cap))["total"]["footprint_bytes"]
+        for cap in (2, 7, 256)
+    }
+    assert len(set(ksm_footprint.values())) == 3
+    for policy, flag, cap, baseline_cap in (
+        (capped, (), 7, 256),
+        (capped, ("--ksm-max-page-sharing", "2"), 2, 2),
+        (capped, ("--ksm-max-page-sharing", "256"), 256, 256),
+        (plain, (), 256, 256),
+        (plain, ("--ksm-max-page-sharing", "7"), 7, 7),
+    ):
+        doc = plan("--policy", str(policy), *flag)
+        assert doc["policy"]["max_page_sharing"] == cap, (policy.name, flag)
+        assert doc["total"]["footprint_bytes"] == ksm_footprint[cap], (policy.name, flag)
+        assert doc["baseline"]["policy"]["max_page_sharing"] == baseline_cap, (policy.name, flag)
+    report = tmp_path / "r.json"
+    for flag, cap, ksm_cap in (((), 7, 256), (("--ksm-max-page-sharing", "256"), 256, 256)):
+        code, _, err = invoke(
+            "report", "--index-dir", idx, "-o", str(tmp_path / "r.html"), "--json", str(report),
+            "--policy", str(capped), *flag, *dumps,
+        )  # fmt: skip
+        assert code == 0, err
+        plans = json.loads(report.read_text())["series"][-1]["plans"]
+        assert plans["k7"]["policy"]["max_page_sharing"] == cap, flag
+        assert plans["k7"]["total"]["footprint_bytes"] == ksm_footprint[cap], flag
+        assert plans["ksm"]["policy"]["max_page_sharing"] == ksm_cap, flag
+
+
+def test_a_bad_cap_in_a_policy_file_is_one_line_naming_it(alpha: Path, tmp_path: Path) -> None:
+    for text, message in (
+        ('base = "ksm"\nmax_page_sharing = 1\n', "max_page_sharing: expected a 64-bit integer >= 2, found 1"),
+        ("max_page_sharing = 7\n", "max_page_sharing: only a policy based on ksm has KSM pages to cap"),
+    ):
+        policy = tmp_path / "bad.toml"
+        policy.write_text(text)
+        code, out, err = invoke("plan", "--policy", str(policy), "--index-dir", str(tmp_path), str(alpha))
+        assert code == EXIT_USAGE and out == ""
+        assert err.startswith(f"dengine: {policy}: {message}") and err.count("\n") == 1, err

@@ -71,8 +71,8 @@ def test_file_starts_from_its_base(tmp_path: Path) -> None:
     [
         (
             "colour = 1\n",
-            "colour: expected one of base, compression, costs, cross_vm, description, name, patch, "
-            "similarity, found 'colour'",
+            "colour: expected one of base, compression, costs, cross_vm, description, "
+            "max_page_sharing, name, patch, similarity, found 'colour'",
         ),
         (
             'base = "zfs"\n',
@@ -95,6 +95,38 @@ def test_file_starts_from_its_base(tmp_path: Path) -> None:
             "similarity.indexes: expected indexes * blocks_per_index <= 64",
         ),
         ("patch = 3\n", "patch: expected a table, found 3"),
+        ('base = "ksm"\nmax_page_sharing = 1\n', "max_page_sharing: expected a 64-bit integer >= 2, found 1"),
+        ('base = "ksm"\nmax_page_sharing = 0\n', "max_page_sharing: expected a 64-bit integer >= 2, found 0"),
+        (
+            'base = "ksm"\nmax_page_sharing = -4\n',
+            "max_page_sharing: expected a 64-bit integer >= 2, found -4",
+        ),
+        (
+            'base = "ksm"\nmax_page_sharing = 2.5\n',
+            "max_page_sharing: expected a 64-bit integer >= 2, found 2.5",
+        ),
+        (
+            'base = "ksm"\nmax_page_sharing = "16"\n',
+            "max_page_sharing: expected a 64-bit integer >= 2, found '16'",
+        ),
+        (
+            'base = "ksm"\nmax_page_sharing = true\n',
+            "max_page_sharing: expected a 64-bit integer >= 2, found True",
+        ),
+        (
+            'base = "ksm"\nmax_page_sharing = 9223372036854775808\n',
+            "max_page_sharing: expected a 64-bit integer >= 2, found 9223372036854775808",
+        ),
+        (
+            "max_page_sharing = 16\n",
+            'max_page_sharing: only a policy based on ksm has KSM pages to cap (base = "ksm"); '
+            "this one is based on 'de'",
+        ),
+        (
+            'base = "esx"\nmax_page_sharing = 16\n',
+            'max_page_sharing: only a policy based on ksm has KSM pages to cap (base = "ksm"); '
+            "this one is based on 'esx'",
+        ),
     ],
 )
 def test_bad_files_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -103,6 +135,23 @@ def test_bad_files_name_the_file_and_key(tmp_path: Path, text: str, message: str
     with pytest.raises(UsageError, match=re.escape(f"{path}: {message}")) as e:
         load_policy_file(path)
     assert e.value.exit_code == 2
+
+
+def test_max_page_sharing_caps_a_policy_based_on_ksm(tmp_path: Path) -> None:
+    """A file based on ksm takes the file's cap, else ksm's 256; other bases have none."""
+    path = tmp_path / "k.toml"
+    for text, cap in (
+        ('base = "ksm"\nmax_page_sharing = 2\n', 2),
+        ('base = "ksm"\nmax_page_sharing = 9223372036854775807\n', 2**63 - 1),
+        ('base = "ksm"\ncross_vm = false\nmax_page_sharing = 16\n', 16),
+        ('base = "ksm"\n', 256),
+        ('base = "de"\n', None),
+    ):
+        path.write_text(text)
+        policy = load_policy_file(path)
+        assert policy.max_page_sharing == cap, text
+        assert policy.to_dict()["max_page_sharing"] == cap
+        assert policy.zero_frame == (cap is not None)
 
 
 def test_not_toml_and_missing(tmp_path: Path) -> None:

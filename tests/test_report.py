@@ -392,3 +392,53 @@ def test_dumps_to_group_compares_files_not_names(tmp_path: Path) -> None:
         tmp_path / "copy.raw",
         tmp_path / "gone",
     ]
+
+
+def analyze_ksm(idx: Path, *args: str) -> dict[str, Any]:
+    """analyze's JSON KSM view (`analyze --sharing-only --format json ARGS`)."""
+    code, out, err = invoke(
+        "-q", "analyze", "--sharing-only", "--format", "json", "--index-dir", str(idx), *args
+    )
+    assert code == 0, err
+    ksm: dict[str, Any] = json.loads(out)["ksm"]
+    return ksm
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        (),
+        ("--ksm-max-page-sharing", "2"),
+        ("--ksm-max-page-sharing", "2", "--ksm-use-zero-pages", "--ksm-zero-pages-backed"),
+    ],
+)
+def test_the_reports_ksm_figures_are_analyzes(
+    tmp_path: Path, shared_idx: Path, knobs: tuple[str, ...]
+) -> None:
+    """`report --ksm-...` takes analyze's KSM options: the KSM view of the report's sharing is
+    analyze's JSON KSM view of the same dumps under the same knobs, and the footprint of its ksm
+    policy, and of a --policy file based on ksm, is the pages present less that view's
+    pages_sharing with zero pages backed (the ksm policy merges them) under the same cap."""
+    policy = tmp_path / "ksm-like.toml"
+    policy.write_text('base = "ksm"\n')
+    dumps = (str(ALPHA), str(BETA))
+    code, doc, err = report_json(tmp_path, shared_idx, *knobs, "--policy", str(policy), *dumps)
+    assert code == 0, err
+    cap = int(knobs[1]) if knobs else 256
+    want = analyze_ksm(shared_idx, *knobs, *dumps)
+    assert want["max_page_sharing"] == cap
+    assert doc["sharing"]["ksm"] == want
+    backed = analyze_ksm(shared_idx, "--ksm-max-page-sharing", str(cap), "--ksm-zero-pages-backed", *dumps)
+    present = doc["sharing"]["total"]["pages_present"]
+    for name in ("ksm", "ksm-like"):
+        plan = doc["series"][-1]["plans"][name]
+        assert plan["policy"]["max_page_sharing"] == cap, name
+        assert plan["total"]["footprint_bytes"] == (present - backed["pages_sharing"]) * 4096, name
+
+
+def test_report_refuses_a_ksm_cap_below_two(tmp_path: Path) -> None:
+    code, _, err = invoke(
+        "-q", "report", "-o", str(tmp_path / "r.html"), "--ksm-max-page-sharing", "1", str(ALPHA)
+    )
+    assert code == 2 and "--ksm-max-page-sharing" in err, err
+    assert list(tmp_path.iterdir()) == []

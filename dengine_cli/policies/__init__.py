@@ -26,6 +26,7 @@ names; every key is optional::
     base = "de"            # ksm, esx, de, de-share-patch, de-share-compress
     name = "de-lz4"        # what reports call it (default: the file's stem)
     cross_vm = true        # share (and patch) across VMs
+    # max_page_sharing = 256 # base = "ksm" only: mappings one KSM page holds (2 or more)
 
     [patch]
     enabled = true
@@ -48,6 +49,11 @@ names; every key is optional::
     swap_in = 5000.0
 
 Any error in a file is a :class:`~dengine_cli.errors.UsageError` naming the file and the key.
+
+``max_page_sharing`` is KSM's cap (``/sys/kernel/mm/ksm/max_page_sharing``), so only a policy
+based on ``ksm`` takes it (it inherits ksm's 256 without it); a policy based on any other has no
+KSM pages, and the key is refused there rather than ignored.  ``--ksm-max-page-sharing``, when
+given, wins over the file.
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ _TABLES: dict[str, set[str]] = {
     "similarity": {"indexes", "blocks_per_index", "candidates", "seed"},
     "costs": {f.name for f in dataclasses.fields(CostModel)},
 }
-_TOP = {"base", "name", "description", "cross_vm", *_TABLES}
+_TOP = {"base", "name", "description", "cross_vm", "max_page_sharing", *_TABLES}
 
 
 class _File:
@@ -219,9 +225,25 @@ def policy_from_dict(data: dict[str, Any], path: Path) -> Policy:
             **{name: f.number(costs, name, getattr(base.costs, name), "costs.") for name in _TABLES["costs"]}
         ),
         zero_frame=base.zero_frame,
-        max_page_sharing=base.max_page_sharing,
+        max_page_sharing=_max_page_sharing(f, data, base_name, base),
     )
     return policy
+
+
+def _max_page_sharing(f: _File, data: dict[str, Any], base_name: str, base: Policy) -> int | None:
+    """The file's ``max_page_sharing``, else its base's: only a policy based on one that merges
+    pages into KSM pages (``ksm``) has a cap to set."""
+    if "max_page_sharing" not in data:
+        return base.max_page_sharing
+    if base.max_page_sharing is None:
+        raise UsageError(
+            f"{f.path}: max_page_sharing: only a policy based on ksm has KSM pages to cap "
+            f'(base = "ksm"); this one is based on {base_name!r}'
+        )
+    value = data["max_page_sharing"]
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value < 2**63:
+        raise f.fail("max_page_sharing", "a 64-bit integer >= 2", value)
+    return value
 
 
 def _check_blocks(f: _File, similarity: dict[str, Any], base: Policy) -> None:

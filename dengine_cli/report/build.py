@@ -22,6 +22,7 @@ import numpy as np
 from dengine_cli import __version__
 from dengine_cli.engine.index import PageIndex, Progress
 from dengine_cli.engine.policy import Policy
+from dengine_cli.engine.sharing.model import KsmModel
 from dengine_cli.errors import FormatError, UnreadableFile, UsageError
 from dengine_cli.report.snapshots import SnapshotChanges, Vm, dumps_to_group, group_by_guest, snapshot_changes
 from dengine_cli.session import Session, Settings
@@ -161,13 +162,15 @@ def _identity(path: Path, index: PageIndex) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ReportRequest:
     """What ``dengine report`` was asked: the dumps (grouped into VMs by their headers), the VMs
-    given with ``--vm``, the policies side by side, host memory, and the command line."""
+    given with ``--vm``, the policies side by side, host memory, the command line, and the knobs
+    of the sharing's KSM view (as ``analyze``'s)."""
 
     dumps: tuple[Path, ...]
     vms: tuple[Vm, ...]
     policies: tuple[Policy, ...]
     host_memory: int | None
     command: tuple[str, ...]
+    ksm: KsmModel = field(default_factory=KsmModel)
 
 
 def build_report(
@@ -229,7 +232,7 @@ def _series(
                 shared, plan = session.plan(policy, history=history, host_memory=request.host_memory)
                 plans[policy.name] = _named(plan.to_dict(), vms)
                 if policy.cross_vm and k == steps - 1 and sharing is None:
-                    sharing = _named(shared.to_dict(), vms)
+                    sharing = _named(shared.with_ksm(request.ksm).to_dict(), vms)
         points.append(SeriesPoint(k + 1, tuple(str(d) for d in dumps), plans))
     return points, sharing
 

@@ -3,7 +3,6 @@ changed between two snapshots of one guest (its hot set), computed over the page
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 
 from dengine_cli.engine.index import PageIndex
 from dengine_cli.errors import UsageError
+from dengine_cli.session.names import FileKey, file_key
 
 
 @dataclass(frozen=True)
@@ -40,17 +40,6 @@ def parse_vm_option(specs: Sequence[str]) -> list[Vm]:
     return vms
 
 
-def file_key(path: Path) -> tuple[int, int] | str:
-    """What makes two names one dump file: its device and inode (so ``x``, ``./x``, ``d/../x``,
-    a symlink to it and a hard link are one file), or its real path when it cannot be stat'ed
-    (opening it names the error later)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return os.path.realpath(path)
-    return (st.st_dev, st.st_ino)
-
-
 def dumps_to_group(dumps: Sequence[Path], vms: Sequence[Vm]) -> list[Path]:
     """The dumps given as arguments that are left to group by their headers beside the ``--vm``
     VMs ``vms``, so that each dump file is in exactly one VM.
@@ -59,7 +48,7 @@ def dumps_to_group(dumps: Sequence[Path], vms: Sequence[Vm]) -> list[Path]:
     no grouping says which VM it belongs to.  A dump given as an argument that a ``--vm`` also
     names is that VM's (the explicit grouping wins: ``--vm web=mon.core,tue.core *.core``), and a
     file given as an argument twice is read once, under its first name."""
-    named: dict[tuple[int, int] | str, tuple[str, Path]] = {}
+    named: dict[FileKey, tuple[str, Path]] = {}
     for vm in vms:
         for path in vm.snapshots:
             key = file_key(path)
@@ -69,7 +58,7 @@ def dumps_to_group(dumps: Sequence[Path], vms: Sequence[Vm]) -> list[Path]:
                 where = f"VM {vm.name!r}" if first_vm == vm.name else f"VMs {first_vm!r} and {vm.name!r}"
                 raise UsageError(f"--vm: {same} is given twice, in {where}: a dump is one VM's snapshot")
             named[key] = (vm.name, path)
-    kept: dict[tuple[int, int] | str, Path] = {}
+    kept: dict[FileKey, Path] = {}
     for path in dumps:
         key = file_key(path)
         if key not in named:
