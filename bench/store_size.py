@@ -6,8 +6,9 @@ cache, each command timed as a subprocess (wall seconds, one run each: the archi
 take many minutes):
 
 * ``dengine plan -o PLAN`` (timed apart: a plan is made once, applied any number of times);
-* ``dengine apply PLAN -o STORE``, ``apply --pack``, ``apply --pack --frame-codec xz-x86-6``:
-  the store's size (every file in it: packs and catalog) and the time;
+* ``dengine apply PLAN -o STORE``, ``apply --pack`` (frame codec ``auto``), ``apply --pack
+  --frame-codec xz-x86`` (LZMA2 every frame) and ``--frame-codec xz-x86-6``: the store's size
+  (every file in it: packs and catalog) and the time;
 * ``cat DUMPS | zstd -3 --long=31 -T2`` and ``cat DUMPS | zstd -19 --long=31 -T2`` (the dumps
   concatenated, one stream), their size and time;
 * ``borg create --compression zstd,19`` into a fresh repository (``borg init -e none``), the
@@ -71,7 +72,7 @@ def measure_set(files: list[str], tmp: Path, skip_slow: bool) -> dict[str, Any]:
     plan = tmp / "plan.json"
     rows["dengine plan"] = {"seconds": timed([str(DENGINE), "-q", "plan", "--baseline", "none", "--index-dir",
                                               str(tmp / "idx"), "-o", str(plan), *files])}  # fmt: skip
-    for extra in ([], ["--pack"], ["--pack", "--frame-codec", "xz-x86-6"]):
+    for extra in ([], ["--pack"], ["--pack", "--frame-codec", "xz-x86"], ["--pack", "--frame-codec", "xz-x86-6"]):
         name = " ".join(["dengine apply", *extra])
         store = tmp / "store"
         seconds = timed([str(DENGINE), "-q", "apply", str(plan), "-o", str(store), *extra])

@@ -911,7 +911,7 @@ def terminal_color() -> bool:
 
 #: The codecs of ``apply --pack`` frames (dengine_cli.store.frames.FRAME_CODECS; listed here so
 #: that `dengine --help` imports no store module).
-FRAME_CODEC_NAMES = ("xz-x86", "xz", "xz-x86-6", "xz-6", "zstd-3", "zstd-9", "zstd-19")
+FRAME_CODEC_NAMES = ("auto", "xz-x86", "xz", "xz-x86-6", "xz-6", "zstd-3", "zstd-9", "zstd-19")
 
 
 @cli.command("apply")
@@ -927,13 +927,13 @@ FRAME_CODEC_NAMES = ("xz-x86", "xz", "xz-x86-6", "xz-6", "zstd-3", "zstd-9", "zs
 @click.option(
     "--pack",
     is_flag=True,
-    help="Archive: whole and compressed pages in zstd frames of many pages with a trained dictionary.",
+    help="Archive: pages in compressed frames of 1024 pages (any VM still restores alone).",
 )
 @click.option(
     "--frame-codec",
     type=click.Choice(FRAME_CODEC_NAMES),
     default=None,
-    help="Codec of --pack frames (default: xz-x86 for x86 guests, else xz).",
+    help="Codec of --pack frames (default: auto, per frame LZMA2 or zstd-9, whichever suits its pages).",
 )
 @click.option(
     "--format",

@@ -74,6 +74,7 @@ def render_verify(report: VerifyReport, shown: int = 8) -> str:
 
 
 def _frames(result: ApplyResult) -> str:
+    used = ", ".join(f"{n} {codec}" for codec, n in result.frame_codecs.items() if codec != "stored")
     stored = result.stored_frames
     also = f"; {stored} of incompressible pages, stored as they are" if stored else ""
-    return f", {result.frames} frames ({result.frame_codec}{also})"
+    return f", {result.frames} frames ({result.frame_codec}: {used}{also})"

@@ -5,6 +5,7 @@ as an ELF core that dengine and libkdumpfile read back to the same pages."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from dengine_cli.errors import (
     EXIT_USAGE,
 )
 from dengine_cli.formats import open_dump
-from dengine_cli.store.frames import incompressible
+from dengine_cli.store.frames import LZMA2_GAIN, FrameCodec, choose_codec, incompressible
 from dengine_cli.store.reader import StoreReader
 from tests.builders.lime import build_lime
 from tests.builders.xc_core import build_xc_core
@@ -276,7 +277,7 @@ def test_incompressible_pages_are_framed_as_they_are(
     plan_file = plan([raw], tmp_path)
     store = tmp_path / "store"
     doc = apply(plan_file, store, "--pack")
-    assert doc["frame_codec"] == "xz-x86" and doc["stored_frames"] >= 2
+    assert doc["frame_codec"] == "auto" and doc["stored_frames"] >= 2
     reader = StoreReader(store)
     stored = [i for i, codec in enumerate(reader.frame_codecs) if codec == "stored"]
     assert len(stored) == doc["stored_frames"]
@@ -321,3 +322,53 @@ def test_incompressible_probe() -> None:
     pages = np.stack([random_pages[1], np.zeros(4096, np.uint8), text, half, random_pages[2]])
     assert incompressible(pages).tolist() == [True, False, False, False, True]
     assert incompressible(pages[:0]).tolist() == []
+
+
+def test_frames_round_trip_whatever_the_dictionary() -> None:
+    """LZMA2 frames made with the fast mode's own dictionary (explicit --frame-codec) or with a
+    frame-sized one (auto) decode with the same decoder, byte for byte."""
+    rng = np.random.default_rng(11)
+    words = rng.integers(97, 123, (1024, 4096), dtype=np.uint8)
+    words[:, ::7] = 32
+    pages = np.concatenate([words[:512], words[:512]])  # repeats 2 MiB apart
+    for name in ("xz", "xz-x86", "xz-6", "zstd-9", "stored"):
+        for window in (False, True):
+            blob = FrameCodec(name, frame_window=window).compress(pages)
+            assert np.array_equal(FrameCodec(name).decompress(blob, len(pages)), pages), (name, window)
+    wide = len(FrameCodec("xz", frame_window=True).compress(pages))
+    assert wide < 0.6 * len(FrameCodec("xz").compress(pages))  # the repeats are found
+
+
+def test_auto_chooses_the_codec_that_suits_the_frame() -> None:
+    """Slab-like records (LZMA2's repeated offsets and literal contexts: much smaller) get LZMA2;
+    i.i.d. bytes of a skewed distribution (zstd's Huffman literals do as well) get zstd-9; the
+    choice is the smaller codec, or within LZMA2_GAIN of it."""
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 2**40, 50).astype(np.uint64) | np.uint64(0xFFFF888000000000)
+    n = 1024 * 64
+    rec = np.zeros((n, 8), np.uint64)
+    rec[:, 0] = values[rng.integers(0, 50, n)]
+    rec[:, 1] = values[rng.integers(0, 50, n)]
+    rec[:, 2] = rng.integers(0, 1000, n).astype(np.uint64)
+    rec[:, 3] = rng.integers(0, 4, n).astype(np.uint64) * 0x1000
+    records = rec.view(np.uint8).reshape(1024, 4096)
+    weights = np.r_[np.full(16, 0.05), np.full(240, 0.2 / 240)]
+    skewed = rng.choice(256, size=(1024, 4096), p=weights).astype(np.uint8)
+    lzma2, zstd = FrameCodec("xz", frame_window=True), FrameCodec("zstd-9")
+    for pages, expect in ((records, "xz"), (skewed, "zstd-9")):
+        chosen = choose_codec(pages, lzma2, zstd)
+        assert chosen.name == expect
+        sizes = {c.name: len(c.compress(pages)) for c in (lzma2, zstd)}
+        assert sizes[chosen.name] <= min(sizes.values()) / (1 - LZMA2_GAIN)
+
+
+def test_auto_store_reports_the_codec_of_every_frame(
+    real_dump: Callable[[str], Path], tmp_path: Path
+) -> None:
+    plan_file = plan([real_dump("alpha.elf"), real_dump("beta.elf")], tmp_path)
+    doc = apply(plan_file, tmp_path / "store", "--pack")
+    assert doc["frame_codec"] == "auto"
+    used = collections.Counter(StoreReader(tmp_path / "store").frame_codecs)
+    assert dict(used) == doc["frame_codecs"]
+    assert sum(used.values()) == doc["frames"]
+    assert set(used) <= {"xz-x86", "xz", "zstd-9", "stored"}

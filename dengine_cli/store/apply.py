@@ -48,11 +48,14 @@ from dengine_cli.store.accounting import VmBytes, vm_bytes
 from dengine_cli.store.catalog import CatalogWriter, FrameRow, VmRow
 from dengine_cli.store.encode import Batch, Encoded, encode_batch, stored_mask
 from dengine_cli.store.frames import (
+    AUTO,
+    DEFAULT_FRAME_CODEC,
     FRAME_PAGES,
     STORED,
     FrameCodec,
+    choose_codec,
     delta_codec_for,
-    frame_codec_for,
+    lzma_codec_for,
     probes_incompressible,
 )
 from dengine_cli.store.layout import FRAMED, FRAMED_XOR, OBJECT_COLUMNS, PAGE_COLUMNS
@@ -114,6 +117,8 @@ class ApplyResult:
     frame_codec: str | None = None
     #: Of ``frames``, those of incompressible pages stored as they are.
     stored_frames: int = 0
+    #: Frames per codec used (``auto`` chooses per frame).
+    frame_codecs: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -140,6 +145,7 @@ class ApplyResult:
             "frames": self.frames,
             "frame_codec": self.frame_codec,
             "stored_frames": self.stored_frames,
+            "frame_codecs": dict(self.frame_codecs),
             "seconds": round(self.seconds, 3),
         }
 
@@ -155,7 +161,7 @@ def apply_plan(
 ) -> ApplyResult:
     """Write the store of the plan file at ``plan_path`` into the directory ``store`` (replacing
     the store there, if any, only once the new one is complete).  ``frame_codec``: with
-    ``pack``, the codec of frames (default :func:`~dengine_cli.store.frames.frame_codec_for`)."""
+    ``pack``, the codec of frames (default ``auto``: per frame, LZMA2 or zstd-9)."""
     started = time.perf_counter()
     plan = read_plan(plan_path)
     check_dumps_unchanged(plan)
@@ -206,7 +212,8 @@ class _Apply:
             compression_codec(plan.compression_codec) if pol["compression"]["enabled"] else None
         )
         self.patch: PatchCodec | None = patch_codec(plan.patch_codec) if pol["patch"]["enabled"] else None
-        self.frame_codec = frame_codec or frame_codec_for([d.facts.arch for d in dumps])
+        self.frame_codec = frame_codec or DEFAULT_FRAME_CODEC
+        self.lzma_codec = lzma_codec_for([d.facts.arch for d in dumps])
         self.frame_rows: list[FrameRow] = []
         # Whole pages (by the frame codec), XOR deltas (LZMA2 alone, or the same zstd), and
         # incompressible whole pages as they are (LZMA2 frame codecs only).
@@ -340,10 +347,11 @@ class _Apply:
         codecs: dict[str, FrameCodec] | None = getattr(self._codec_local, "codecs", None)
         if codecs is None:
             codecs = self._codec_local.codecs = {}
-        codec = codecs.get(codec_name)
-        if codec is None:
-            codec = codecs[codec_name] = FrameCodec(codec_name)
-        return frame, codec_name, codec.compress(pages), len(pages)
+        if codec_name == AUTO:
+            codec = choose_codec(pages, _codec(codecs, self.lzma_codec, True), _codec(codecs, "zstd-9"))
+        else:
+            codec = _codec(codecs, codec_name)
+        return frame, codec.name, codec.compress(pages), len(pages)
 
     def _write_frames(self, limit: int) -> None:
         """Write the compressed frames, in order: those finished, and then, while more than
@@ -445,4 +453,15 @@ class _Apply:
             frames=len(self.frame_rows),
             frame_codec=self.frame_codec if self.pack else None,
             stored_frames=sum(1 for row in self.frame_rows if row[5] == STORED),
+            frame_codecs=dict(sorted(collections.Counter(row[5] for row in self.frame_rows).items())),
         )
+
+
+def _codec(codecs: dict[str, FrameCodec], name: str, frame_window: bool = False) -> FrameCodec:
+    """The frame codec ``name`` from a thread's ``codecs`` (LZMA2 with a frame-sized
+    dictionary: ``frame_window``), made the first time."""
+    key = f"{name}:{frame_window}"
+    found = codecs.get(key)
+    if found is None:
+        found = codecs[key] = FrameCodec(name, frame_window=frame_window)
+    return found
