@@ -72,7 +72,8 @@ def measure_set(files: list[str], tmp: Path, skip_slow: bool) -> dict[str, Any]:
     plan = tmp / "plan.json"
     rows["dengine plan"] = {"seconds": timed([str(DENGINE), "-q", "plan", "--baseline", "none", "--index-dir",
                                               str(tmp / "idx"), "-o", str(plan), *files])}  # fmt: skip
-    for extra in ([], ["--pack"], ["--pack", "--frame-codec", "xz-x86"], ["--pack", "--frame-codec", "xz-x86-6"]):
+    lzma_everywhere = ["--pack", "--frame-codec", "xz-x86"]
+    for extra in ([], ["--pack"], lzma_everywhere, ["--pack", "--frame-codec", "xz-x86-6"]):
         name = " ".join(["dengine apply", *extra])
         store = tmp / "store"
         seconds = timed([str(DENGINE), "-q", "apply", str(plan), "-o", str(store), *extra])
