@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 import click
 
 from dengine_cli import __version__
+from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING_LIMIT
 from dengine_cli.errors import EXIT_INTERNAL, EXIT_USAGE, DengineError, UnreadableFile
 from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dump
 
@@ -536,7 +537,7 @@ def ksm_view_options(f: F) -> F:
     )(f)
     f = click.option(
         "--ksm-max-page-sharing",
-        type=click.IntRange(min=2),
+        type=click.IntRange(min=2, max=KSM_MAX_PAGE_SHARING_LIMIT),
         default=256,
         show_default=True,
         help="KSM view: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing).",
@@ -667,7 +668,7 @@ def analyze_command(
 @sample_options
 @click.option(
     "--ksm-max-page-sharing",
-    type=click.IntRange(min=2),
+    type=click.IntRange(min=2, max=KSM_MAX_PAGE_SHARING_LIMIT),
     default=256,
     show_default=True,
     help="ksm policies: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing), as analyze's; "

@@ -95,27 +95,31 @@ def test_file_starts_from_its_base(tmp_path: Path) -> None:
             "similarity.indexes: expected indexes * blocks_per_index <= 64",
         ),
         ("patch = 3\n", "patch: expected a table, found 3"),
-        ('base = "ksm"\nmax_page_sharing = 1\n', "max_page_sharing: expected a 64-bit integer >= 2, found 1"),
-        ('base = "ksm"\nmax_page_sharing = 0\n', "max_page_sharing: expected a 64-bit integer >= 2, found 0"),
+        ('base = "ksm"\nmax_page_sharing = 1\n', "max_page_sharing: expected an integer from 2 to 2147483647, found 1"),
+        ('base = "ksm"\nmax_page_sharing = 0\n', "max_page_sharing: expected an integer from 2 to 2147483647, found 0"),
         (
             'base = "ksm"\nmax_page_sharing = -4\n',
-            "max_page_sharing: expected a 64-bit integer >= 2, found -4",
+            "max_page_sharing: expected an integer from 2 to 2147483647, found -4",
         ),
         (
             'base = "ksm"\nmax_page_sharing = 2.5\n',
-            "max_page_sharing: expected a 64-bit integer >= 2, found 2.5",
+            "max_page_sharing: expected an integer from 2 to 2147483647, found 2.5",
         ),
         (
             'base = "ksm"\nmax_page_sharing = "16"\n',
-            "max_page_sharing: expected a 64-bit integer >= 2, found '16'",
+            "max_page_sharing: expected an integer from 2 to 2147483647, found '16'",
         ),
         (
             'base = "ksm"\nmax_page_sharing = true\n',
-            "max_page_sharing: expected a 64-bit integer >= 2, found True",
+            "max_page_sharing: expected an integer from 2 to 2147483647, found True",
         ),
         (
             'base = "ksm"\nmax_page_sharing = 9223372036854775808\n',
-            "max_page_sharing: expected a 64-bit integer >= 2, found 9223372036854775808",
+            "max_page_sharing: expected an integer from 2 to 2147483647, found 9223372036854775808",
+        ),
+        (
+            'base = "ksm"\nmax_page_sharing = 2147483648\n',
+            "max_page_sharing: expected an integer from 2 to 2147483647, found 2147483648",
         ),
         (
             "max_page_sharing = 16\n",
@@ -142,7 +146,7 @@ def test_max_page_sharing_caps_a_policy_based_on_ksm(tmp_path: Path) -> None:
     path = tmp_path / "k.toml"
     for text, cap in (
         ('base = "ksm"\nmax_page_sharing = 2\n', 2),
-        ('base = "ksm"\nmax_page_sharing = 9223372036854775807\n', 2**63 - 1),
+        ('base = "ksm"\nmax_page_sharing = 2147483647\n', 2**31 - 1),
         ('base = "ksm"\ncross_vm = false\nmax_page_sharing = 16\n', 16),
         ('base = "ksm"\n', 256),
         ('base = "de"\n', None),

@@ -64,7 +64,7 @@ from typing import Any
 
 from dengine_cli.engine.costs import CostModel
 from dengine_cli.engine.policy import Policy
-from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING
+from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING, KSM_MAX_PAGE_SHARING_LIMIT
 from dengine_cli.engine.similarity import HashSimilarityDetector
 from dengine_cli.errors import UsageError
 from dengine_cli.pages import PAGE_SIZE
@@ -241,8 +241,8 @@ def _max_page_sharing(f: _File, data: dict[str, Any], base_name: str, base: Poli
             f'(base = "ksm"); this one is based on {base_name!r}'
         )
     value = data["max_page_sharing"]
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value < 2**63:
-        raise f.fail("max_page_sharing", "a 64-bit integer >= 2", value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= KSM_MAX_PAGE_SHARING_LIMIT:
+        raise f.fail("max_page_sharing", f"an integer from 2 to {KSM_MAX_PAGE_SHARING_LIMIT}", value)
     return value
 
 

@@ -79,6 +79,8 @@ class VmSharing:
 
 #: The kernel's default of ``/sys/kernel/mm/ksm/max_page_sharing``.
 KSM_MAX_PAGE_SHARING = 256
+#: The largest max_page_sharing the kernel takes (an int: kstrtoint in mm/ksm.c).
+KSM_MAX_PAGE_SHARING_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
