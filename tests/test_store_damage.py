@@ -219,3 +219,33 @@ def test_a_catalog_that_is_not_sqlite(store: Path) -> None:
 
 def test_cli_lists_the_frame_codecs() -> None:
     assert FRAME_CODEC_NAMES == FRAME_CODECS
+
+
+def test_a_damaged_frame_is_one_problem_naming_every_page_it_hurts(pristine: Path, tmp_path: Path) -> None:
+    """A flipped byte in a frame is one problem (with the patches against its pages counted in
+    it), not one per patch, and it lists every page whose content comes from that frame."""
+    r = StoreReader(pristine)
+    if not len(r.frame_codecs):
+        pytest.skip("a store without frames")
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    o = r.objects
+    in_frame = np.flatnonzero((o["codec"] == 0xF0) & (o["where"] == 0))
+    patched = np.flatnonzero(np.isin(o["reference"], in_frame))
+    victims = set(in_frame.tolist()) | set(patched.tolist())
+    expected = 0
+    for vm in r.vms:
+        _, objs = r.page_map(vm)
+        expected += int(np.isin(objs, list(victims)).sum())
+    pack = the_pack(store)
+    data = bytearray(pack.read_bytes())
+    data[int(r.frames["offset"][0]) + 10] ^= 0x20
+    pack.write_bytes(bytes(data))
+    doc = verify(store)
+    objects = [p for p in doc["problems"] if p["problem"].startswith("object ")]
+    assert len(objects) == 1, doc
+    (problem,) = objects
+    assert "frame 0" in problem["problem"]
+    if len(patched):
+        assert f"and {len(patched)} patched against them" in problem["problem"]
+    assert sum(len(g) for g in problem["pages"].values()) == expected

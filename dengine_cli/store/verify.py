@@ -10,6 +10,7 @@ one) are reported as notes, not problems.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,6 +144,7 @@ def _check_vms(reader: StoreReader, bad: dict[int, str]) -> list[Problem]:
     out: list[Problem] = []
     bad_ids = np.array(sorted(bad), dtype=np.int64)
     by_reason: dict[str, Problem] = {}
+    victims: dict[str, set[int]] = {}
     for vm in reader.vms:
         try:
             gfns, objs = reader.page_map(vm)
@@ -155,12 +157,29 @@ def _check_vms(reader: StoreReader, bad: dict[int, str]) -> list[Problem]:
                                {vm.name: gfns[missing].astype(np.int64).tolist()}))  # fmt: skip
         hurt = np.isin(objs, bad_ids) if len(bad_ids) else np.zeros(len(objs), dtype=np.bool_)
         for g, o in zip(gfns[hurt].tolist(), objs[hurt].tolist(), strict=True):
-            reason = f"object {o}: {bad[o]}"
-            key = bad[o]
-            p = by_reason.setdefault(key, Problem(reason))
+            key = _cause(o, bad)
+            p = by_reason.setdefault(key, Problem(f"object {o}: {key}"))
             p.pages.setdefault(vm.name, []).append(g)
+            victims.setdefault(key, set()).add(o)
         out += _image_problems(reader, vm, gfns, objs, missing)
+    for key, p in by_reason.items():
+        patched = sum(1 for o in victims[key] if bad[o] != key)
+        if patched:
+            itself = len(victims[key]) - patched
+            p.what += f" ({itself} object(s), and {patched} patched against them)"
     return out + list(by_reason.values())
+
+
+_REFERENCE = re.compile(r"its reference object (\d+): ")
+
+
+def _cause(obj: int, bad: dict[int, str]) -> str:
+    """What is wrong with object ``obj``: its own reason, or, for a patch whose reference object
+    is itself bad, that object's reason (one problem for a damaged frame and every patch against
+    its pages, not one for each patch)."""
+    found = _REFERENCE.match(bad[obj])
+    ref = int(found.group(1)) if found else -1
+    return bad[ref] if ref in bad and not _REFERENCE.match(bad[ref]) else bad[obj]
 
 
 def _image_problems(
