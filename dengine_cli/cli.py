@@ -838,7 +838,7 @@ def report_command(
     cap = _given("ksm_max_page_sharing", ksm_max_page_sharing)
     policies = tuple(_with_ksm_cap(resolve_policy(name), cap) for name in names)
     request = ReportRequest(
-        dumps=tuple(expand_dump_args(inputs)) if inputs else (),
+        dumps=tuple(distinct_dumps(expand_dump_args(inputs))) if inputs else (),
         vms=tuple(parse_vm_option(vm_specs)),
         policies=policies,
         host_memory=host_memory,

@@ -442,3 +442,15 @@ def test_report_refuses_a_ksm_cap_below_two(tmp_path: Path) -> None:
     )
     assert code == 2 and "--ksm-max-page-sharing" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dump_given_twice_is_named_in_a_warning(tmp_path: Path, shared_idx: Path) -> None:
+    """As analyze and plan do: the file given twice is read once, and stderr says so (not with -q)."""
+    link = tmp_path / "link.elf.zst"
+    link.symlink_to(ALPHA)
+    out = tmp_path / "r.json"
+    code, _, err = invoke("report", "--index-dir", str(shared_idx), "-j", "1", "-o", str(tmp_path / "r.html"),
+                          "--json", str(out), str(ALPHA), str(link), str(BETA))  # fmt: skip
+    assert code == 0, err
+    assert f"warning: {ALPHA} is given twice (also as {link}): one file, read once\n" in err
+    assert len(json.loads(out.read_text())["vms"]) == 2
