@@ -369,7 +369,10 @@ def test_a_policy_files_cap_yields_to_the_flag_given(
 
 def test_a_bad_cap_in_a_policy_file_is_one_line_naming_it(alpha: Path, tmp_path: Path) -> None:
     for text, message in (
-        ('base = "ksm"\nmax_page_sharing = 1\n', "max_page_sharing: expected an integer from 2 to 2147483647, found 1"),
+        (
+            'base = "ksm"\nmax_page_sharing = 1\n',
+            "max_page_sharing: expected an integer from 2 to 2147483647, found 1",
+        ),
         ("max_page_sharing = 7\n", "max_page_sharing: only a policy based on ksm has KSM pages to cap"),
     ):
         policy = tmp_path / "bad.toml"

@@ -95,8 +95,14 @@ def test_file_starts_from_its_base(tmp_path: Path) -> None:
             "similarity.indexes: expected indexes * blocks_per_index <= 64",
         ),
         ("patch = 3\n", "patch: expected a table, found 3"),
-        ('base = "ksm"\nmax_page_sharing = 1\n', "max_page_sharing: expected an integer from 2 to 2147483647, found 1"),
-        ('base = "ksm"\nmax_page_sharing = 0\n', "max_page_sharing: expected an integer from 2 to 2147483647, found 0"),
+        (
+            'base = "ksm"\nmax_page_sharing = 1\n',
+            "max_page_sharing: expected an integer from 2 to 2147483647, found 1",
+        ),
+        (
+            'base = "ksm"\nmax_page_sharing = 0\n',
+            "max_page_sharing: expected an integer from 2 to 2147483647, found 0",
+        ),
         (
             'base = "ksm"\nmax_page_sharing = -4\n',
             "max_page_sharing: expected an integer from 2 to 2147483647, found -4",
