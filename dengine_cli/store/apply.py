@@ -440,6 +440,7 @@ class _Apply:
         from dengine_cli.store.layout import CATALOG, PACK_HEADER
 
         catalog = (self.writer.store / CATALOG).stat().st_size
+        used = collections.Counter(row[5] for row in self.frame_rows)
         data = sum(p.size for p in packs) - PACK_HEADER.size * len(packs)
         return ApplyResult(
             store=self.writer.store,
@@ -452,8 +453,8 @@ class _Apply:
             objects=self.objects.count,
             frames=len(self.frame_rows),
             frame_codec=self.frame_codec if self.pack else None,
-            stored_frames=sum(1 for row in self.frame_rows if row[5] == STORED),
-            frame_codecs=dict(sorted(collections.Counter(row[5] for row in self.frame_rows).items())),
+            stored_frames=used.get(STORED, 0),
+            frame_codecs=dict(sorted(used.items())),
         )
 
 
