@@ -27,10 +27,8 @@ def invoke(*args: str) -> tuple[int, str, str]:
     return r.exit_code, r.stdout, r.stderr
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["store", "pack"])
-def pristine(request: pytest.FixtureRequest, real_dump: Callable[[str], Path],
-             tmp_path_factory: pytest.TempPathFactory) -> Path:  # fmt: skip
-    tmp = tmp_path_factory.mktemp("pristine")
+def fixture_store(real_dump: Callable[[str], Path], tmp: Path, pack: bool) -> Path:
+    """A store of the two fixture guests (beta's patches refer to alpha's pages) under ``tmp``."""
     plan = tmp / "plan.json"
     dumps = [str(real_dump("alpha.elf")), str(real_dump("beta.elf"))]
     code, _, err = invoke(
@@ -38,9 +36,15 @@ def pristine(request: pytest.FixtureRequest, real_dump: Callable[[str], Path],
     )
     assert code == 0, err
     store = tmp / "store"
-    code, _, err = invoke("apply", str(plan), "-o", str(store), *(["--pack"] if request.param else []))
+    code, _, err = invoke("apply", str(plan), "-o", str(store), *(["--pack"] if pack else []))
     assert code == 0, err
     return store
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["store", "pack"])
+def pristine(request: pytest.FixtureRequest, real_dump: Callable[[str], Path],
+             tmp_path_factory: pytest.TempPathFactory) -> Path:  # fmt: skip
+    return fixture_store(real_dump, tmp_path_factory.mktemp("pristine"), request.param)
 
 
 @pytest.fixture
@@ -223,17 +227,8 @@ def test_cli_lists_the_frame_codecs() -> None:
 
 @pytest.fixture(scope="module")
 def packed(real_dump: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A packed store of the two fixture guests (beta's patches refer to alpha's pages)."""
-    tmp = tmp_path_factory.mktemp("packed")
-    plan = tmp / "plan.json"
-    dumps = [str(real_dump("alpha.elf")), str(real_dump("beta.elf"))]
-    code, _, err = invoke(
-        "plan", "--baseline", "none", "--index-dir", str(tmp / "idx"), "-o", str(plan), *dumps
-    )
-    assert code == 0, err
-    code, _, err = invoke("apply", str(plan), "-o", str(tmp / "store"), "--pack")
-    assert code == 0, err
-    return tmp / "store"
+    """A packed store of its own (the damaged-frame test needs frames, whatever ``pristine`` is)."""
+    return fixture_store(real_dump, tmp_path_factory.mktemp("packed"), pack=True)
 
 
 def test_a_damaged_frame_is_one_problem_naming_every_page_it_hurts(packed: Path, tmp_path: Path) -> None:
