@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 import click
 
 from dengine_cli import __version__
-from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING_LIMIT
+from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING, KSM_MAX_PAGE_SHARING_LIMIT
 from dengine_cli.errors import EXIT_INTERNAL, EXIT_USAGE, DengineError, UnreadableFile
 from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dump
 
@@ -535,14 +535,18 @@ def ksm_view_options(f: F) -> F:
         is_flag=True,
         help="KSM view: empty pages merge with the kernel's zero page (ksm_zero_pages), as use_zero_pages=1.",
     )(f)
-    f = click.option(
+    return ksm_cap_option("KSM view: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing).")(f)
+
+
+def ksm_cap_option(text: str) -> Callable[[F], F]:
+    """``--ksm-max-page-sharing``: KSM's cap, the kernel's default and range (help ``text``)."""
+    return click.option(
         "--ksm-max-page-sharing",
         type=click.IntRange(min=2, max=KSM_MAX_PAGE_SHARING_LIMIT),
-        default=256,
+        default=KSM_MAX_PAGE_SHARING,
         show_default=True,
-        help="KSM view: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing).",
-    )(f)
-    return f
+        help=text,
+    )
 
 
 @cli.command("analyze")
@@ -666,13 +670,9 @@ def analyze_command(
     help="Host memory (e.g. 512G): page out the coldest pages beyond it; how many VMs fit.",
 )
 @sample_options
-@click.option(
-    "--ksm-max-page-sharing",
-    type=click.IntRange(min=2, max=KSM_MAX_PAGE_SHARING_LIMIT),
-    default=256,
-    show_default=True,
-    help="ksm policies: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing), as analyze's; "
-    "given, it wins over a policy file's max_page_sharing.",
+@ksm_cap_option(
+    "ksm policies: mappings one KSM page holds (/sys/kernel/mm/ksm/max_page_sharing), as analyze's; "
+    "given, it wins over a policy file's max_page_sharing."
 )
 @click.option(
     "-o",
