@@ -82,9 +82,13 @@ class CompressionCodec(ABC):
         sizes = np.empty(len(pages), dtype=np.int32)
         zero = zero_rows(pages)
         sizes[zero] = self._zero_size
-        rest = pages[~zero]
-        sizes[~zero] = np.fromiter(map(self._size, rest), dtype=np.int32, count=len(rest))
+        sizes[~zero] = self._sizes(pages[~zero])
         return sizes
+
+    def _sizes(self, rows: PageArray) -> SizeArray:
+        """``len(compress(row))`` of each row (none of them zero); codecs override it when they
+        can encode a batch with less Python around each page."""
+        return np.fromiter(map(self._size, rows), dtype=np.int32, count=len(rows))
 
     def _size(self, page: PageArray) -> int:
         """``len(compress(page))`` for one row; codecs override it when they can skip building the

@@ -42,9 +42,10 @@ import threading
 import zlib
 
 import cramjam
+import numpy as np
 import zstandard
 
-from dengine_cli.codecs.base import CodecError, CompressionCodec, PageArray, PageLike, page_bytes
+from dengine_cli.codecs.base import CodecError, CompressionCodec, PageArray, PageLike, SizeArray, page_bytes
 from dengine_cli.pages import PAGE_SIZE
 
 
@@ -73,6 +74,17 @@ class ZstdCodec(CompressionCodec):
 
     def _size(self, page: PageArray) -> int:
         return len(self._compressor.compress(page.data))
+
+    def _sizes(self, rows: PageArray) -> SizeArray:
+        # This thread's context looked up once, and pages as slices of one memoryview (iterating
+        # ndarray rows and the per-call context lookup measured 1-6 us a page more, beside zstd-1's
+        # 31 us on the bench dumps' pages).
+        compress = self._compressor.compress
+        data = np.ascontiguousarray(rows).reshape(-1).data
+        starts = range(0, len(rows) * PAGE_SIZE, PAGE_SIZE)
+        return np.fromiter(
+            (len(compress(data[i : i + PAGE_SIZE])) for i in starts), dtype=np.int32, count=len(rows)
+        )
 
 
 class ZstdContexts:
