@@ -81,6 +81,9 @@ class CompressionCodec(ABC):
         pages = page_rows(pages)
         sizes = np.empty(len(pages), dtype=np.int32)
         zero = zero_rows(pages)
+        if not zero.any():  # the plan's pages, which are never zero: no copy of the rows
+            sizes[:] = self._sizes(pages)
+            return sizes
         sizes[zero] = self._zero_size
         sizes[~zero] = self._sizes(pages[~zero])
         return sizes

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import bz2
 import struct
-from functools import cached_property
 
 import bsdiff4
 import numpy as np
@@ -65,7 +64,6 @@ from dengine_cli.codecs.base import (
     PatchCodec,
     SizeArray,
     page_bytes,
-    zero_rows,
 )
 from dengine_cli.codecs.compression import ZstdContexts, zstd_page
 from dengine_cli.pages import PAGE_SIZE
@@ -233,24 +231,21 @@ class XorZstdPatch(PatchCodec):
         return np.bitwise_xor(_page_array(ref, "ref"), xor).tobytes()
 
     def _patch_sizes(self, refs: PageArray, pages: PageArray) -> SizeArray:
+        # Each XOR is compressed as a slice of the chunk's one memoryview: no copy of the rows
+        # and no ndarray row iteration (2.5 us a pair of the 16 us measured on the bench dumps'
+        # pairs).  Two equal pages need no special case: their XOR compresses to the encoded zero
+        # page like any other, and pairs of the plan are never equal (equal pages are shared).
         sizes = np.empty(len(refs), dtype=np.int32)
         compress = self._compressor.compress
         for lo in range(0, len(refs), XOR_CHUNK_PAGES):
             hi = min(lo + XOR_CHUNK_PAGES, len(refs))
-            xor = np.bitwise_xor(refs[lo:hi], pages[lo:hi])
-            same = zero_rows(xor)
-            rest = xor[~same]
-            chunk = sizes[lo:hi]
-            chunk[same] = self._same_size
-            chunk[~same] = np.fromiter(
-                (len(compress(row.data)) for row in rest), dtype=np.int32, count=len(rest)
+            data = np.bitwise_xor(refs[lo:hi], pages[lo:hi]).reshape(-1).data
+            sizes[lo:hi] = np.fromiter(
+                (len(compress(data[i : i + PAGE_SIZE])) for i in range(0, (hi - lo) * PAGE_SIZE, PAGE_SIZE)),
+                dtype=np.int32,
+                count=hi - lo,
             )
         return sizes
-
-    @cached_property
-    def _same_size(self) -> int:
-        """The size of the patch between two equal pages: the encoded zero page."""
-        return len(self._compressor.compress(bytes(PAGE_SIZE)))
 
 
 def _page_array(page: PageLike, what: str) -> npt.NDArray[np.uint8]:

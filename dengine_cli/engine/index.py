@@ -110,14 +110,23 @@ def hash_pages(pages: PageArray) -> Hashed:
 
 
 def _rows_zero(pages: PageArray, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
-    """Whether each of ``rows`` of ``pages`` is all zeros, read in place (no copy of the rows):
-    one OR-reduction per row over the batch's 64-bit words."""
-    words = pages.view(np.uint64).reshape(-1)
+    """Whether each of ``rows`` (ascending) of ``pages`` is all zeros.
+
+    Few rows among many are gathered and reduced on their own (a copy of those rows only); rows
+    close together are OR-reduced in place over the batch's 64-bit words, which reads every page
+    from the first row to the last (``reduceat`` also reduces the gaps between the rows).  Three
+    or more pages of span a row is where gathering is cheaper: it costs about three times as
+    much per row as the in-place pass costs per page (0.7 against 0.23 us)."""
+    words = pages.view(np.uint64).reshape(len(pages), -1)
+    if 3 * len(rows) < int(rows[-1]) - int(rows[0]) + 1:
+        gathered: npt.NDArray[np.bool_] = words[rows].max(axis=1) == 0
+        return gathered
+    flat = words.reshape(-1)
     per_page = PAGE_SIZE // 8
     bounds = np.stack((rows * per_page, rows * per_page + per_page), axis=1).reshape(-1)
-    if bounds[-1] == len(words):  # reduceat runs the last segment to the end by itself
+    if bounds[-1] == len(flat):  # reduceat runs the last segment to the end by itself
         bounds = bounds[:-1]
-    found: npt.NDArray[np.bool_] = np.bitwise_or.reduceat(words, bounds)[::2] == 0
+    found: npt.NDArray[np.bool_] = np.bitwise_or.reduceat(flat, bounds)[::2] == 0
     return found
 
 
