@@ -51,6 +51,11 @@ DEFAULT_FLEETS = tuple(DATA_DIR / f"fleet-{n}" for n in (4, 16, 64))
 DEFAULT_DENGINE = REPO / ".venv" / "bin" / "dengine"
 SAMPLE_SECONDS = 0.005
 J1, J2, LIMITED = "dengine -j 1", "dengine -j 2", "dengine -j 2 --memory-limit"
+#: Goals of the issue "The engine in stages": on the 16-guest fleet, -j 2 at this ratio to xxhsum
+#: and this speedup over -j 1; on the largest fleet, --memory-limit 128M within this peak anonymous
+#: memory (and the same JSON); seconds per GiB within this spread from the smallest fleet to the
+#: largest.
+RATIO_GOAL, SPEEDUP_GOAL, LIMITED_ANON_GOAL_MIB, FLAT_GOAL = 0.7, 1.7, 160, 1.2
 
 
 class FastAnonSampler(AnonSampler):
@@ -276,6 +281,46 @@ def print_report(report: dict[str, Any]) -> None:
             f"{yes_no(f['json_identical_limited_vs_j2']):>9}"
         )
     print("  same JSON: dengine JSON with --memory-limit identical to without (-j 2); n/a: option rejected")
+    print("\ngoals")
+    for what, figure, met in goals(report["fleets"]):
+        verdict = "n/a" if met is None else ("met" if met else "NOT met")
+        print(f"  {what}: {fmt(figure, '.2f')} ({verdict})")
+
+
+def goals(fleets: Sequence[dict[str, Any]]) -> list[tuple[str, float | None, bool | None]]:
+    """The issue's goals: (what, figure, met), met ``None`` where the fleets measured cannot tell."""
+    out: list[tuple[str, float | None, bool | None]] = []
+    sixteen = [f for f in fleets if f["guests"] == 16]
+    for f in sixteen[:1]:
+        ratio, speedup = f["speed_ratio_j2"], f["speedup_j2_vs_j1"]
+        out.append(
+            (f"16 guests: -j 2 ratio to xxhsum >= {RATIO_GOAL:g}", ratio, _at_least(ratio, RATIO_GOAL))
+        )
+        out.append((f"16 guests: -j 2 / -j 1 >= {SPEEDUP_GOAL:g}", speedup, _at_least(speedup, SPEEDUP_GOAL)))
+    if fleets:
+        big = max(fleets, key=lambda f: f["bytes"])
+        anon, same = big["peak_anon_mib_limited"], big["json_identical_limited_vs_j2"]
+        met = None if anon is None or same is None else anon <= LIMITED_ANON_GOAL_MIB and same
+        out.append(
+            (
+                f"{big['guests']} guests: --memory-limit peak anon <= {LIMITED_ANON_GOAL_MIB} MiB, same JSON",
+                anon,
+                met,
+            )
+        )
+    per_gib = [
+        r["seconds_per_gib"] for f in fleets for r in f["rows"] if r["label"] == J2 and "seconds_per_gib" in r
+    ]
+    if len(per_gib) > 1:
+        spread = max(per_gib) / min(per_gib)
+        out.append(
+            (f"s/GiB largest / smallest over the fleets <= {FLAT_GOAL:g}", spread, spread <= FLAT_GOAL)
+        )
+    return out
+
+
+def _at_least(v: float | None, goal: float) -> bool | None:
+    return None if v is None else v >= goal
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -326,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sample_seconds": SAMPLE_SECONDS,
         "fleets": [fleet_report(f, args) for f in args.fleet],
     }
+    report["goals"] = [
+        {"goal": what, "figure": figure, "met": met} for what, figure, met in goals(report["fleets"])
+    ]
     print_report(report)
     if args.json:
         tmp = args.json.with_name(f".{args.json.name}.tmp")

@@ -1,12 +1,15 @@
 """How fast ``dengine plan`` (Difference Engine policy) goes through real dumps, against ``zstd -1``.
 
-Goals of the project, speeds in bytes of dump files per second, wall clock:
+Goals (issue "The engine in stages"), speeds in bytes of dump files per second, wall clock,
+with nothing cached (the indexes built by the timed command):
 
-* the exact plan (``dengine plan --policy de --baseline none``) is **at least as fast as**
-  ``zstd -1 -T1`` compressing the same files (a plan should cost no more than one fast
-  compression pass over the dumps);
-* the sampled plan (``--sample 0.05``) is **at least 5x as fast as** ``zstd -1 -T1``, and its
-  savings are **within 1 percentage point** of the exact plan's.
+* the exact plan (``dengine plan --policy de --baseline none``) is **at least 3.5x as fast as**
+  ``zstd -1 -T1`` compressing the same files;
+* the sampled plan (``--sample 0.05``) is **at least 8x as fast as** ``zstd -1 -T1``, and its
+  savings are **within 0.5 percentage points** of the exact plan's.
+
+The runs with the indexes (and the sharing) cached are reported beside them, without a goal:
+they show what the fixed costs of indexing and sharing take.
 
 In one run, with the files in the page cache (read once before timing) and dengine's bytecode
 written, each timed as a subprocess, best of ``--repeat`` runs made in rounds (see
@@ -59,9 +62,11 @@ from analyze_speed import (
 )
 
 SAMPLE = 0.05
-EXACT_GOAL = 1.0  # dengine exact / zstd speed
-SAMPLE_GOAL = 5.0  # dengine sampled / zstd speed
-SAMPLE_PP_GOAL = 1.0  # |sampled - exact| savings, percentage points
+EXACT_GOAL = 3.5  # dengine exact / zstd speed, nothing cached
+SAMPLE_GOAL = 8.0  # dengine sampled / zstd speed, nothing cached
+SAMPLE_PP_GOAL = 0.5  # |sampled - exact| savings, percentage points
+#: The rows the speed goals apply to (the others are shown without a goal).
+GOAL_ROWS = {"exact_index_built": EXACT_GOAL, "sample_index_built": SAMPLE_GOAL}
 PLAN = ("plan", "--policy", "de", "--baseline", "none", "--format", "json")
 
 
@@ -135,11 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sample_index_cached": base / sampled.best.seconds,
         "sample_index_and_sharing_cached": base / sampled_hot.best.seconds,
     }
-    goals = {k: v >= (EXACT_GOAL if k.startswith("exact") else SAMPLE_GOAL) for k, v in ratios.items()}
-    goals["sample_within_1pp"] = abs(pp) <= SAMPLE_PP_GOAL
+    goals = {k: ratios[k] >= goal for k, goal in GOAL_ROWS.items()}
+    goals["sample_within_pp"] = abs(pp) <= SAMPLE_PP_GOAL
     if args.json:
         out = {
-            "goal": "exact plan >= zstd -1 -T1 speed; --sample 0.05 >= 5x zstd and within 1 pp of exact",
+            "goal": (
+                f"nothing cached: exact plan >= {EXACT_GOAL:g}x zstd -1 -T1 speed; --sample {SAMPLE} "
+                f">= {SAMPLE_GOAL:g}x and within {SAMPLE_PP_GOAL:g} pp of exact"
+            ),
             "measured_at": at,
             "dumps": files,
             "bytes": nbytes,
@@ -158,14 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print_table("plan speed (speed ratio = zstd seconds / command seconds)", nbytes, rows, base)
     for k, v in ratios.items():
-        goal = EXACT_GOAL if k.startswith("exact") else SAMPLE_GOAL
-        verdict = "met" if goals[k] else "NOT met"
-        print(f"dengine/zstd speed, {k.replace('_', ' ')}: {v:.2f} (goal >= {goal:g}: {verdict})")
+        goal = GOAL_ROWS.get(k)
+        verdict = "" if goal is None else f" (goal >= {goal:g}: {'met' if goals[k] else 'NOT met'})"
+        print(f"dengine/zstd speed, {k.replace('_', ' ')}: {v:.2f}{verdict}")
     lo, hi = sample_sav["savings_interval_percent"]
     print(
         f"savings: exact {exact_sav['savings_percent']:.3f} %, sample {sample_sav['savings_percent']:.3f} % "
         f"(95 % interval {lo:.3f}..{hi:.3f}), difference {pp:+.3f} pp "
-        f"(goal within {SAMPLE_PP_GOAL:g} pp: {'met' if goals['sample_within_1pp'] else 'NOT met'})"
+        f"(goal within {SAMPLE_PP_GOAL:g} pp: {'met' if goals['sample_within_pp'] else 'NOT met'})"
     )
     return 0
 
