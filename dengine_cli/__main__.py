@@ -1,3 +1,3 @@
-from dengine_cli.cli import main
+from dengine_cli.entry import main
 
 main()
