@@ -510,7 +510,7 @@ def index_command(
         if not dumps:
             return
     options = open_options(dump_format, device_memory, tmp_dir)
-    paths = expand_dump_args(dumps)
+    paths = distinct_dumps(expand_dump_args(dumps))
     bar = PageProgress("indexing")
     try:
         with Session(paths, settings_of(options, index_dir, jobs, memory_limit), bar) as session:

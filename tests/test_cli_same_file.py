@@ -113,3 +113,22 @@ def test_history_names_the_dump_by_any_of_its_names(real_dump: Callable[[str], P
     )
     assert code == EXIT_USAGE and out == ""
     assert f"'{link}' (the same file as {later}) is given two earlier snapshots, {earlier} and {later}" in err
+
+
+def test_index_lists_a_file_given_twice_once(alpha: Path, tmp_path: Path) -> None:
+    """`dengine index a X`, X being a by any name, indexes and lists a once, under its first
+    name, with the note analyze and plan print."""
+    names = other_names(alpha, tmp_path)  # first: a hard link changes the file's ctime, its key
+    base = ["index", "--index-dir", str(tmp_path / "idx")]
+    code, once, err = invoke(*base, str(alpha))
+    assert code == 0, err
+    for how, again in names.items():
+        code, out, err = invoke(*base, str(alpha), again)
+        assert code == 0, err
+        assert out == once.replace("\tbuilt\t", "\tcached\t"), how
+        assert len(out.splitlines()) == 1, how
+        also = "" if again == str(alpha) else f" (also as {again})"
+        assert err == f"warning: {alpha} is given twice{also}: one file, read once\n", how
+        code, out, err = invoke("-q", *base, str(alpha), again)
+        assert code == 0 and err == "", err
+        assert len(out.splitlines()) == 1, how
