@@ -16,7 +16,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dengine_cli.cache.index_store import INDEX_MAGIC, INDEX_VERSION, index_path_for
+from dengine_cli.cache.index_store import INDEX_MAGIC, INDEX_VERSION, index_key, index_path_for, write_index
 from dengine_cli.cache.keys import default_index_dir
 from dengine_cli.engine.index import (
     ZERO_PAGE_CHECK,
@@ -177,6 +177,24 @@ def test_on_disk_layout(tmp_path: Path) -> None:
     # Named by the xxh3-128 of the key it stores.
     digest = xxhash.xxh3_128_hexdigest(json.dumps(header["key"], sort_keys=True).encode())
     assert index.path.name == digest + ".idx"
+
+
+def test_a_loaded_index_is_named_as_the_dump_is_given_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built as ``vm.raw``, loaded as its absolute path: the name is the path given now; so
+    too for an index written before the header said which name it was built under."""
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(6, 50))
+    monkeypatch.chdir(tmp_path)
+    built = load_or_build("vm.raw", index_dir=tmp_path / "cache")
+    assert built.name == "vm.raw" and built.path is not None
+    assert load_or_build(dump_path, index_dir=tmp_path / "cache").name == str(dump_path)
+    key = index_key("vm.raw", OpenOptions())
+    assert write_index(built, key, built.path)  # as before: no "given" in the header
+    data = built.path.read_bytes()
+    (header_len,) = struct.unpack_from("<I", data, 12)
+    assert "given" not in json.loads(data[16 : 16 + header_len])
+    assert load_or_build(dump_path, index_dir=tmp_path / "cache").name == str(dump_path)
 
 
 def test_rewritten_dump_with_same_size_and_mtime_is_reindexed(tmp_path: Path) -> None:
