@@ -236,8 +236,10 @@ class ByteSize(click.ParamType[int]):
             size = float(number) * self.UNITS[unit]
         except ValueError:
             self.fail(f"{value!r} is not a size (examples: 512G, 65536M, 1.5T)", param, ctx)
-        if size <= 0 or size != size:
+        if not size >= 1:  # NaN too
             self.fail(f"{value!r}: a size must be positive", param, ctx)
+        if size == float("inf"):
+            self.fail(f"{value!r} is not a size (examples: 512G, 65536M, 1.5T)", param, ctx)
         return int(size)
 
 
@@ -314,7 +316,9 @@ wide_option = click.option(
 
 
 def sample_options(f: F) -> F:
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")(f)
+    f = click.option(
+        "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of --sample."
+    )(f)
     f = click.option(
         "--sample",
         type=Fraction(),
