@@ -215,6 +215,21 @@ def test_a_damaged_catalog_chunk(store: Path, tmp_path: Path) -> None:
     restore_refuses(store, tmp_path, "0", "checksum mismatch")
 
 
+def test_a_flipped_byte_in_a_vm_row(store: Path, tmp_path: Path) -> None:
+    """A VM row's JSON (its dump's identity) damaged in the catalog file, which SQLite does not
+    checksum: verify and restore say which row (exit 7), not an internal error."""
+    catalog = store / "catalog.sqlite"
+    data = bytearray(catalog.read_bytes())
+    at = data.index(b'"ino": ')
+    data[at + len('"ino"')] = ord(";")
+    catalog.write_bytes(bytes(data))
+    code, out, err = invoke("verify", str(store))
+    assert code == EXIT_DAMAGED and out == ""
+    assert err.startswith(f"dengine: {store}: damaged store: catalog.sqlite: vm row ")
+    assert "does not decode: Expecting ':' delimiter" in err and len(err.splitlines()) == 1
+    restore_refuses(store, tmp_path, "0", "does not decode")
+
+
 def test_a_catalog_that_is_not_sqlite(store: Path) -> None:
     (store / "catalog.sqlite").write_bytes(b"not a database at all" * 100)
     code, _, err = invoke("verify", str(store))
