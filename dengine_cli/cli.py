@@ -67,8 +67,11 @@ class DengineGroup(click.Group):
             rv = super().main(*args, **kwargs)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()  # `dengine` alone: the help, as asked
+            sys.exit(e.exit_code)
         except click.ClickException as e:
-            e.show()
+            click.echo(usage_line(e), err=True)
             sys.exit(e.exit_code)
         except click.Abort:
             click.echo("dengine: interrupted", err=True)
@@ -95,6 +98,16 @@ class DengineGroup(click.Group):
             )
             sys.exit(EXIT_INTERNAL)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def usage_line(e: click.ClickException) -> str:
+    """A usage error as one line, as every other error: ``dengine: COMMAND: what is wrong; see
+    'dengine COMMAND --help'`` (click's own form is four lines: usage, hint, blank, error)."""
+    ctx = e.ctx if isinstance(e, click.UsageError) else None
+    # The command path without the program's name (``python -m dengine_cli``, a test runner's).
+    command = ctx.command_path.partition(" ")[2] if ctx is not None else ""
+    where, path = (f"{command}: ", f"dengine {command}") if command else ("", "dengine")
+    return f"dengine: {where}{e.format_message().rstrip('.')}; see '{path} --help'"
 
 
 @click.group(cls=DengineGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -188,3 +188,47 @@ def test_a_reader_that_went_away_is_exit_141_not_an_internal_error(
         os.close(write)
     assert done.returncode == 141, done.stderr
     assert done.stderr == b""
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["nosuch"], "dengine: No such command 'nosuch'; see 'dengine --help'"),
+        (["analyze"], "dengine: analyze: Missing argument 'DUMPS...'; see 'dengine analyze --help'"),
+        (
+            ["analyze", "--memory-limit", "1x", "a.raw"],
+            "dengine: analyze: Invalid value for '--memory-limit': '1x' is not a size (examples: 512G, "
+            "65536M, 1.5T); see 'dengine analyze --help'",
+        ),
+        (
+            ["index", "-j", "0", "a.raw"],
+            "dengine: index: Invalid value for '-j' / '--jobs': 0 is not in the range x>=1; "
+            "see 'dengine index --help'",
+        ),
+        (
+            ["info", "--nosuch", "a.raw"],
+            "dengine: info: No such option '--nosuch'; see 'dengine info --help'",
+        ),
+        (
+            ["plan", "--history", "nope", "a.raw"],
+            "dengine: plan: Invalid value for --history: 'nope' is not CURRENT=EARLIER; "
+            "see 'dengine plan --help'",
+        ),
+    ],
+)
+def test_a_usage_error_is_one_line_as_every_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], line: str
+) -> None:
+    """Option and argument errors (click's) are one `dengine:` line naming the command, exit 2,
+    like the errors dengine raises itself; `dengine` alone still prints the help."""
+    monkeypatch.chdir(tmp_path)
+    write_raw_image(tmp_path / "a.raw", filled_image(4, {1: 1}))
+    code, out, err = run(*args)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err.splitlines() == [line]
+
+
+def test_dengine_alone_prints_the_help() -> None:
+    code, out, err = run()
+    assert code == EXIT_USAGE
+    assert "Commands:" in out + err and "analyze" in out + err
