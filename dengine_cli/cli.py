@@ -48,6 +48,11 @@ class _PipeClosed(Exception):
     OSError into exit status 1, an internal error by our codes."""
 
 
+class _Interrupted(Exception):
+    """Ctrl-C or SIGINT.  Not a KeyboardInterrupt: click's ``main`` answers that with an empty
+    line on stderr before ours (right after ``^C`` on a terminal, a stray line in a log)."""
+
+
 class DengineGroup(click.Group):
     """Turns every error into one line on stderr and its documented exit code."""
 
@@ -56,6 +61,8 @@ class DengineGroup(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError as e:
             raise _PipeClosed() from e
+        except KeyboardInterrupt as e:
+            raise _Interrupted() from e
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:
         argv = kwargs.get("args")
@@ -73,8 +80,9 @@ class DengineGroup(click.Group):
         except click.ClickException as e:
             click.echo(usage_line(e), err=True)
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("dengine: interrupted", err=True)
+        except (click.Abort, _Interrupted):
+            # On a terminal the line starts after the ^C the terminal echoed.
+            click.echo(("\n" if sys.stderr.isatty() else "") + "dengine: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except DengineError as e:
             if debug:
