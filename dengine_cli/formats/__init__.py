@@ -94,6 +94,22 @@ def detect_head(head: bytes, size: int, source: Source, name: str) -> FormatSpec
     if raw.claims_name(name, size):
         return raw.FORMAT
     shown = head[:16].hex(" ") if head else "an empty file"
+
+    # A reader's magic (or the start of one: a file cut within it), then a header none of them
+    # takes (cut short, another version): say so, rather than that no magic was found.
+    def starts(magic: bytes) -> bool:
+        return head.startswith(magic) or (4 <= len(head) < len(magic) and magic.startswith(head))
+
+    claimed = [fmt for fmt, _, magics in READERS if any(starts(m) for m in magics)]
+    if claimed:
+        magic = next(m for _, _, magics in READERS for m in magics if starts(m))
+        ends = f" (the file ends at {size:#x})" if size <= len(head) else ""
+        raise FormatError(
+            source.name,
+            source.start,
+            expected=f"a header {' or '.join(claimed)} reads after the magic {magic.hex(' ')}",
+            found=f"{shown}{ends}: --dump-format {claimed[-1]} says what is wrong",
+        )
     raise FormatError(
         source.name,
         source.start,
