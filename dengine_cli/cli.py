@@ -1026,7 +1026,8 @@ def apply_command(
 )
 def restore_command(store: Path, vms: tuple[str, ...], output: Path, image_format: str) -> None:
     """Write VMs of a store back as memory images, byte for byte as they were; every page checked.
-    VM: a name as `dengine apply` printed it, its file name, or its number (default: every VM)."""
+    VM: a name as `dengine apply` printed it, its file name, or its number (0 for the first;
+    default: every VM)."""
     from dengine_cli.store.reader import StoreReader
     from dengine_cli.store.restore import restore_vm
 
