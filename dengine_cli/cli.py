@@ -1032,13 +1032,27 @@ def restore_command(store: Path, vms: tuple[str, ...], output: Path, image_forma
     from dengine_cli.store.restore import restore_vm
 
     reader = StoreReader(store)
+    made: list[Path] = []  # what this run made, removed if a VM fails: nothing partial at OUT
     try:
         chosen = [reader.vm(v) for v in vms] if vms else list(reader.vms)
-        targets = _restore_targets([vm.name for vm in chosen], output, image_format, several=len(chosen) != 1)
+        several = len(chosen) != 1
+        if several and not output.exists():
+            made.append(output)
+        targets = _restore_targets([vm.name for vm in chosen], output, image_format, several=several)
         for vm, target in zip(chosen, targets, strict=True):
+            if not target.exists():
+                made.insert(0, target)
             with progress(vm.pages, Path(vm.name).name) as tick:
                 size = restore_vm(reader, vm, target, image_format, tick)
             _note(f"{target}: VM {vm.name}: {size} bytes, {vm.pages} pages present")
+    except BaseException:
+        for path in made:  # images first, then the directory
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    path.rmdir()
+                else:
+                    path.unlink()
+        raise
     finally:
         reader.close()
 

@@ -107,6 +107,16 @@ def test_a_flipped_byte_names_the_vm_and_gfn(store: Path, tmp_path: Path) -> Non
     if o["codec"][obj] < 0xF0:
         assert f"{int(gfns[k]):#x}" in named
     restore_refuses(store, tmp_path, "1", "damaged store: VM ")
+    # Every VM into a directory: alpha restores whole, then beta fails; nothing this run made is
+    # left (a directory it made is removed; one that was there keeps only what it held).
+    code, _, err = invoke("restore", str(store), "-o", str(tmp_path / "images"))
+    assert code == EXIT_DAMAGED, err
+    assert not (tmp_path / "images").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code, _, err = invoke("restore", str(store), "-o", str(tmp_path / "mine"))
+    assert code == EXIT_DAMAGED, err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_a_truncated_pack(store: Path, tmp_path: Path) -> None:
