@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -274,6 +275,28 @@ def test_corrupt_index_is_ignored_and_rebuilt(tmp_path: Path, corrupt: object) -
     assert not again.loaded
     assert again.hashes.tolist() == expected_hashes(pages)
     assert load_or_build(dump_path, index_dir=tmp_path / "cache").loaded  # repaired
+
+
+def test_a_fifo_by_a_cache_file_name_is_a_cache_miss(tmp_path: Path) -> None:
+    """A FIFO where the dump's index would be, or named like a cache file: the index is built
+    (and replaces it), prune removes it; neither waits for a writer that never comes."""
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(14, 20))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.mkfifo(index_path_for(dump_path, OpenOptions(), cache))
+    os.mkfifo(cache / "0123.shr")
+    dengine = [str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "dengine"), "-q", "index"]
+    r = subprocess.run(
+        [*dengine, "--index-dir", str(cache), str(dump_path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "\tbuilt\t" in r.stdout
+    assert os.path.isfile(index_path_for(dump_path, OpenOptions(), cache))
+    r = subprocess.run(
+        [*dengine, "--prune", "--index-dir", str(cache)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in cache.iterdir()) == [index_path_for(dump_path, OpenOptions(), cache).name]
 
 
 def test_index_of_another_dump_under_this_name_is_not_trusted(tmp_path: Path) -> None:
