@@ -855,7 +855,7 @@ def report_command(
 
     outputs = [p for p in (output, json_output, csv_output) if p is not None]
     for path in outputs:
-        if not (path.parent if str(path.parent) else Path(".")).is_dir():
+        if not os.path.isdir(path.parent if str(path.parent) else Path(".")):
             raise OutputError(path, "no such directory")
     if not inputs and not vm_specs:
         raise click.UsageError("no dumps given")
@@ -1036,11 +1036,12 @@ def restore_command(store: Path, vms: tuple[str, ...], output: Path, image_forma
     try:
         chosen = [reader.vm(v) for v in vms] if vms else list(reader.vms)
         several = len(chosen) != 1
-        if several and not output.exists():
+        # os.path's tests: False where pathlib's raise (a folder this user cannot search).
+        if several and not os.path.exists(output):
             made.append(output)
         targets = _restore_targets([vm.name for vm in chosen], output, image_format, several=several)
         for vm, target in zip(chosen, targets, strict=True):
-            if not target.exists():
+            if not os.path.lexists(target):
                 made.insert(0, target)
             with progress(vm.pages, Path(vm.name).name) as tick:
                 size = restore_vm(reader, vm, target, image_format, tick)
@@ -1048,7 +1049,7 @@ def restore_command(store: Path, vms: tuple[str, ...], output: Path, image_forma
     except BaseException:
         for path in made:  # images first, then the directory
             with contextlib.suppress(OSError):
-                if path.is_dir():
+                if os.path.isdir(path):
                     path.rmdir()
                 else:
                     path.unlink()

@@ -56,7 +56,7 @@ def _atomic(path: Path | str, text: bool, sync: bool) -> Iterator[IO[Any]]:
     if mode is not None and (stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)):
         kind = "a block device" if stat.S_ISBLK(mode) else "a socket"
         raise OutputError(path, f"is {kind}, not a file")
-    if path.is_symlink():
+    if os.path.islink(path):  # False, not an error, where the folder cannot be searched
         path = Path(os.path.realpath(path))
     folder = path.parent if str(path.parent) else Path(".")
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,9 +199,15 @@ class Catalog:
     def __init__(self, store: Path) -> None:
         self.store = store
         path = store / CATALOG
-        if not path.is_file():
-            what = "no such store" if not store.exists() else f"not a complete dengine store (no {CATALOG})"
-            raise UnreadableFile(store, what)
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except PermissionError as e:  # a store in a folder this user cannot search
+            raise UnreadableFile(store, e.strerror or str(e)) from None
+        except OSError:
+            regular = False
+        if not regular:
+            incomplete = f"not a complete dengine store (no {CATALOG})"
+            raise UnreadableFile(store, incomplete if os.path.exists(store) else "no such store")
         try:
             self._db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1", uri=True)
             self._check_header()

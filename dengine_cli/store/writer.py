@@ -70,16 +70,17 @@ class StoreWriter:
         self._lock_fd: int | None = None
         self._tmp: Path | None = None
         #: The directories this apply makes, the store first, then the parents it needs.
-        self._made = [p for p in (store, *store.parents) if not p.exists()]
+        # os.path's tests: False where pathlib's raise (a folder this user cannot search).
+        self._made = [p for p in (store, *store.parents) if not os.path.exists(p)]
         self._prepare()
         self.packs = PackWriter(store / PACKS, self.run)
         self.committed = False
 
     def _prepare(self) -> None:
         store = self.store
-        if store.exists() and not store.is_dir():
+        if os.path.exists(store) and not os.path.isdir(store):
             raise OutputError(store, "exists and is not a directory (a store is a directory)")
-        if store.is_dir():
+        if os.path.isdir(store):
             foreign = sorted(p.name for p in store.iterdir() if p.name not in STORE_NAMES and
                              not p.name.startswith(TMP_PREFIX))  # fmt: skip
             if foreign:
