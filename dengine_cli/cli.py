@@ -48,6 +48,11 @@ class _PipeClosed(Exception):
     OSError into exit status 1, an internal error by our codes."""
 
 
+class _Interrupted(Exception):
+    """Ctrl-C or SIGINT.  Not a KeyboardInterrupt: click's ``main`` answers that with an empty
+    line on stderr before ours (right after ``^C`` on a terminal, a stray line in a log)."""
+
+
 class DengineGroup(click.Group):
     """Turns every error into one line on stderr and its documented exit code."""
 
@@ -56,6 +61,8 @@ class DengineGroup(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError as e:
             raise _PipeClosed() from e
+        except KeyboardInterrupt as e:
+            raise _Interrupted() from e
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:
         argv = kwargs.get("args")
@@ -67,11 +74,15 @@ class DengineGroup(click.Group):
             rv = super().main(*args, **kwargs)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.ClickException as e:
-            e.show()
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()  # `dengine` alone: the help, as asked
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("dengine: interrupted", err=True)
+        except click.ClickException as e:
+            click.echo(usage_line(e), err=True)
+            sys.exit(e.exit_code)
+        except (click.Abort, _Interrupted):
+            # On a terminal the line starts after the ^C the terminal echoed.
+            click.echo(("\n" if sys.stderr.isatty() else "") + "dengine: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except DengineError as e:
             if debug:
@@ -95,6 +106,16 @@ class DengineGroup(click.Group):
             )
             sys.exit(EXIT_INTERNAL)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def usage_line(e: click.ClickException) -> str:
+    """A usage error as one line, as every other error: ``dengine: COMMAND: what is wrong; see
+    'dengine COMMAND --help'`` (click's own form is four lines: usage, hint, blank, error)."""
+    ctx = e.ctx if isinstance(e, click.UsageError) else None
+    # The command path without the program's name (``python -m dengine_cli``, a test runner's).
+    command = ctx.command_path.partition(" ")[2] if ctx is not None else ""
+    where, path = (f"{command}: ", f"dengine {command}") if command else ("", "dengine")
+    return f"dengine: {where}{e.format_message().rstrip('.')}; see '{path} --help'"
 
 
 @click.group(cls=DengineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -236,8 +257,10 @@ class ByteSize(click.ParamType[int]):
             size = float(number) * self.UNITS[unit]
         except ValueError:
             self.fail(f"{value!r} is not a size (examples: 512G, 65536M, 1.5T)", param, ctx)
-        if size <= 0 or size != size:
+        if not size >= 1:  # NaN too
             self.fail(f"{value!r}: a size must be positive", param, ctx)
+        if size == float("inf"):
+            self.fail(f"{value!r} is not a size (examples: 512G, 65536M, 1.5T)", param, ctx)
         return int(size)
 
 
@@ -314,7 +337,9 @@ wide_option = click.option(
 
 
 def sample_options(f: F) -> F:
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")(f)
+    f = click.option(
+        "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of --sample."
+    )(f)
     f = click.option(
         "--sample",
         type=Fraction(),
@@ -510,7 +535,7 @@ def index_command(
         if not dumps:
             return
     options = open_options(dump_format, device_memory, tmp_dir)
-    paths = expand_dump_args(dumps)
+    paths = distinct_dumps(expand_dump_args(dumps))
     bar = PageProgress("indexing")
     try:
         with Session(paths, settings_of(options, index_dir, jobs, memory_limit), bar) as session:
@@ -830,7 +855,7 @@ def report_command(
 
     outputs = [p for p in (output, json_output, csv_output) if p is not None]
     for path in outputs:
-        if not (path.parent if str(path.parent) else Path(".")).is_dir():
+        if not os.path.isdir(path.parent if str(path.parent) else Path(".")):
             raise OutputError(path, "no such directory")
     if not inputs and not vm_specs:
         raise click.UsageError("no dumps given")
@@ -1001,18 +1026,34 @@ def apply_command(
 )
 def restore_command(store: Path, vms: tuple[str, ...], output: Path, image_format: str) -> None:
     """Write VMs of a store back as memory images, byte for byte as they were; every page checked.
-    VM: a name as `dengine apply` printed it, its file name, or its number (default: every VM)."""
+    VM: a name as `dengine apply` printed it, its file name, or its number (0 for the first;
+    default: every VM)."""
     from dengine_cli.store.reader import StoreReader
     from dengine_cli.store.restore import restore_vm
 
     reader = StoreReader(store)
+    made: list[Path] = []  # what this run made, removed if a VM fails: nothing partial at OUT
     try:
         chosen = [reader.vm(v) for v in vms] if vms else list(reader.vms)
-        targets = _restore_targets([vm.name for vm in chosen], output, image_format, several=len(chosen) != 1)
+        several = len(chosen) != 1
+        # os.path's tests: False where pathlib's raise (a folder this user cannot search).
+        if several and not os.path.exists(output):
+            made.append(output)
+        targets = _restore_targets([vm.name for vm in chosen], output, image_format, several=several)
         for vm, target in zip(chosen, targets, strict=True):
+            if not os.path.lexists(target):
+                made.insert(0, target)
             with progress(vm.pages, Path(vm.name).name) as tick:
                 size = restore_vm(reader, vm, target, image_format, tick)
             _note(f"{target}: VM {vm.name}: {size} bytes, {vm.pages} pages present")
+    except BaseException:
+        for path in made:  # images first, then the directory
+            with contextlib.suppress(OSError):
+                if os.path.isdir(path):
+                    path.rmdir()
+                else:
+                    path.unlink()
+        raise
     finally:
         reader.close()
 

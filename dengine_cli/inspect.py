@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from dengine_cli.errors import OutputError
 from dengine_cli.formats.base import Dump
-from dengine_cli.outputs import atomic_output
+from dengine_cli.outputs import atomic_output, set_size
 from dengine_cli.pages import PAGE_SIZE, PageArray
 
 Progress = Callable[[int], None]
@@ -112,5 +112,5 @@ def extract(dump: Dump, output: Path, on_progress: Progress | None = None) -> in
                     f.write(batch.pages[idx[run[0]] : idx[run[-1]] + 1].tobytes())
             if on_progress:
                 on_progress(len(batch))
-        f.truncate(size)
+        set_size(f, size)
     return size

@@ -5,12 +5,20 @@ it, given the mode ``open()`` would give (``mkstemp`` makes files 0600), synced 
 the path when the block ends; on any error the temporary file is removed and the path is left as
 it was.  Caches have their own writer (:mod:`dengine_cli.cache.files`): a cache that cannot be
 written is not an error.
+
+A path that is not a file is not renamed over: a character device or a FIFO (``-o /dev/null``,
+``-o /dev/stdout``, ``-o >(gzip > x.gz)``) is written to in place (renaming over /dev/null, as root,
+would put a file where the device was), a block device or a socket is refused, and a symbolic
+link keeps naming the file it names, which is replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -37,6 +45,19 @@ def _atomic(path: Path | str, text: bool, sync: bool) -> Iterator[IO[Any]]:
     memory are written without (syncing gigabytes costs seconds; the command that wrote one
     reads the same page cache): a power loss may leave such an image renamed but incomplete."""
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        with _in_place(path, text) as f:
+            yield f
+        return
+    if mode is not None and (stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)):
+        kind = "a block device" if stat.S_ISBLK(mode) else "a socket"
+        raise OutputError(path, f"is {kind}, not a file")
+    if os.path.islink(path):  # False, not an error, where the folder cannot be searched
+        path = Path(os.path.realpath(path))
     folder = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
@@ -58,6 +79,27 @@ def _atomic(path: Path | str, text: bool, sync: bool) -> Iterator[IO[Any]]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _in_place(path: Path, text: bool) -> Iterator[IO[Any]]:
+    """``path``, a character device or a FIFO, open for writing: what is written goes where it
+    leads (nothing to remove on an error)."""
+    try:
+        with open(path, "w", encoding="utf-8") if text else open(path, "wb") as f:
+            yield f
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if e.errno == errno.ESPIPE or isinstance(e, io.UnsupportedOperation):
+            reason = "a pipe cannot take it (it is written out of order, with holes): give a file"
+        raise OutputError(path, reason) from e
+
+
+def set_size(f: BinaryIO, size: int) -> None:
+    """End the output ``f`` at ``size`` bytes (a sparse file's trailing hole); a device or a FIFO
+    has no size to set."""
+    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.truncate(size)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,85 @@ def test_a_reader_that_went_away_is_exit_141_not_an_internal_error(
         os.close(write)
     assert done.returncode == 141, done.stderr
     assert done.stderr == b""
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["nosuch"], "dengine: No such command 'nosuch'; see 'dengine --help'"),
+        (["analyze"], "dengine: analyze: Missing argument 'DUMPS...'; see 'dengine analyze --help'"),
+        (
+            ["analyze", "--memory-limit", "1x", "a.raw"],
+            "dengine: analyze: Invalid value for '--memory-limit': '1x' is not a size (examples: 512G, "
+            "65536M, 1.5T); see 'dengine analyze --help'",
+        ),
+        (
+            ["index", "-j", "0", "a.raw"],
+            "dengine: index: Invalid value for '-j' / '--jobs': 0 is not in the range x>=1; "
+            "see 'dengine index --help'",
+        ),
+        (
+            ["info", "--nosuch", "a.raw"],
+            "dengine: info: No such option '--nosuch'; see 'dengine info --help'",
+        ),
+        (
+            ["plan", "--history", "nope", "a.raw"],
+            "dengine: plan: Invalid value for --history: 'nope' is not CURRENT=EARLIER; "
+            "see 'dengine plan --help'",
+        ),
+    ],
+)
+def test_a_usage_error_is_one_line_as_every_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], line: str
+) -> None:
+    """Option and argument errors (click's) are one `dengine:` line naming the command, exit 2,
+    like the errors dengine raises itself; `dengine` alone still prints the help."""
+    monkeypatch.chdir(tmp_path)
+    write_raw_image(tmp_path / "a.raw", filled_image(4, {1: 1}))
+    code, out, err = run(*args)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err.splitlines() == [line]
+
+
+def test_dengine_alone_prints_the_help() -> None:
+    code, out, err = run()
+    assert code == EXIT_USAGE
+    assert "Commands:" in out + err and "analyze" in out + err
+
+
+@pytest.mark.parametrize(
+    ("fixture", "keep", "readers", "magic"),
+    [
+        ("alpha.elf", 4, "xc-core or elf", "7f 45 4c 46"),
+        ("alpha.elf", 32, "xc-core or elf", "7f 45 4c 46"),
+        ("alpha.kdump", -6, "kdump", "4b 44 55 4d 50 20 20 20"),  # b"KDUMP " of the magic "KDUMP   "
+        ("alpha.qevm", 0, "qemu-stream", "51 45 56 4d"),  # 4 KiB of it, stream version 2
+    ],
+    ids=["elf-cut-after-magic", "elf-cut-in-header", "kdump-cut-in-magic", "qevm-version-2"],
+)
+def test_a_known_magic_with_a_header_no_reader_takes_says_so(
+    real_dump: Callable[[str], Path], tmp_path: Path, fixture: str, keep: int, readers: str, magic: str
+) -> None:
+    """A file that starts with a reader's magic (or is cut within it) but whose header no
+    reader of that magic takes is not "no known magic": the message names the readers, and the
+    --dump-format it names gives that reader's own error."""
+    if keep > 0:
+        data = real_dump(fixture).read_bytes()[:keep]
+    elif keep < 0:
+        data = b"KDUMP   "[:-keep]
+    else:
+        data = bytearray(real_dump(fixture).read_bytes()[:4096])
+        data[4:8] = (2).to_bytes(4, "big")
+    path = tmp_path / f"vm{Path(fixture).suffix}"
+    path.write_bytes(bytes(data))
+    reader = readers.split()[-1]
+    code, out, err = run("info", str(path))
+    assert (code, out) == (EXIT_BAD_DUMP, "")
+    ends = f" (the file ends at {len(data):#x})"  # all of it within the 64 KiB probed
+    assert err.splitlines() == [
+        f"dengine: {path}: at offset 0x0: expected a header {readers} reads after the magic {magic}, "
+        f"found {bytes(data[:16]).hex(' ')}{ends}: --dump-format {reader} says what is wrong"
+    ]
+    code, _, err = run("info", "--dump-format", reader, str(path))
+    assert code == EXIT_BAD_DUMP and len(err.splitlines()) == 1
+    assert err.startswith(f"dengine: {path}: at offset") and "says what is wrong" not in err

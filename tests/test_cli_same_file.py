@@ -113,3 +113,62 @@ def test_history_names_the_dump_by_any_of_its_names(real_dump: Callable[[str], P
     )
     assert code == EXIT_USAGE and out == ""
     assert f"'{link}' (the same file as {later}) is given two earlier snapshots, {earlier} and {later}" in err
+
+
+def test_index_lists_a_file_given_twice_once(alpha: Path, tmp_path: Path) -> None:
+    """`dengine index a X`, X being a by any name, indexes and lists a once, under its first
+    name, with the note analyze and plan print."""
+    names = other_names(alpha, tmp_path)  # first: a hard link changes the file's ctime, its key
+    base = ["index", "--index-dir", str(tmp_path / "idx")]
+    code, once, err = invoke(*base, str(alpha))
+    assert code == 0, err
+    for how, again in names.items():
+        code, out, err = invoke(*base, str(alpha), again)
+        assert code == 0, err
+        assert out == once.replace("\tbuilt\t", "\tcached\t"), how
+        assert len(out.splitlines()) == 1, how
+        also = "" if again == str(alpha) else f" (also as {again})"
+        assert err == f"warning: {alpha} is given twice{also}: one file, read once\n", how
+        code, out, err = invoke("-q", *base, str(alpha), again)
+        assert code == 0 and err == "", err
+        assert len(out.splitlines()) == 1, how
+
+
+def test_a_cached_index_names_the_dump_as_given_now(
+    real_dump: Callable[[str], Path], alpha: Path, tmp_path: Path
+) -> None:
+    """The index cache is keyed by the file, not by the name it was given by: a dump indexed as
+    ``x`` and analyzed as ``./d/../x``, a link or an absolute path is named as given now in
+    every output, whichever name built the cached index."""
+    names = other_names(alpha, tmp_path)
+    beta = str(real_dump("beta.elf"))
+    base = ["-q", "--index-dir", str(tmp_path / "idx")]
+    code, out, err = invoke("index", *base[1:], names["symlink"], beta)
+    assert code == 0 and "\tbuilt\t" in out, err
+    for how, name in names.items():
+        commands = [["analyze", "--sharing-only"]] + ([["plan"]] if how == "as given" else [])
+        for command in commands:
+            code, out, err = invoke(base[0], *command, *base[1:], "--format", "json", name, beta)
+            assert code == 0, err
+            assert [vm["name"] for vm in json.loads(out)["vms"]] == [name, beta], (how, command)
+        code, out, err = invoke("index", *base[1:], name)
+        assert code == 0 and out.startswith(f"{name}\t") and "\tcached\t" in out, (how, out)
+
+
+def test_a_cached_partial_index_keeps_what_it_covers_under_the_name_given_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dump read with --partial is named ``PATH (partial: ...)``: indexed as ``guest.core``,
+    analyzed as its absolute path, the name is the absolute path with the same note."""
+    from tests.test_xc_core_partial import cut_short
+
+    path, _, _ = cut_short(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    base = ["--index-dir", str(tmp_path / "idx"), "--partial"]
+    code, out, err = invoke("analyze", "--sharing-only", "--format", "json", *base, "guest.core")
+    assert code == 0, err
+    (relative,) = [vm["name"] for vm in json.loads(out)["vms"]]
+    assert relative.startswith("guest.core (partial: ")
+    code, out, err = invoke("analyze", "--sharing-only", "--format", "json", *base, str(path))
+    assert code == 0, err
+    assert [vm["name"] for vm in json.loads(out)["vms"]] == [str(path) + relative[len("guest.core") :]]

@@ -111,18 +111,19 @@ def test_run_tasks_reports_a_usage_error_as_a_failure(tmp_path: Path) -> None:
     (tmp_path / "input").mkdir()
     (o,) = run_tasks(iter([task]), 1, Limits(wall_seconds=60))
     assert o.code == 2
-    assert o.problems[0].startswith("stderr is not one 'dengine: ...' line")
+    assert o.problems == ["usage error (exit 2): the command line was refused, not the dump"]
 
 
 def test_a_command_that_blocks_is_killed_and_reported_as_a_hang(tmp_path: Path) -> None:
-    # Opening a FIFO nobody writes to blocks without spending CPU: only the wall bound ends it.
+    # Reading the dump list from a FIFO nobody writes to (`@FIFO`) blocks without spending CPU:
+    # only the wall bound ends it.  (A dump that is a FIFO is refused at once.)
     import os
 
-    task = Task(0, "info", [], tmp_path, ["stuck.raw"])
+    task = Task(0, "info", [], tmp_path, ["stuck.list"])
     prepare(task)
     (tmp_path / "input").mkdir()
-    os.mkfifo(tmp_path / "input" / "stuck.raw")
-    task.argv = ["info", str(tmp_path / "input" / "stuck.raw")]
+    os.mkfifo(tmp_path / "input" / "stuck.list")
+    task.argv = ["info", "@" + str(tmp_path / "input" / "stuck.list")]
     (o,) = run_tasks(iter([task]), 1, Limits(wall_seconds=1.0))
     assert o.signal == signal.SIGKILL
     assert o.problems == ["hang: over 1 s of wall time"]

@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dengine_cli.cache.index_store import INDEX_MAGIC, INDEX_VERSION, index_path_for
+from dengine_cli.cache.index_store import INDEX_MAGIC, INDEX_VERSION, index_key, index_path_for, write_index
 from dengine_cli.cache.keys import default_index_dir
 from dengine_cli.engine.index import (
     ZERO_PAGE_CHECK,
@@ -179,6 +180,24 @@ def test_on_disk_layout(tmp_path: Path) -> None:
     assert index.path.name == digest + ".idx"
 
 
+def test_a_loaded_index_is_named_as_the_dump_is_given_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built as ``vm.raw``, loaded as its absolute path: the name is the path given now; so
+    too for an index written before the header said which name it was built under."""
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(6, 50))
+    monkeypatch.chdir(tmp_path)
+    built = load_or_build("vm.raw", index_dir=tmp_path / "cache")
+    assert built.name == "vm.raw" and built.path is not None
+    assert load_or_build(dump_path, index_dir=tmp_path / "cache").name == str(dump_path)
+    key = index_key("vm.raw", OpenOptions())
+    assert write_index(built, key, built.path)  # as before: no "given" in the header
+    data = built.path.read_bytes()
+    (header_len,) = struct.unpack_from("<I", data, 12)
+    assert "given" not in json.loads(data[16 : 16 + header_len])
+    assert load_or_build(dump_path, index_dir=tmp_path / "cache").name == str(dump_path)
+
+
 def test_rewritten_dump_with_same_size_and_mtime_is_reindexed(tmp_path: Path) -> None:
     dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(6, 64))
     first = load_or_build(dump_path, index_dir=tmp_path / "cache")
@@ -256,6 +275,28 @@ def test_corrupt_index_is_ignored_and_rebuilt(tmp_path: Path, corrupt: object) -
     assert not again.loaded
     assert again.hashes.tolist() == expected_hashes(pages)
     assert load_or_build(dump_path, index_dir=tmp_path / "cache").loaded  # repaired
+
+
+def test_a_fifo_by_a_cache_file_name_is_a_cache_miss(tmp_path: Path) -> None:
+    """A FIFO where the dump's index would be, or named like a cache file: the index is built
+    (and replaces it), prune removes it; neither waits for a writer that never comes."""
+    dump_path = write_raw_image(tmp_path / "vm.raw", make_pages(14, 20))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.mkfifo(index_path_for(dump_path, OpenOptions(), cache))
+    os.mkfifo(cache / "0123.shr")
+    dengine = [str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "dengine"), "-q", "index"]
+    r = subprocess.run(
+        [*dengine, "--index-dir", str(cache), str(dump_path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "\tbuilt\t" in r.stdout
+    assert os.path.isfile(index_path_for(dump_path, OpenOptions(), cache))
+    r = subprocess.run(
+        [*dengine, "--prune", "--index-dir", str(cache)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in cache.iterdir()) == [index_path_for(dump_path, OpenOptions(), cache).name]
 
 
 def test_index_of_another_dump_under_this_name_is_not_trusted(tmp_path: Path) -> None:

@@ -67,6 +67,20 @@ def test_command_options_match(name: str) -> None:
     assert documented_options(text) == long_options(commands()[name])
 
 
+@pytest.mark.parametrize("name", sorted(commands()))
+def test_no_option_is_documented_twice(name: str) -> None:
+    """Each option has one entry in its command's section (analyze and plan had two of
+    --index-dir)."""
+    (text,) = [body for title, body in sections().items() if title.split()[:2] == ["dengine", name]]
+    tags = re.findall(r"^\.TP\n(.*)$", text, flags=re.M)
+    options = [
+        re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", re.sub(r"\\f[BIRP]", "", t).replace("\\-", "-"))
+        for t in tags
+    ]
+    flat = [o for found in options for o in found]
+    assert sorted(o for o in set(flat) if flat.count(o) > 1) == []
+
+
 def test_global_options_documented() -> None:
     head = man_text().split(".SH COMMANDS")[0].split(".SH GLOBAL OPTIONS")[1]
     assert documented_options(head) >= long_options(cli) - {"--version"} | {"--debug", "--quiet"}

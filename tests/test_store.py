@@ -166,7 +166,8 @@ def test_a_changed_dump_is_refused(real_dump: Callable[[str], Path], tmp_path: P
 
 def test_a_plan_that_lies_about_a_page_is_refused(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
     """A plan edited to call a non-zero page zero, or to share two pages that differ: refused,
-    never stored wrong."""
+    never stored wrong; a new store is not left behind (not even its empty directories), an
+    existing one is left as it was."""
     alpha = real_dump("alpha.elf")
     plan_file = plan([alpha], tmp_path)
     doc = json.loads(plan_file.read_text())
@@ -188,8 +189,16 @@ def test_a_plan_that_lies_about_a_page_is_refused(real_dump: Callable[[str], Pat
     assert code == EXIT_STALE, err
     assert "their contents differ" in err
     for store in ("s1", "s2"):
-        assert not (tmp_path / store / "catalog.sqlite").exists()
-        assert list((tmp_path / store / "packs").iterdir()) == []
+        assert not (tmp_path / store).exists()
+    code, _, err = invoke("apply", str(lie), "-o", str(tmp_path / "new" / "dir" / "s3"))
+    assert code == EXIT_STALE, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "lie.json", "plan.json"]
+    store = tmp_path / "store"
+    apply(plan_file, store)
+    before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    code, _, err = invoke("apply", str(lie), "-o", str(store))
+    assert code == EXIT_STALE, err
+    assert {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
 def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
@@ -215,6 +224,14 @@ def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> Non
     k = d["action"].index(3)
     d["reference"][k] = [0, 10**9]
     cases.append((EXIT_BAD_DUMP, "is not a page the plan keeps whole", dangling))
+    codec = json.loads(json.dumps(doc))
+    codec["policy"]["patch"]["codec"] = "nope"
+    cases.append((EXIT_BAD_DUMP, "policy.patch.codec: unknown patch codec 'nope': known codecs are", codec))
+    no_compression = json.loads(json.dumps(doc))
+    del no_compression["policy"]["compression"]
+    cases.append(
+        (EXIT_BAD_DUMP, "policy.compression: expected an object with enabled and codec", no_compression)
+    )
     for case in cases:
         if len(case) == 3:
             bad.write_text(json.dumps(case[2]))
@@ -222,6 +239,7 @@ def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> Non
         assert code == case[0], err
         assert err.startswith(f"dengine: {bad}: ") and case[1] in err, err
         assert "Traceback" not in err
+        assert not (tmp_path / "store").exists()
     code, _, err = invoke("apply", str(tmp_path / "missing.json"), "-o", str(tmp_path / "store"))
     assert code == EXIT_UNREADABLE
 

@@ -107,6 +107,16 @@ def test_a_flipped_byte_names_the_vm_and_gfn(store: Path, tmp_path: Path) -> Non
     if o["codec"][obj] < 0xF0:
         assert f"{int(gfns[k]):#x}" in named
     restore_refuses(store, tmp_path, "1", "damaged store: VM ")
+    # Every VM into a directory: alpha restores whole, then beta fails; nothing this run made is
+    # left (a directory it made is removed; one that was there keeps only what it held).
+    code, _, err = invoke("restore", str(store), "-o", str(tmp_path / "images"))
+    assert code == EXIT_DAMAGED, err
+    assert not (tmp_path / "images").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code, _, err = invoke("restore", str(store), "-o", str(tmp_path / "mine"))
+    assert code == EXIT_DAMAGED, err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_a_truncated_pack(store: Path, tmp_path: Path) -> None:
@@ -213,6 +223,21 @@ def test_a_damaged_catalog_chunk(store: Path, tmp_path: Path) -> None:
     doc = verify(store)
     assert any("pages chunk 0 of VM 0: checksum mismatch" in p["problem"] for p in doc["problems"])
     restore_refuses(store, tmp_path, "0", "checksum mismatch")
+
+
+def test_a_flipped_byte_in_a_vm_row(store: Path, tmp_path: Path) -> None:
+    """A VM row's JSON (its dump's identity) damaged in the catalog file, which SQLite does not
+    checksum: verify and restore say which row (exit 7), not an internal error."""
+    catalog = store / "catalog.sqlite"
+    data = bytearray(catalog.read_bytes())
+    at = data.index(b'"ino": ')
+    data[at + len('"ino"')] = ord(";")
+    catalog.write_bytes(bytes(data))
+    code, out, err = invoke("verify", str(store))
+    assert code == EXIT_DAMAGED and out == ""
+    assert err.startswith(f"dengine: {store}: damaged store: catalog.sqlite: vm row ")
+    assert "does not decode: Expecting ':' delimiter" in err and len(err.splitlines()) == 1
+    restore_refuses(store, tmp_path, "0", "does not decode")
 
 
 def test_a_catalog_that_is_not_sqlite(store: Path) -> None:

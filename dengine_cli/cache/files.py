@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,10 +50,15 @@ def data_offset(header_len: int) -> int:
 
 def read_header(file: Path, magic: bytes, version: int) -> tuple[dict[str, Any], int, int] | None:
     """``(header, data offset, file size)`` of a cache file of this magic and version; ``None``
-    for a missing, short or foreign file or one of another version."""
+    for a missing, short or foreign file, one of another version, or no regular file (opened
+    without blocking: a FIFO by a cache file's name made open() wait for ever)."""
     try:
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            size = st.st_size
             prefix = f.read(PREFIX.size)
             if len(prefix) != PREFIX.size:
                 return None

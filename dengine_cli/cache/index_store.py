@@ -1,7 +1,8 @@
 """Page indexes on disk, keyed by the dump file as it is now.
 
 On disk (the framing of :mod:`dengine_cli.cache.files`): magic b"DENGIDX\\0", version
-:data:`INDEX_VERSION`, a JSON header (the cache key, page count, checksum, guest facts), then
+:data:`INDEX_VERSION`, a JSON header (the cache key, page count, checksum, guest facts, the dump's name and
+the path it was given by), then
 u64[n] gfns, u64[n] hashes (high half of xxh3-128), u64[n] check (low half), u8[n] zero flags.
 
 The cache key names the dump as it is now: real path, device, inode, size, mtime and ctime (which
@@ -82,9 +83,10 @@ def map_arrays(file: Path, data: int, n: int) -> tuple[GfnArray, HashArray, Hash
     return gfns, hashes, check, zero
 
 
-def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
+def read_index(file: Path, key: dict[str, Any], given: str | None = None) -> PageIndex | None:
     """The index stored in ``file`` if it is intact and made for ``key``; ``None`` otherwise
-    (missing, truncated, corrupt, another version, another dump)."""
+    (missing, truncated, corrupt, another version, another dump).  ``given``: the path the dump
+    is given by now, which names it (see :func:`_name_now`)."""
     found = files.read_header(file, INDEX_MAGIC, INDEX_VERSION)
     if found is None:
         return None
@@ -102,7 +104,7 @@ def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
             return None
         facts = header.get("facts")
         return PageIndex(
-            str(header.get("name", key["path"])),
+            _name_now(header, key, given),
             gfns,
             hashes,
             check,
@@ -115,6 +117,20 @@ def read_index(file: Path, key: dict[str, Any]) -> PageIndex | None:
     except (OSError, ValueError, KeyError, TypeError):
         # json errors are ValueErrors; anything unreadable is a cache miss, never a crash.
         return None
+
+
+def _name_now(header: dict[str, Any], key: dict[str, Any], given: str | None) -> str:
+    """The dump's name in every output: the path it is given by now (``given``), not the one the
+    index was built under (``x``, ``./x``, an absolute path or a link are one file, one key),
+    followed by what the reader added to it (``(partial: ...)``)."""
+    stored = str(header.get("name", key["path"]))
+    if given is None:
+        return stored
+    was = header.get("given")
+    if isinstance(was, str) and stored.startswith(was):
+        return given + stored[len(was) :]
+    # Written before "given" was stored: a complete dump's name is the path it was given by.
+    return stored if key.get("partial") else given
 
 
 def still_valid(file: Path) -> bool:
@@ -143,12 +159,14 @@ def still_current(key: dict[str, Any]) -> bool:
         return False
 
 
-def write_index(index: PageIndex, key: dict[str, Any], file: Path) -> bool:
+def write_index(index: PageIndex, key: dict[str, Any], file: Path, given: str | None = None) -> bool:
     """Store ``index`` for ``key`` at ``file`` atomically; ``False`` when that is not possible
-    (the cache is an optimization: a read-only or full cache directory is not an error)."""
+    (the cache is an optimization: a read-only or full cache directory is not an error).
+    ``given``: the path the dump was given by, which its name starts with."""
     header = {
         "key": key,
         "name": index.name,
+        **({"given": given} if given is not None else {}),
         "page_count": index.page_count,
         "zero_pages": index.zero_pages,
         "checksum": files.checksum((index.gfns, index.hashes, index.check, index.zero)),

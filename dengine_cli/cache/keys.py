@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dengine_cli.errors import UnreadableFile
+from dengine_cli.formats import not_a_dump_file
 
 
 def default_index_dir() -> Path:
@@ -24,6 +25,8 @@ def dump_identity(path: Path | str) -> dict[str, Any]:
         st = os.stat(real)
     except OSError as e:
         raise UnreadableFile(str(path), e.strerror or str(e)) from e
+    if (reason := not_a_dump_file(st.st_mode)) is not None:
+        raise UnreadableFile(str(path), reason)
     return {
         "path": real,
         "dev": st.st_dev,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def prune_indexes(index_dir: Path | str | None = None) -> tuple[int, int, int]:
     ``*.shr``, their ``.tmp-*`` forms, ``.spill-*``) in ``index_dir`` are looked at."""
     folder = Path(index_dir if index_dir is not None else default_index_dir())
     kept = removed = freed = 0
-    if not folder.is_dir():
+    if not os.path.isdir(folder):
         return 0, 0, 0
     checks = (
         (index_store.INDEX_SUFFIX, index_store.still_valid),

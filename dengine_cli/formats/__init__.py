@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import stat
 from pathlib import Path
 
 from dengine_cli.errors import FormatError, UnreadableFile, UsageError
@@ -52,6 +53,7 @@ __all__ = [
     "all_formats",
     "detect",
     "format_named",
+    "not_a_dump_file",
     "open_dump",
 ]
 
@@ -92,6 +94,22 @@ def detect_head(head: bytes, size: int, source: Source, name: str) -> FormatSpec
     if raw.claims_name(name, size):
         return raw.FORMAT
     shown = head[:16].hex(" ") if head else "an empty file"
+
+    # A reader's magic (or the start of one: a file cut within it), then a header none of them
+    # takes (cut short, another version): say so, rather than that no magic was found.
+    def starts(magic: bytes) -> bool:
+        return head.startswith(magic) or (4 <= len(head) < len(magic) and magic.startswith(head))
+
+    claimed = [fmt for fmt, _, magics in READERS if any(starts(m) for m in magics)]
+    if claimed:
+        magic = next(m for _, _, magics in READERS for m in magics if starts(m))
+        ends = f" (the file ends at {size:#x})" if size <= len(head) else ""
+        raise FormatError(
+            source.name,
+            source.start,
+            expected=f"a header {' or '.join(claimed)} reads after the magic {magic.hex(' ')}",
+            found=f"{shown}{ends}: --dump-format {claimed[-1]} says what is wrong",
+        )
     raise FormatError(
         source.name,
         source.start,
@@ -100,12 +118,26 @@ def detect_head(head: bytes, size: int, source: Source, name: str) -> FormatSpec
     )
 
 
+def not_a_dump_file(mode: int) -> str | None:
+    """Why a path of file mode ``mode`` (``st_mode``) cannot be a dump, or ``None``: dumps are
+    mapped and read in place, which a directory, a FIFO or a socket cannot be (and opening a
+    FIFO nothing writes to would wait for ever)."""
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (a pipe): dumps are read in place, from a file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a file"
+    return None
+
+
 def open_dump(path: Path | str, options: OpenOptions | None = None) -> Dump:
     """Open one dump, whatever its format (or the one ``options.format`` forces)."""
     options = options or OpenOptions()
     source = Source.of(path)
-    if os.path.isdir(source.path):
-        raise UnreadableFile(source.name, "is a directory")
+    with contextlib.suppress(OSError):  # a missing file: read_head names the error
+        if (reason := not_a_dump_file(os.stat(source.path).st_mode)) is not None:
+            raise UnreadableFile(source.name, reason)
     head = read_head(source.path, source.name, PROBE_BYTES)
     kind = container.detect(head)
     if kind is None:

@@ -12,8 +12,10 @@ of the command line whose size or mtime changed.
 
 The child does all the work with the terminal, standard input and output it inherits; the
 supervisor only waits.  Ctrl-C reaches both (one process group): the supervisor ignores it and
-leaves with the child's status.  SIGTERM, SIGHUP and SIGQUIT sent to the supervisor are passed
-on.  A supervisor killed outright takes the child with it (PR_SET_PDEATHSIG), as forked workers
+leaves with the child's status.  A SIGINT that cannot be the terminal's (no controlling
+terminal, or one whose foreground is another process group: ``kill -INT``, ``timeout -s INT``,
+a job runner) reached the supervisor alone, and is passed on, as SIGTERM, SIGHUP and SIGQUIT
+are.  A supervisor killed outright takes the child with it (PR_SET_PDEATHSIG), as forked workers
 are taken with the command.  Any other death of the child is the supervisor's own: it dies of
 the same signal.
 """
@@ -60,7 +62,9 @@ def _die_with(parent: int) -> None:  # pragma: no cover - runs in the child
 
 
 def _wait(pid: int, files: dict[str, tuple[int, int] | None]) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(
+        signal.SIGINT, lambda signum, frame: None if _terminal_foreground() else _pass_on(pid, signum)
+    )
     for passed in _PASSED_ON:
         signal.signal(passed, lambda signum, frame: _pass_on(pid, signum))
     while True:
@@ -86,6 +90,21 @@ def _wait(pid: int, files: dict[str, tuple[int, int] | None]) -> int:
     signal.signal(sig, signal.SIG_DFL)
     os.kill(os.getpid(), sig)
     return 128 + sig
+
+
+def _terminal_foreground() -> bool:
+    """Whether this process is in the foreground of its controlling terminal: then a SIGINT may
+    be Ctrl-C, which the child got too."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no controlling terminal
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _pass_on(pid: int, signum: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dengine_cli.engine.index import PageIndex, Progress
 from dengine_cli.engine.policy import Policy
 from dengine_cli.engine.sharing.model import KsmModel
 from dengine_cli.errors import FormatError, UnreadableFile, UsageError
+from dengine_cli.formats import not_a_dump_file
 from dengine_cli.report.snapshots import SnapshotChanges, Vm, dumps_to_group, group_by_guest, snapshot_changes
 from dengine_cli.session import Session, Settings
 
@@ -109,6 +111,8 @@ def versions() -> dict[str, str]:
 def is_plan_file(path: Path) -> bool:
     """Whether ``path`` is a plan file written by ``dengine plan -o`` (rather than a dump)."""
     try:
+        if (reason := not_a_dump_file(os.stat(path).st_mode)) is not None:
+            raise UnreadableFile(str(path), reason)
         with open(path, "rb") as f:
             return f.read(len(PLAN_MAGIC)) == PLAN_MAGIC
     except OSError as e:

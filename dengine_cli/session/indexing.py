@@ -62,7 +62,9 @@ class IndexBuild:
         are used as they are."""
         keys = [index_key(p, self.options) for p in paths]
         files = [file_for(k, self.index_dir) for k in keys]
-        result: list[PageIndex | None] = [read_index(f, k) for f, k in zip(files, keys, strict=True)]
+        result: list[PageIndex | None] = [
+            read_index(f, k, str(p)) for f, k, p in zip(files, keys, paths, strict=True)
+        ]
         todo = [i for i, r in enumerate(result) if r is None]
         containers = [
             i for i in todo if (keep_open is None or i not in keep_open) and _is_container(paths[i])
@@ -189,7 +191,7 @@ class IndexBuild:
             indexes: list[PageIndex] = []
             for i, was_stored in zip(todo, stored, strict=True):
                 key = index_key(paths[i], self.options)
-                found = read_index(file_for(key, self.index_dir), key) if was_stored else None
+                found = read_index(file_for(key, self.index_dir), key, str(paths[i])) if was_stored else None
                 indexes.append(found or self.load_or_build(paths[i]))
             for i, index in zip(todo, indexes, strict=True):
                 if self.on_progress is not None:
@@ -212,7 +214,7 @@ class IndexBuild:
         built in this process (from ``dump`` when the caller has it open) and cached."""
         key = index_key(path, self.options)
         file = file_for(key, self.index_dir)
-        cached = read_index(file, key)
+        cached = read_index(file, key, str(path))
         if cached is not None:
             return cached
         if dump is not None:
@@ -291,7 +293,7 @@ def _store(
     """Cache ``index`` and give it back mapped from the cache file (page cache, not this
     process's memory); as it is when the dump changed meanwhile or the cache cannot be written."""
     # A dump rewritten while it was being read must not be cached under the old key.
-    if index_key(path, options) != key or not write_index(index, key, file):
+    if index_key(path, options) != key or not write_index(index, key, file, str(path)):
         return index
-    stored = read_index(file, key)
+    stored = read_index(file, key, str(path))
     return dataclasses.replace(stored, loaded=False) if stored is not None else index

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,23 @@ Columns = dict[str, npt.NDArray[Any]]
 FrameRow = tuple[int, int, int, int, int, str, int]
 #: zstd level of catalog chunks (metadata: small, read whole).
 CHUNK_LEVEL = 9
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    """A catalog field holding a JSON object; ``ValueError`` when it does not (a damaged row)."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected JSON text, found {type(text).__name__}")
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _integer(value: Any) -> int:
+    """A catalog field holding an integer; ``ValueError`` when it does not."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"expected an integer, found {value!r}")
+    return value
 
 
 def encode_columns(
@@ -181,19 +199,25 @@ class Catalog:
     def __init__(self, store: Path) -> None:
         self.store = store
         path = store / CATALOG
-        if not path.is_file():
-            what = "no such store" if not store.exists() else f"not a complete dengine store (no {CATALOG})"
-            raise UnreadableFile(store, what)
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except PermissionError as e:  # a store in a folder this user cannot search
+            raise UnreadableFile(store, e.strerror or str(e)) from None
+        except OSError:
+            regular = False
+        if not regular:
+            incomplete = f"not a complete dengine store (no {CATALOG})"
+            raise UnreadableFile(store, incomplete if os.path.exists(store) else "no such store")
         try:
             self._db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1", uri=True)
             self._check_header()
             self.meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if self.meta.get("format") != FORMAT:
+                raise StoreDamaged(store, f"{CATALOG}: format {self.meta.get('format')!r} is not {FORMAT!r}")
+            self.vms = self._vms()
+            self.packs = [self._pack(r) for r in self._db.execute("SELECT * FROM pack ORDER BY pack")]
         except sqlite3.DatabaseError as e:
             raise StoreDamaged(store, f"{CATALOG}: {e}") from None
-        if self.meta.get("format") != FORMAT:
-            raise StoreDamaged(store, f"{CATALOG}: format {self.meta.get('format')!r} is not {FORMAT!r}")
-        self.vms = self._vms()
-        self.packs = [PackRow(*r) for r in self._db.execute("SELECT * FROM pack ORDER BY pack")]
 
     def _check_header(self) -> None:
         app = self._db.execute("PRAGMA application_id").fetchone()[0]
@@ -206,21 +230,35 @@ class Catalog:
             )
 
     def _vms(self) -> list[VmRow]:
+        """The ``vm`` rows; :class:`StoreDamaged` naming the row whose fields do not decode (its
+        JSON and ranges carry no checksum of their own: a flipped byte there is found here)."""
         rows = []
-        for r in self._db.execute("SELECT * FROM vm ORDER BY vm"):
-            rows.append(
-                VmRow(r[0], r[1], json.loads(r[2]), json.loads(r[3]), r[4], r[5],
-                      np.frombuffer(r[6], dtype=RANGES).copy(), r[7], json.loads(r[8]))
-            )  # fmt: skip
+        for i, r in enumerate(self._db.execute("SELECT * FROM vm ORDER BY vm")):
+            try:
+                dump, facts, sizes = (_json_object(r[k]) for k in (2, 3, 8))
+                rows.append(
+                    VmRow(_integer(r[0]), str(r[1]), dump, facts, _integer(r[4]), _integer(r[5]),
+                          np.frombuffer(r[6], dtype=RANGES).copy(), str(r[7]), sizes)
+                )  # fmt: skip
+            except (ValueError, TypeError, IndexError) as e:
+                raise StoreDamaged(self.store, f"{CATALOG}: vm row {i} does not decode: {e}") from None
         return rows
+
+    def _pack(self, row: Sequence[Any]) -> PackRow:
+        try:
+            return PackRow(_integer(row[0]), str(row[1]), _integer(row[2]), str(row[3]))
+        except (ValueError, TypeError, IndexError) as e:
+            raise StoreDamaged(self.store, f"{CATALOG}: pack row {row[:1]} does not decode: {e}") from None
 
     @property
     def packed(self) -> bool:
         return self.meta.get("packed") == "1"
 
     def plan_head(self) -> dict[str, Any]:
-        head: dict[str, Any] = json.loads(self.meta.get("plan", "{}"))
-        return head
+        try:
+            return _json_object(self.meta.get("plan", "{}"))
+        except (ValueError, TypeError) as e:
+            raise StoreDamaged(self.store, f"{CATALOG}: the plan's head does not decode: {e}") from None
 
     def columns(self, tab: str, vm: int, layout: Sequence[tuple[str, str]]) -> Columns:
         """Every chunk of ``tab`` (for ``vm``) decoded, checked and joined."""
@@ -251,11 +289,14 @@ class Catalog:
     def frames(self) -> tuple[dict[str, npt.NDArray[np.int64]], list[str]]:
         """The frame table as integer columns and the codec of each frame (empty in a store
         without ``--pack``)."""
-        rows = self._db.execute(
-            'SELECT frame, pack, "offset", length, pages, checksum, codec FROM frame ORDER BY frame'
-        ).fetchall()
         names = ("frame", "pack", "offset", "length", "pages", "checksum")
-        arr = np.array([r[:6] for r in rows], dtype=np.int64).reshape(-1, len(names))
+        try:
+            rows = self._db.execute(
+                'SELECT frame, pack, "offset", length, pages, checksum, codec FROM frame ORDER BY frame'
+            ).fetchall()
+            arr = np.array([r[:6] for r in rows], dtype=np.int64).reshape(-1, len(names))
+        except (sqlite3.DatabaseError, ValueError, TypeError, OverflowError) as e:
+            raise StoreDamaged(self.store, f"{CATALOG}: the frame table does not decode: {e}") from None
         return {name: arr[:, i] for i, name in enumerate(names)}, [str(r[6]) for r in rows]
 
     def close(self) -> None:

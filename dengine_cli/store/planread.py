@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dengine_cli.cache.keys import dump_identity
+from dengine_cli.codecs import UnknownCodec, compression_codec, patch_codec
 from dengine_cli.engine.plan.model import ACTIONS, PATCH, SCHEMA, SHARE, WHOLE
 from dengine_cli.errors import EXIT_UNSUPPORTED, BadPlanFile, StalePlan, UnreadableFile
 from dengine_cli.formats.base import OpenOptions
@@ -108,6 +109,7 @@ def read_plan(path: Path | str) -> PlanFile:
         raise BadPlanFile(path, "an estimate (--sample) cannot be applied: make an exact plan")
     if "pages" not in doc:
         raise BadPlanFile(path, "no per-page plan: write it with `dengine plan -o FILE`")
+    _check_policy(path, doc.get("policy"))
     if list(doc.get("actions", [])) != list(ACTIONS):
         raise BadPlanFile(path, f"actions {doc.get('actions')!r} are not {list(ACTIONS)!r}")
     pages = doc.pop("pages")
@@ -116,6 +118,24 @@ def read_plan(path: Path | str) -> PlanFile:
     vms = tuple(_vm(path, v, entry) for v, entry in enumerate(pages))
     _check_references(path, vms)
     return PlanFile(path, doc, vms)
+
+
+def _check_policy(path: Path, policy: Any) -> None:
+    """The policy's patch and compression sections, as ``apply`` encodes with them: whether each
+    is enabled and, if so, a codec this dengine has."""
+    if not isinstance(policy, dict):
+        raise BadPlanFile(path, f"policy: expected an object, found {policy!r}")
+    for part, codec_named in (("patch", patch_codec), ("compression", compression_codec)):
+        section = policy.get(part)
+        if not isinstance(section, dict) or not isinstance(section.get("enabled"), bool):
+            raise BadPlanFile(
+                path, f"policy.{part}: expected an object with enabled and codec, found {section!r}"
+            )
+        if section["enabled"]:
+            try:
+                codec_named(str(section.get("codec")))
+            except UnknownCodec as e:
+                raise BadPlanFile(path, f"policy.{part}.codec: {e}") from None
 
 
 def _vm(path: Path, v: int, entry: Any) -> PlannedVm:

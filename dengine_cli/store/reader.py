@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import lzma
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class StoreReader:
 
     def __init__(self, store: Path | str) -> None:
         self.store = Path(store)
-        with store_lock(self.store, shared=True) if self.store.is_dir() else _nothing():
+        with store_lock(self.store, shared=True) if os.path.isdir(self.store) else _nothing():
             self.catalog = Catalog(self.store)
             self.packs = PackReader(self.store / PACKS, [p.file for p in self.catalog.packs])
         self.objects: Columns = self.catalog.columns("objects", -1, OBJECT_COLUMNS)

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import xxhash
 
 from dengine_cli.errors import OutputError, StoreDamaged
-from dengine_cli.outputs import atomic_output
+from dengine_cli.outputs import atomic_output, set_size
 from dengine_cli.pages import PAGE_SIZE
 from dengine_cli.store.catalog import VmRow
 from dengine_cli.store.layout import ZERO_PAGE_CHECKSUM
@@ -59,7 +59,7 @@ def restore_vm(
     with atomic_output(output, sync=False) as f:
         f.write(header)
         _write_pages(reader, vm, f, place, on_progress)
-        f.truncate(size)
+        set_size(f, size)
     return size
 
 

@@ -61,22 +61,26 @@ def store_lock(store: Path, shared: bool) -> Iterator[None]:
 class StoreWriter:
     """One apply's writing of the store at ``store``: :attr:`packs` to append page data to,
     :meth:`commit` to write the catalog and make it the store.  Leaving the ``with`` block
-    without a commit removes what this apply wrote."""
+    without a commit removes what this apply wrote: its packs, and for a new store the
+    directories it made (an error leaves no store skeleton behind; a kill may)."""
 
     def __init__(self, store: Path) -> None:
         self.store = store
         self.run = os.urandom(16)
         self._lock_fd: int | None = None
         self._tmp: Path | None = None
+        #: The directories this apply makes, the store first, then the parents it needs.
+        # os.path's tests: False where pathlib's raise (a folder this user cannot search).
+        self._made = [p for p in (store, *store.parents) if not os.path.exists(p)]
         self._prepare()
         self.packs = PackWriter(store / PACKS, self.run)
         self.committed = False
 
     def _prepare(self) -> None:
         store = self.store
-        if store.exists() and not store.is_dir():
+        if os.path.exists(store) and not os.path.isdir(store):
             raise OutputError(store, "exists and is not a directory (a store is a directory)")
-        if store.is_dir():
+        if os.path.isdir(store):
             foreign = sorted(p.name for p in store.iterdir() if p.name not in STORE_NAMES and
                              not p.name.startswith(TMP_PREFIX))  # fmt: skip
             if foreign:
@@ -145,3 +149,15 @@ class StoreWriter:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if not self.committed and self.store in self._made:
+            self._remove_new_store()
+
+    def _remove_new_store(self) -> None:
+        """Remove the store this apply made and did not commit: its lock files and empty
+        directories (anything else found there, say a pack a racing apply wrote, stays)."""
+        for name in (APPLY_LOCK, LOCK):
+            with contextlib.suppress(OSError):
+                (self.store / name).unlink()
+        for folder in (self.store / PACKS, *self._made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()

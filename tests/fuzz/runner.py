@@ -12,7 +12,8 @@ real entry point, with the real mapping of DengineError to exit codes) under
 * ``RLIMIT_AS``: a lying header must not make dengine allocate gigabytes; past the bound an
   allocation fails (MemoryError, exit 1) instead of swapping the machine to death.
 
-A command passes when it exits 0 or with a documented error code (2-6) printing exactly one
+A command passes when it exits 0 or with a documented error code of a dump or a file (3-6; a
+usage error, 2, is the fuzzer's own mistake) printing exactly one
 ``dengine: ...`` line on stderr, prints no traceback, leaves no process behind, and leaves no file
 in its output, temporary or cache directories other than complete outputs and cache files.
 """
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Exit codes a user may see (dengine_cli/errors.py): 0 and 2-6.
-DOCUMENTED = {0, 2, 3, 4, 5, 6}
+DOCUMENTED = {0, 3, 4, 5, 6}
 #: What the child exits with when something escaped dengine's own handler (a harness marker).
 ESCAPED = 70
 #: Cache files a command may leave in its index directory: complete indexes and sharing results.
@@ -192,6 +193,10 @@ def judge(outcome: Outcome, baseline_rss: int, limits: Limits) -> None:
         p.append("crash: an exception escaped the CLI")
     elif outcome.code == 1:
         p.append("internal error (exit 1)")
+    elif outcome.code == 2:
+        # One line like any error, but never what a dump causes: the fuzzer built a command
+        # line dengine refuses.
+        p.append("usage error (exit 2): the command line was refused, not the dump")
     elif outcome.code not in DOCUMENTED:
         p.append(f"undocumented exit code {outcome.code}")
     if "Traceback (most recent call last)" in err:
