@@ -1,7 +1,12 @@
 """SIGINT sent to the `dengine` process (`kill -INT`, `timeout -s INT`, a job runner: no terminal
 in sight) interrupts the command as Ctrl-C does: exit 130, one line, no output file.  The
 command runs in a child of a supervising process, which ignored SIGINT (Ctrl-C reaches the child
-through the terminal's process group) and so made such an interrupt do nothing."""
+through the terminal's process group) and so made such an interrupt do nothing.
+
+A command started with SIGINT ignored (``cmd &`` in a script, ``nohup``-like runners) keeps it
+ignored, as every Unix tool does: it runs to the end.  The test sets the disposition it starts
+the command with, so it does not depend on how the test run itself was started (started in the
+background, pytest inherits SIGINT ignored and would pass that on)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 from tests.processes import mapped_by
 
@@ -19,7 +26,10 @@ DENGINE = str(REPO / ".venv" / "bin" / "dengine")
 EXIT_INTERRUPTED = 130
 
 
-def test_sigint_to_the_process_interrupts_it(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
+def test_sigint_to_the_process_interrupts_it(
+    real_dump: Callable[[str], Path], tmp_path: Path, inherited: signal.Handlers
+) -> None:
     alpha, beta = real_dump("alpha.elf"), real_dump("beta.elf")
     out = tmp_path / "plan.json"
     proc = subprocess.Popen(
@@ -39,6 +49,7 @@ def test_sigint_to_the_process_interrupts_it(real_dump: Callable[[str], Path], t
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # no controlling terminal, as under a job runner
+        preexec_fn=lambda: signal.signal(signal.SIGINT, inherited),
     )
     try:
         deadline = time.monotonic() + 60
@@ -52,6 +63,10 @@ def test_sigint_to_the_process_interrupts_it(real_dump: Callable[[str], Path], t
     finally:
         if proc.poll() is None:
             proc.kill()
+    if inherited == signal.SIG_IGN:
+        assert proc.returncode == 0, err
+        assert out.is_file()
+        return
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert err.splitlines() == ["dengine: interrupted"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "idx") == []
