@@ -8,6 +8,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,10 +26,13 @@ from dengine_cli.errors import (
     EXIT_UNREADABLE,
     EXIT_UNSUPPORTED,
     EXIT_USAGE,
+    OutputError,
 )
 from dengine_cli.formats import open_dump
 from dengine_cli.store.frames import LZMA2_GAIN, FrameCodec, choose_codec, incompressible
+from dengine_cli.store.layout import APPLY_LOCK, CATALOG
 from dengine_cli.store.reader import StoreReader
+from dengine_cli.store.writer import StoreWriter
 from tests.builders.lime import build_lime
 from tests.builders.xc_core import build_xc_core
 from tests.conftest import FIXTURES, needs_oracle, oracle_pages, page_digests, read_pages
@@ -278,6 +283,49 @@ def test_applying_again_replaces_the_store(real_dump: Callable[[str], Path], tmp
     assert code == 0, err
     report = json.loads(out)
     assert report["ok"] and report["notes"] == [] and len(report["vms"]) == 2
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold_apply_lock(store: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding the store's apply lock for ``seconds``, as a running apply (or
+    one killed outright that the kernel has not reaped yet) does."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(store / APPLY_LOCK), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_store_another_apply_holds_is_waited_for_then_refused(
+    real_dump: Callable[[str], Path], tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    first = plan([real_dump("alpha.elf")], tmp_path / "a")
+    apply(first, store)
+    catalog = (store / CATALOG).read_bytes()
+    holder = hold_apply_lock(store, 30)
+    try:
+        with pytest.raises(OutputError, match=r"another dengine apply is writing this store \(waited 0.2 s"):
+            StoreWriter(store, lock_wait=0.2)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (store / CATALOG).read_bytes() == catalog
+    # A holder that lets go within the wait (an apply that ends, a killed one being reaped).
+    second = plan([real_dump("beta.elf")], tmp_path / "b")
+    holder = hold_apply_lock(store, 0.5)
+    try:
+        doc = apply(second, store)
+    finally:
+        holder.wait()
+    assert [Path(vm["name"]).name for vm in doc["vms"]] == ["beta.elf"]
 
 
 def test_incompressible_pages_are_framed_as_they_are(

@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from dengine_cli.errors import OutputError, UsageError
+from dengine_cli.errors import OutputError
 from dengine_cli.store.catalog import CatalogWriter
 from dengine_cli.store.layout import APPLY_LOCK, CATALOG, LOCK, PACK_SUFFIX, PACKS
 from dengine_cli.store.packs import PackWriter, WrittenPack
@@ -30,6 +31,10 @@ from dengine_cli.store.packs import PackWriter, WrittenPack
 #: Names an apply may find in a store directory (anything else: not a store, not touched).
 STORE_NAMES = frozenset({CATALOG, PACKS, APPLY_LOCK, LOCK})
 TMP_PREFIX = ".catalog-"
+#: Seconds an apply waits for another apply of the same store to let go of it.  An apply killed
+#: outright lets go only once the kernel has reaped it and its workers, a moment after the shell
+#: saw it die; an apply that is really running is reported after this wait.
+LOCK_WAIT = 3.0
 
 
 def fsync_dir(path: Path) -> None:
@@ -38,6 +43,19 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _flock_within(fd: int, seconds: float) -> bool:
+    """Take an exclusive flock on ``fd``, trying until ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 
 @contextmanager
@@ -64,8 +82,9 @@ class StoreWriter:
     without a commit removes what this apply wrote: its packs, and for a new store the
     directories it made (an error leaves no store skeleton behind; a kill may)."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, lock_wait: float = LOCK_WAIT) -> None:
         self.store = store
+        self.lock_wait = lock_wait
         self.run = os.urandom(16)
         self._lock_fd: int | None = None
         self._tmp: Path | None = None
@@ -92,12 +111,12 @@ class StoreWriter:
             self._lock_fd = os.open(store / APPLY_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise OutputError(store, e.strerror or str(e)) from e
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_within(self._lock_fd, self.lock_wait):
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise UsageError(f"{store}: another dengine apply is writing this store") from None
+            raise OutputError(
+                store, f"another dengine apply is writing this store (waited {self.lock_wait:g} s for it)"
+            )
 
     def commit(self, write_catalog: Callable[[CatalogWriter, list[WrittenPack]], None]) -> None:
         """Close the packs, write the catalog (``write_catalog`` fills it), rename it into place,
