@@ -309,6 +309,11 @@ def parse_history(pairs: Sequence[str], dumps: Sequence[Path]) -> dict[str, str]
         dump = known.get(file_key(current))
         if dump is None:
             raise click.BadParameter(f"{current!r} is not one of the dumps given", param_hint="--history")
+        if file_key(earlier) == file_key(dump):
+            raise click.BadParameter(
+                f"{pair!r}: {earlier!r} is {current!r} itself, not an earlier snapshot of it",
+                param_hint="--history",
+            )
         if dump in history and file_key(history[dump]) != file_key(earlier):
             same = "" if current == dump else f" (the same file as {dump})"
             raise click.BadParameter(

@@ -235,17 +235,18 @@ def test_sample_gives_an_interval(alpha: Path, tmp_path: Path) -> None:
         (["--sample", "0.5", "--seed", "-1"], "-1 is not in the range x>=0"),
         (["--history", "nope"], "is not CURRENT=EARLIER"),
         (["--history", "other.elf=x.elf"], "is not one of the dumps given"),
+        (["--history", "{a}={a}"], "is '{a}' itself, not an earlier snapshot of it"),
         (["--policy", "{d}/missing.toml"], "missing.toml"),
         (["--policy", "{d}/bad.toml"], "bad.toml"),
     ],
 )
 def test_bad_plan_options(alpha: Path, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "bad.toml").write_text("[patch]\nthreshold = 'big'\n")
-    d = str(tmp_path)
-    code, out, err = invoke("plan", *[a.format(d=d) for a in args], str(alpha))
+    d, a = str(tmp_path), str(alpha)
+    code, out, err = invoke("plan", *[x.format(d=d, a=a) for x in args], a)
     assert code == EXIT_USAGE, err
     assert out == ""
-    assert message.format(d=d) in err
+    assert message.format(d=d, a=a) in err
     assert not (tmp_path / "p.json").exists()
 
 
