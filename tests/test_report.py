@@ -220,11 +220,17 @@ def test_report_errors_leave_nothing_behind(tmp_path: Path) -> None:
     cut.write_bytes(b'{"schema": "dengine.plan/1", "vms": [')
     code, _, err = invoke("-q", "report", "-o", str(out), str(cut))
     assert code == 4 and err.startswith(f"dengine: {cut}: at offset 0x0: expected a dengine plan file")
+    newer = tmp_path / "newer.json"
+    newer.write_bytes(b'{"schema": "dengine.plan/2", "vms": [], "policy": {}, "pages": []}')
+    code, _, err = invoke("-q", "report", "-o", str(out), str(newer))
+    assert code == 5 and err.startswith(
+        f"dengine: {newer}: at offset 0x0: unsupported plan schema 'dengine.plan/2'"
+    )
     code, _, err = invoke("-q", "report", "-o", str(out), "--vm", "alpha")
     assert code == 2 and "NAME=DUMP" in err
     code, _, err = invoke("-q", "report", "-o", str(out))
     assert code == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.elf", "cut.json", "idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.elf", "cut.json", "idx", "newer.json"]
 
 
 def test_analyze_imports_no_chart_library(tmp_path: Path) -> None:

@@ -219,6 +219,8 @@ def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> Non
     cases.append((EXIT_BAD_DUMP, "the plan records no dump identity (made by an older dengine)", old))
     other = dict(doc, schema="dengine.plan/2")
     cases.append((EXIT_UNSUPPORTED, "schema 'dengine.plan/2' is not 'dengine.plan/1'", other))
+    foreign = dict(doc, schema="dengine.report/1")
+    cases.append((EXIT_BAD_DUMP, "schema 'dengine.report/1' is not 'dengine.plan/1'", foreign))
     sampled = dict(doc, estimate=True)
     cases.append((EXIT_BAD_DUMP, "an estimate (--sample) cannot be applied", sampled))
     short = json.loads(json.dumps(doc))

@@ -24,7 +24,7 @@ from dengine_cli import __version__
 from dengine_cli.engine.index import PageIndex, Progress
 from dengine_cli.engine.policy import Policy
 from dengine_cli.engine.sharing.model import KsmModel
-from dengine_cli.errors import FormatError, UnreadableFile, UsageError
+from dengine_cli.errors import FormatError, UnreadableFile, UnsupportedFeature, UsageError
 from dengine_cli.formats import not_a_dump_file
 from dengine_cli.report.snapshots import SnapshotChanges, Vm, dumps_to_group, group_by_guest, snapshot_changes
 from dengine_cli.session import Session, Settings
@@ -134,7 +134,12 @@ def read_plan_head(path: Path) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(head[: head.index(marker)] + b"}")
     except ValueError as e:
         raise FormatError(path, 0, expected="a dengine plan file", found=f"bad JSON ({e})") from e
-    if doc.get("schema") != "dengine.plan/1" or "vms" not in doc or "policy" not in doc:
+    schema = doc.get("schema")
+    if isinstance(schema, str) and schema.startswith("dengine.plan/") and schema != "dengine.plan/1":
+        raise UnsupportedFeature(
+            path, 0, feature=f"plan schema {schema!r} (this dengine reads dengine.plan/1)"
+        )
+    if schema != "dengine.plan/1" or "vms" not in doc or "policy" not in doc:
         raise FormatError(
             path, 0, expected="a dengine.plan/1 document", found=f"schema {doc.get('schema')!r}"
         )

@@ -21,7 +21,7 @@ import numpy.typing as npt
 from dengine_cli.cache.keys import dump_identity
 from dengine_cli.codecs import UnknownCodec, compression_codec, patch_codec
 from dengine_cli.engine.plan.model import ACTIONS, PATCH, SCHEMA, SHARE, WHOLE
-from dengine_cli.errors import EXIT_UNSUPPORTED, BadPlanFile, StalePlan, UnreadableFile
+from dengine_cli.errors import EXIT_BAD_DUMP, EXIT_UNSUPPORTED, BadPlanFile, StalePlan, UnreadableFile
 from dengine_cli.formats.base import OpenOptions
 
 I64 = npt.NDArray[np.int64]
@@ -101,9 +101,11 @@ def read_plan(path: Path | str) -> PlanFile:
         raise BadPlanFile(path, "not a dengine plan file (a JSON object with a schema)")
     schema = doc.get("schema")
     if schema != SCHEMA:
+        # Another version of the plan schema is unsupported (exit 5); anything else is no plan.
+        newer = isinstance(schema, str) and schema.startswith(SCHEMA.rsplit("/", 1)[0] + "/")
         raise BadPlanFile(
             path, f"schema {schema!r} is not {SCHEMA!r}: not a plan file this dengine applies",
-            exit_code=EXIT_UNSUPPORTED,
+            exit_code=EXIT_UNSUPPORTED if newer else EXIT_BAD_DUMP,
         )  # fmt: skip
     if doc.get("estimate"):
         raise BadPlanFile(path, "an estimate (--sample) cannot be applied: make an exact plan")
