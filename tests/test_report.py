@@ -220,6 +220,16 @@ def test_report_errors_leave_nothing_behind(tmp_path: Path) -> None:
     cut.write_bytes(b'{"schema": "dengine.plan/1", "vms": [')
     code, _, err = invoke("-q", "report", "-o", str(out), str(cut))
     assert code == 4 and err.startswith(f"dengine: {cut}: at offset 0x0: expected a dengine plan file")
+    whole = tmp_path / "whole.json"
+    code, _, err = invoke("-q", "plan", "--index-dir", str(tmp_path / "idx"), "-o", str(whole), str(ALPHA))
+    assert code == 0, err
+    cut.write_bytes(whole.read_bytes()[:-100])
+    code, _, err = invoke("-q", "report", "-o", str(out), str(cut))
+    assert code == 4, err
+    assert err.startswith(
+        f"dengine: {cut}: at offset {cut.stat().st_size:#x}: expected the end of a plan file"
+    )
+    whole.unlink()
     newer = tmp_path / "newer.json"
     newer.write_bytes(b'{"schema": "dengine.plan/2", "vms": [], "policy": {}, "pages": []}')
     code, _, err = invoke("-q", "report", "-o", str(out), str(newer))

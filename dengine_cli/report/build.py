@@ -121,7 +121,7 @@ def is_plan_file(path: Path) -> bool:
 
 def read_plan_head(path: Path) -> dict[str, Any]:
     """A plan file's document without its per-page ``"pages"`` (read a chunk at a time up to
-    where they start: a plan file holds every page of every VM)."""
+    where they start: a plan file holds every page of every VM), once its end is checked."""
     marker = b', "pages": ['
     head = b""
     with open(path, "rb") as f:
@@ -130,6 +130,11 @@ def read_plan_head(path: Path) -> dict[str, Any]:
             if not chunk or len(head) > PLAN_HEAD_LIMIT:
                 raise FormatError(path, 0, expected="a dengine plan file", found='no "pages" member')
             head += chunk
+        # The pages are not read, but a file cut short in them is not the plan that was written.
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(0, end - 64))
+        if not f.read().rstrip().endswith(b"]}"):
+            raise FormatError(path, end, expected="the end of a plan file (']}')", found="the file cut short")
     try:
         doc: dict[str, Any] = json.loads(head[: head.index(marker)] + b"}")
     except ValueError as e:
