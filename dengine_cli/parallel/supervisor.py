@@ -11,13 +11,14 @@ changed while being read (dengine died of SIGBUS reading it)``, exit 3, naming t
 of the command line whose size or mtime changed.
 
 The child does all the work with the terminal, standard input and output it inherits; the
-supervisor only waits.  Ctrl-C reaches both (one process group): the supervisor ignores it and
-leaves with the child's status.  A SIGINT that cannot be the terminal's (no controlling
-terminal, or one whose foreground is another process group: ``kill -INT``, ``timeout -s INT``,
-a job runner) reached the supervisor alone, and is passed on, as SIGTERM, SIGHUP and SIGQUIT
-are.  A supervisor killed outright takes the child with it (PR_SET_PDEATHSIG), as forked workers
-are taken with the command.  Any other death of the child is the supervisor's own: it dies of
-the same signal.
+supervisor only waits, with the signals it watches blocked and taken by ``sigwaitinfo``, which
+says who sent each.  Ctrl-C comes from the kernel (``SI_KERNEL``) to the terminal's foreground
+process group, the child included: the supervisor lets it be and leaves with the child's
+status.  A SIGINT a process sent (``kill -INT``, ``timeout -s INT``, a job runner; in the
+foreground of a terminal or not) reached the supervisor alone, and is passed on, as SIGTERM,
+SIGHUP and SIGQUIT are.  A supervisor killed outright takes the child with it
+(PR_SET_PDEATHSIG), as forked workers are taken with the command.  Any other death of the child
+is the supervisor's own: it dies of the same signal.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ _PR_SET_PDEATHSIG = 1
 #: The exit status of an unreadable dump (dengine_cli.errors.EXIT_UNREADABLE).
 _EXIT_UNREADABLE = 3
 _PASSED_ON = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: What the supervisor waits for: its child's end and the signals it may pass on.
+_WATCHED = frozenset({signal.SIGCHLD, signal.SIGINT, *_PASSED_ON})
+#: siginfo's si_code of a signal the kernel sent (the terminal's Ctrl-C), not a process.
+_SI_KERNEL = 0x80
 
 
 def supervised(run: Callable[[], None], argv: Sequence[str]) -> None:
@@ -43,8 +48,11 @@ def supervised(run: Callable[[], None], argv: Sequence[str]) -> None:
         return
     files = {arg: _identity(arg) for arg in argv if not arg.startswith("-") and os.path.isfile(arg)}
     parent = os.getpid()
+    # Blocked before the fork, so that none is missed: pending, sigwaitinfo takes it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
     pid = os.fork()
     if pid == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with(parent)
         run()
         return
@@ -62,17 +70,16 @@ def _die_with(parent: int) -> None:  # pragma: no cover - runs in the child
 
 
 def _wait(pid: int, files: dict[str, tuple[int, int] | None]) -> int:
-    signal.signal(
-        signal.SIGINT, lambda signum, frame: None if _terminal_foreground() else _pass_on(pid, signum)
-    )
-    for passed in _PASSED_ON:
-        signal.signal(passed, lambda signum, frame: _pass_on(pid, signum))
+    """Wait for the child (its SIGCHLD), passing on what a process sent meanwhile; the status
+    this process leaves with."""
     while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-        except InterruptedError:
-            continue
-        break
+        info = signal.sigwaitinfo(_WATCHED)
+        if info.si_signo == signal.SIGCHLD:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                break
+        elif not (info.si_signo == signal.SIGINT and info.si_code == _SI_KERNEL):
+            _pass_on(pid, info.si_signo)
     if os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
     sig = os.WTERMSIG(status)
@@ -88,23 +95,9 @@ def _wait(pid: int, files: dict[str, tuple[int, int] | None]) -> int:
             break  # one line
         return _EXIT_UNREADABLE
     signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
     os.kill(os.getpid(), sig)
     return 128 + sig
-
-
-def _terminal_foreground() -> bool:
-    """Whether this process is in the foreground of its controlling terminal: then a SIGINT may
-    be Ctrl-C, which the child got too."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return False  # no controlling terminal
-    try:
-        return os.tcgetpgrp(fd) == os.getpgrp()
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def _pass_on(pid: int, signum: int) -> None:
