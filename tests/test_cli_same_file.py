@@ -108,11 +108,16 @@ def test_history_names_the_dump_by_any_of_its_names(real_dump: Callable[[str], P
     code, out, err = invoke(*args, "--history", f"{link}={earlier}", later, str(link))
     assert code == 0, err
     assert out == want
+    other = str(real_dump("beta.elf"))
     code, out, err = invoke(
-        *args, "--history", f"{later}={earlier}", "--history", f"{link}={later}", later, str(link)
+        *args, "--history", f"{later}={earlier}", "--history", f"{link}={other}", later, str(link)
     )
     assert code == EXIT_USAGE and out == ""
-    assert f"'{link}' (the same file as {later}) is given two earlier snapshots, {earlier} and {later}" in err
+    assert f"'{link}' (the same file as {later}) is given two earlier snapshots, {earlier} and {other}" in err
+    # The dump as its own earlier snapshot, under another of its names.
+    code, out, err = invoke(*args, "--history", f"{link}={later}", later, str(link))
+    assert code == EXIT_USAGE and out == ""
+    assert f"'{later}' is '{link}' itself, not an earlier snapshot of it" in err
 
 
 def test_index_lists_a_file_given_twice_once(alpha: Path, tmp_path: Path) -> None:
@@ -160,7 +165,7 @@ def test_a_cached_partial_index_keeps_what_it_covers_under_the_name_given_now(
 ) -> None:
     """A dump read with --partial is named ``PATH (partial: ...)``: indexed as ``guest.core``,
     analyzed as its absolute path, the name is the absolute path with the same note."""
-    from tests.test_xc_core_partial import cut_short
+    from tests.builders.xc_core import cut_short
 
     path, _, _ = cut_short(tmp_path)
     monkeypatch.chdir(tmp_path)

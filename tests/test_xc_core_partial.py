@@ -18,27 +18,13 @@ import pytest
 from dengine_cli.errors import EXIT_BAD_DUMP, FormatError
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import OpenOptions
-from tests.builders.xc_core import BuiltXcCore, build_xc_core
+from tests.builders.xc_core import CUT_PFNS, build_xc_core, cut_page, cut_short
 from tests.conftest import REPO, needs_oracle, oracle_pages, page_digests, read_pages
 
 PAGE = 4096
 DENGINE = str(REPO / ".venv" / "bin" / "dengine")
-PFNS = [0, 1, 2, 3, 0x10, 0x11, 0x9F, 0x100]
-
-
-def page(pfn: int) -> bytes:
-    return (pfn.to_bytes(8, "little") + b"\x5a" * 8) * (PAGE // 16)
-
-
-def cut_short(tmp_path: Path, *, hvm: bool = True, name: str = "guest.core") -> tuple[Path, BuiltXcCore, int]:
-    """A dump of 8 pages whose table and headers were written whole, cut after 5 of its pages
-    (.xen_pages last in the file, so that the cut leaves the table)."""
-    entries = [(p, 0x8000 + p, page(p)) for p in PFNS]
-    built = build_xc_core(entries, hvm=hvm, pages_last=True)
-    keep = built.pages_offset + 5 * PAGE + 100  # and 100 bytes of the 6th page
-    path = tmp_path / name
-    path.write_bytes(built.data[:keep])
-    return path, built, keep
+PFNS = CUT_PFNS
+page = cut_page
 
 
 def test_refused_by_default_naming_the_flag(tmp_path: Path) -> None:

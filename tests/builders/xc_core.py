@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 PAGE = 4096
 XC_CORE_MAGIC = 0xF00FEBED
@@ -168,3 +169,24 @@ def pre_elf_xc_core(hvm: bool = False) -> bytes:
     """The header of a pre-ELF (Xen <= 3.0.3) core file (crash ``xendump.h``)."""
     magic = XC_CORE_MAGIC_HVM if hvm else XC_CORE_MAGIC
     return struct.pack("<IIIIII", magic, 1, 1, 24, 4096, 8192) + bytes(8192)
+
+
+#: The pfns of :func:`cut_short`'s dump.
+CUT_PFNS = [0, 1, 2, 3, 0x10, 0x11, 0x9F, 0x100]
+
+
+def cut_page(pfn: int) -> bytes:
+    """The content :func:`cut_short` gives the page of ``pfn`` (its pfn, repeated)."""
+    return (pfn.to_bytes(8, "little") + b"\x5a" * 8) * (PAGE // 16)
+
+
+def cut_short(folder: Path, *, hvm: bool = True, name: str = "guest.core") -> tuple[Path, BuiltXcCore, int]:
+    """``folder/name``: an xc_core dump of the 8 pages of :data:`CUT_PFNS` whose table and
+    headers were written whole, cut after 5 of its pages and 100 bytes of the 6th
+    (``.xen_pages`` last in the file, so that the cut leaves the table); with what was built and
+    the length kept."""
+    built = build_xc_core([(p, 0x8000 + p, cut_page(p)) for p in CUT_PFNS], hvm=hvm, pages_last=True)
+    keep = built.pages_offset + 5 * PAGE + 100
+    path = folder / name
+    path.write_bytes(built.data[:keep])
+    return path, built, keep
