@@ -7,6 +7,7 @@ it had read the whole dump is judged on its own and made again)."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 import signal
@@ -134,6 +135,7 @@ def test_worker_killed_by_sigbus_is_reported_as_a_change(
 
         def hash_range(d: Dump, lo: int, hi: int, on_pages: Callable[[int], None]) -> tuple:  # type: ignore[type-arg]
             if os.getpid() != parent:
+                faulthandler.disable()  # pytest's: its dump of this expected death is noise
                 os.truncate(path, 4096)
                 int(buf[-1])  # SIGBUS: the page is gone
             # This process reads nothing: it waits for the cut, so that the worker's death is
