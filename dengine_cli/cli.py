@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -1112,6 +1113,15 @@ def _note(text: str) -> None:
         click.echo(text, err=True)
 
 
+def interrupt_once(signum: int, frame: object) -> None:
+    """SIGINT: a KeyboardInterrupt, once.  Later ones are ignored, so that the cleanup the first
+    one starts (temporary files removed, workers reaped) runs to its end: a job runner that
+    signals the whole process group reaches the command twice, directly and through its
+    supervisor, and Ctrl-C may be pressed twice."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point of the `dengine` script (and of ``python -m dengine_cli``): the command runs
     in a child of a supervising process that turns a SIGBUS (a mapped dump cut while read) into
@@ -1129,6 +1139,8 @@ def _main() -> None:
     whole ``dengine analyze``, and nothing is left to do then (files are closed, temporary
     files removed, worker processes reaped).  Not when another thread still runs, which a
     normal exit would wait for."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not inherited ignored
+        signal.signal(signal.SIGINT, interrupt_once)
     try:
         cli.main(prog_name="dengine")
     except SystemExit as e:

@@ -16,6 +16,7 @@ import os
 import pty
 import signal
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -153,3 +154,23 @@ def test_on_a_terminal_ctrl_c_and_kill_int_both_interrupt(
     while group_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert group_members(proc.pid) == []
+
+
+ONCE = """
+import os, signal, sys, time
+from dengine_cli.cli import interrupt_once
+signal.signal(signal.SIGINT, interrupt_once)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    print("not interrupted")
+except KeyboardInterrupt:
+    os.kill(os.getpid(), signal.SIGINT)  # a second one, while the first is handled
+    time.sleep(0.2)
+    print("cleanup done", flush=True)
+"""
+
+
+def test_a_second_sigint_does_not_interrupt_the_cleanup_of_the_first() -> None:
+    r = subprocess.run([sys.executable, "-c", ONCE], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "cleanup done\n", "")
