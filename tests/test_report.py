@@ -229,7 +229,17 @@ def test_report_errors_leave_nothing_behind(tmp_path: Path) -> None:
     assert err.startswith(
         f"dengine: {cut}: at offset {cut.stat().st_size:#x}: expected the end of a plan file"
     )
+    # Cut right after the first VM's object: it ends in "]}" too, and is still refused.
+    two = tmp_path / "two.json"
+    idx = str(tmp_path / "idx")
+    code, _, err = invoke("-q", "plan", "--index-dir", idx, "-o", str(two), str(ALPHA), str(BETA))
+    assert code == 0, err
+    data = two.read_bytes()
+    cut.write_bytes(data[: data.index(b"]}, {", data.index(b'"pages": [')) + 2])
+    code, _, err = invoke("-q", "report", "-o", str(out), str(cut))
+    assert code == 4 and "expected the end of a plan file" in err, err
     whole.unlink()
+    two.unlink()
     newer = tmp_path / "newer.json"
     newer.write_bytes(b'{"schema": "dengine.plan/2", "vms": [], "policy": {}, "pages": []}')
     code, _, err = invoke("-q", "report", "-o", str(out), str(newer))

@@ -130,10 +130,12 @@ def read_plan_head(path: Path) -> dict[str, Any]:
             if not chunk or len(head) > PLAN_HEAD_LIMIT:
                 raise FormatError(path, 0, expected="a dengine plan file", found='no "pages" member')
             head += chunk
-        # The pages are not read, but a file cut short in them is not the plan that was written.
+        # The pages are not read, but a file cut short in them is not the plan that was written:
+        # it ends with the last VM's "}" (or an empty list's "[") and "]}", which a cut right
+        # after one VM's "}" does not.
         end = f.seek(0, os.SEEK_END)
         f.seek(max(0, end - 64))
-        if not f.read().rstrip().endswith(b"]}"):
+        if not f.read().rstrip().endswith((b"}]}", b"[]}")):
             raise FormatError(path, end, expected="the end of a plan file (']}')", found="the file cut short")
     try:
         doc: dict[str, Any] = json.loads(head[: head.index(marker)] + b"}")
