@@ -25,6 +25,7 @@ from dengine_cli import __version__
 from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING, KSM_MAX_PAGE_SHARING_LIMIT
 from dengine_cli.errors import EXIT_INTERNAL, EXIT_USAGE, DengineError, UnreadableFile
 from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dump
+from dengine_cli.outputs import STDOUT_NAME, is_stdout
 
 # The engine and the renderers are imported by the commands that use them: every command pays
 # for what it imports before it starts, and `dengine info` needs neither the planner nor rich.
@@ -400,7 +401,7 @@ def info_command(
     "--output",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The flat image to write (file offset = guest physical address).",
+    help="The flat image to write (file offset = guest physical address); - for standard output.",
 )
 @dump_options_with_format_alias
 def extract_command(
@@ -414,7 +415,7 @@ def extract_command(
     with _open(path, options) as d, progress(d.page_count, path.name) as tick:
         size = extract(d, output, tick)
         pages = d.page_count
-    _note(f"{output}: {size} bytes, {pages} pages present")
+    _note(f"{_shown(output)}: {size} bytes, {pages} pages present")
 
 
 def index_options(f: F) -> F:
@@ -710,7 +711,8 @@ def analyze_command(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Also write the whole plan, page by page, as JSON (schema dengine.plan/1).",
+    help="Also write the whole plan, page by page, as JSON (schema dengine.plan/1); - for standard "
+    "output (the summary then goes to stderr).",
 )
 @output_format_option
 @wide_option
@@ -765,7 +767,10 @@ def plan_command(
         bar.close()
     if output is not None:
         write_plan(report, output, identities)
-    _print_plan(report, output_format, wide)
+    if not is_stdout(output):
+        _print_plan(report, output_format, wide)
+    elif not _quiet():
+        _print_plan(report, output_format, wide, err=True)
 
 
 def _with_ksm_cap(policy: Policy, max_page_sharing: int | None) -> Policy:
@@ -792,7 +797,7 @@ def _given(name: str, value: T) -> T | None:
     "--output",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The HTML report to write (one self-contained file).",
+    help="The HTML report to write (one self-contained file); - for standard output.",
 )
 @click.option(
     "--policy",
@@ -818,14 +823,14 @@ def _given(name: str, value: T) -> T | None:
     "json_output",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Also write the report's figures as JSON (schema dengine.report/1).",
+    help="Also write the report's figures as JSON (schema dengine.report/1); - for standard output.",
 )
 @click.option(
     "--csv",
     "csv_output",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Also write the time series (savings and pages changed per VM and snapshot) as CSV.",
+    help="Also write the time series (savings and pages changed per VM and snapshot) as CSV; - for stdout.",
 )
 @ksm_view_options
 @verify_option
@@ -860,6 +865,8 @@ def report_command(
     from dengine_cli.report.snapshots import parse_vm_option
 
     outputs = [p for p in (output, json_output, csv_output) if p is not None]
+    if sum(map(is_stdout, outputs)) > 1:
+        raise click.UsageError("only one of -o, --json and --csv can be - (standard output)")
     for path in outputs:
         if not os.path.isdir(path.parent if str(path.parent) else Path(".")):
             raise OutputError(path, "no such directory")
@@ -893,7 +900,8 @@ def report_command(
     if csv_output is not None:
         write_atomically(csv_output, series_csv(data).encode())
     write_atomically(output, page.encode())
-    _note(f"{output}: {len(data.vms)} VM(s), {len(data.points)} snapshot(s), policies {', '.join(names)}")
+    shown = _shown(output)
+    _note(f"{shown}: {len(data.vms)} VM(s), {len(data.points)} snapshot(s), policies {', '.join(names)}")
 
 
 def _dump_identities(
@@ -907,27 +915,29 @@ def _dump_identities(
     return [ix.key or index_key(p, options) for p, ix in zip(paths, indexes, strict=True)]
 
 
-def _print_plan(report: PlanReport, output_format: str, wide: bool = False) -> None:
+def _print_plan(report: PlanReport, output_format: str, wide: bool = False, err: bool = False) -> None:
+    """Print the plan's summary on stdout (``err``: on stderr, when the plan file takes stdout)."""
     if output_format == "json":
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2), err=err)
     elif output_format == "csv":
         from dengine_cli.render_csv import render_plan_csv
 
-        click.echo(render_plan_csv(report), nl=False)
+        click.echo(render_plan_csv(report), nl=False, err=err)
     else:
         # Imported only here: the renderer imports rich (40 ms), which JSON does not need.
         from dengine_cli.render import render_plan, render_plan_terminal
 
-        if (width := terminal_width()) is not None:
-            click.echo(render_plan_terminal(report, width=width, wide=wide, color=terminal_color()), nl=False)
+        if (width := terminal_width(sys.stderr if err else sys.stdout)) is not None:
+            text = render_plan_terminal(report, width=width, wide=wide, color=terminal_color())
         else:
-            click.echo(render_plan(report), nl=False)
+            text = render_plan(report)
+        click.echo(text, nl=False, err=err)
 
 
-def terminal_width() -> int | None:
-    """The width of the terminal stdout is, or ``None`` when stdout is a pipe or a file (which
-    get the plain layout: every column, 240 wide, no colour, stable for scripts)."""
-    if not sys.stdout.isatty():
+def terminal_width(stream: Any = None) -> int | None:
+    """The width of the terminal ``stream`` (default stdout) is, or ``None`` when it is a pipe or
+    a file (which get the plain layout: every column, 240 wide, no colour, stable for scripts)."""
+    if not (stream or sys.stdout).isatty():
         return None
     import shutil
 
@@ -992,6 +1002,8 @@ def apply_command(
 
     if frame_codec is not None and not pack:
         raise click.BadParameter("only --pack stores frames", param_hint="--frame-codec")
+    if is_stdout(store):
+        raise click.BadParameter("a store is a directory, not standard output", param_hint="-o")
     bar = PageProgress("applying")
     try:
         result = apply_plan(
@@ -1020,7 +1032,8 @@ def apply_command(
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="The image to write; a directory (made if needed) when several VMs are restored.",
+    help="The image to write (- for standard output); a directory (made if needed) when several VMs "
+    "are restored.",
 )
 @click.option(
     "--format",
@@ -1042,16 +1055,20 @@ def restore_command(store: Path, vms: tuple[str, ...], output: Path, image_forma
     try:
         chosen = [reader.vm(v) for v in vms] if vms else list(reader.vms)
         several = len(chosen) != 1
+        if several and is_stdout(output):
+            raise click.BadParameter(
+                f"{len(chosen)} VMs go to a directory, not standard output: name one VM", param_hint="-o"
+            )
         # os.path's tests: False where pathlib's raise (a folder this user cannot search).
         if several and not os.path.exists(output):
             made.append(output)
         targets = _restore_targets([vm.name for vm in chosen], output, image_format, several=several)
         for vm, target in zip(chosen, targets, strict=True):
-            if not os.path.lexists(target):
+            if not is_stdout(target) and not os.path.lexists(target):
                 made.insert(0, target)
             with progress(vm.pages, Path(vm.name).name) as tick:
                 size = restore_vm(reader, vm, target, image_format, tick)
-            _note(f"{target}: VM {vm.name}: {size} bytes, {vm.pages} pages present")
+            _note(f"{_shown(target)}: VM {vm.name}: {size} bytes, {vm.pages} pages present")
     except BaseException:
         for path in made:  # images first, then the directory
             with contextlib.suppress(OSError):
@@ -1107,10 +1124,18 @@ def _open(path: Path, options: OpenOptions) -> Dump:
     return open_dump(path, options)
 
 
+def _quiet() -> bool:
+    return bool((click.get_current_context().find_root().obj or {}).get("quiet"))
+
+
 def _note(text: str) -> None:
-    ctx = click.get_current_context()
-    if not (ctx.find_root().obj or {}).get("quiet"):
+    if not _quiet():
         click.echo(text, err=True)
+
+
+def _shown(path: Path | str) -> str:
+    """How a note names the output ``path``."""
+    return STDOUT_NAME if is_stdout(path) else str(path)
 
 
 def interrupt_once(signum: int, frame: object) -> None:

@@ -98,7 +98,7 @@ def extract(dump: Dump, output: Path, on_progress: Progress | None = None) -> in
     if size > MAX_FILE_SIZE:
         # A page at an address past 2**63 (a lying or exotic header) cannot have a file offset.
         raise OutputError(output, f"the image would be {size:#x} bytes, more than a file can hold")
-    with atomic_output(output, sync=False) as f:
+    with atomic_output(output, sync=False, image=True) as f:
         for batch in dump.batches():
             nonzero = ~zero_mask(batch.pages)
             idx = np.flatnonzero(nonzero)

@@ -10,6 +10,13 @@ A path that is not a file is not renamed over: a character device or a FIFO (``-
 ``-o /dev/stdout``, ``-o >(gzip > x.gz)``) is written to in place (renaming over /dev/null, as root,
 would put a file where the device was), a block device or a socket is refused, and a symbolic
 link keeps naming the file it names, which is replaced.
+
+``-`` (:data:`STDOUT`) is standard output, as for most Unix tools (a file of that name is
+``./-``).  What goes there cannot be taken back: a command that fails half-way has written half,
+and its exit code says so (``set -o pipefail``).  An image (a flat image, an ELF core) is written
+with seeks and holes; where the output cannot seek (a pipe, a FIFO) a :class:`SequentialWriter`
+writes it in order, its holes as zeros, so ``-o - | zstd`` works; standard output redirected to a
+file (``-o - > img``) is written as that file, sparse.  An image is never written to a terminal.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import errno
 import io
 import os
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -27,7 +35,63 @@ from typing import IO, Any, BinaryIO, TextIO, cast
 
 from dengine_cli.errors import OutputError
 
+#: The output name that means standard output (``-o -``).
+STDOUT = "-"
+#: How errors name standard output.
+STDOUT_NAME = "standard output"
+#: Why an image cannot go where it cannot seek back.
+OUT_OF_ORDER = "the image is written out of order, which a pipe cannot take: give a file"
+
 _umask_lock = threading.Lock()
+
+
+def is_stdout(path: Path | str | None) -> bool:
+    """Whether the output ``path`` names standard output (``-``)."""
+    return path is not None and str(path) == STDOUT
+
+
+class SequentialWriter:
+    """An output that cannot seek (a pipe, a FIFO) taken as a file written front to back: a seek
+    forward writes zeros up to there (a pipe has no holes), a seek back is an ``OSError``
+    (``ESPIPE``: what was written cannot be changed)."""
+
+    ZEROS = bytes(1 << 20)
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._at = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = memoryview(data).nbytes
+        self._f.write(data)
+        self._at += n
+        return n
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._at
+        elif whence != os.SEEK_SET:
+            raise io.UnsupportedOperation("a pipe has no end to seek from")
+        if offset < self._at:
+            raise OSError(errno.ESPIPE, OUT_OF_ORDER)
+        self.pad_to(offset)
+        return offset
+
+    def pad_to(self, size: int) -> None:
+        """Write zeros up to ``size`` bytes (nothing when that many are written already)."""
+        while self._at < size:
+            n = min(size - self._at, len(self.ZEROS))
+            self._f.write(memoryview(self.ZEROS)[:n])
+            self._at += n
+
+    def tell(self) -> int:
+        return self._at
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def _default_mode() -> int:
@@ -38,19 +102,24 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
-def _atomic(path: Path | str, text: bool, sync: bool) -> Iterator[IO[Any]]:
+def _atomic(path: Path | str, text: bool, sync: bool, image: bool = False) -> Iterator[IO[Any]]:
     """A file open for writing (binary, or UTF-8 text) that becomes ``path`` when the block
     ends without an error.  An ``OSError`` (in the block or in the rename) is an
     :class:`OutputError` naming ``path``; ``sync``: fsync before the rename.  Images of guest
     memory are written without (syncing gigabytes costs seconds; the command that wrote one
-    reads the same page cache): a power loss may leave such an image renamed but incomplete."""
+    reads the same page cache): a power loss may leave such an image renamed but incomplete.
+    ``image``: what is written is an image (seeks, holes; never to a terminal)."""
+    if is_stdout(path):
+        with _standard_output(text, image) as f:
+            yield f
+        return
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
     except OSError:
         mode = None
     if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-        with _in_place(path, text) as f:
+        with _in_place(path, text, image) as f:
             yield f
         return
     if mode is not None and (stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)):
@@ -82,30 +151,78 @@ def _atomic(path: Path | str, text: bool, sync: bool) -> Iterator[IO[Any]]:
 
 
 @contextlib.contextmanager
-def _in_place(path: Path, text: bool) -> Iterator[IO[Any]]:
+def _in_place(path: Path, text: bool, image: bool) -> Iterator[IO[Any]]:
     """``path``, a character device or a FIFO, open for writing: what is written goes where it
-    leads (nothing to remove on an error)."""
+    leads (nothing to remove on an error); an image in order where it cannot seek."""
     try:
-        with open(path, "w", encoding="utf-8") if text else open(path, "wb") as f:
-            yield f
+        with _opened(path, text) as f:
+            yield f if text or not image or f.seekable() else _in_order(f)
     except OSError as e:
-        reason = e.strerror or str(e)
-        if e.errno == errno.ESPIPE or isinstance(e, io.UnsupportedOperation):
-            reason = "a pipe cannot take it (it is written out of order, with holes): give a file"
-        raise OutputError(path, reason) from e
+        raise OutputError(path, _reason(e)) from e
+
+
+@contextlib.contextmanager
+def _standard_output(text: bool, image: bool) -> Iterator[IO[Any]]:
+    """Standard output open for writing, once what this process printed before is out: the file
+    it was redirected to, written as any file (from where it stands), or in order when it cannot
+    seek (a pipe).  A pipe its reader closed raises ``BrokenPipeError``, as printing there does."""
+    fd = sys.stdout.fileno()
+    if image and os.isatty(fd):
+        raise OutputError(STDOUT_NAME, "it is a terminal: redirect it, or give a file")
+    sys.stdout.flush()
+    try:
+        with _opened(fd, text) as f:
+            yield f if text or not image or _seekable_from_start(fd) else _in_order(f)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(STDOUT_NAME, _reason(e)) from e
+
+
+def _opened(target: Path | int, text: bool) -> IO[Any]:
+    """``target`` (a path, or a descriptor left open after) open for writing."""
+    closefd = not isinstance(target, int)
+    if text:
+        return open(target, "w", encoding="utf-8", closefd=closefd)
+    return open(target, "wb", closefd=closefd)
+
+
+def _in_order(f: IO[Any]) -> IO[Any]:
+    return cast(IO[Any], SequentialWriter(cast(BinaryIO, f)))
+
+
+def _seekable_from_start(fd: int) -> bool:
+    """Whether an image can be written to ``fd`` with seeks as to a file of its own: an empty
+    regular file, not appended to (``-o - > img``; anything else is written in order)."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size:
+        return False
+    import fcntl
+
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+        return False
+    return os.lseek(fd, 0, os.SEEK_CUR) == 0
+
+
+def _reason(e: OSError) -> str:
+    if e.errno == errno.ESPIPE or isinstance(e, io.UnsupportedOperation):
+        return OUT_OF_ORDER
+    return e.strerror or str(e)
 
 
 def set_size(f: BinaryIO, size: int) -> None:
-    """End the output ``f`` at ``size`` bytes (a sparse file's trailing hole); a device or a FIFO
-    has no size to set."""
-    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    """End the output ``f`` at ``size`` bytes (a sparse file's trailing hole; zeros where it is
+    written in order); a device has no size to set."""
+    if isinstance(f, SequentialWriter):
+        f.pad_to(size)
+    elif stat.S_ISREG(os.fstat(f.fileno()).st_mode):
         f.truncate(size)
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path | str, *, sync: bool = True) -> Iterator[BinaryIO]:
-    """:func:`_atomic` for bytes."""
-    with _atomic(path, False, sync) as f:
+def atomic_output(path: Path | str, *, sync: bool = True, image: bool = False) -> Iterator[BinaryIO]:
+    """:func:`_atomic` for bytes; ``image``: a memory image (see :func:`_atomic`)."""
+    with _atomic(path, False, sync, image) as f:
         yield cast(BinaryIO, f)
 
 

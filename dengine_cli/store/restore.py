@@ -56,7 +56,7 @@ def restore_vm(
     else:
         header, place = b"", None
     size = _image_size(ranges, place)
-    with atomic_output(output, sync=False) as f:
+    with atomic_output(output, sync=False, image=True) as f:
         f.write(header)
         _write_pages(reader, vm, f, place, on_progress)
         set_size(f, size)
