@@ -4,8 +4,10 @@ same report, and that report equals an independent count of the pages' bytes."""
 
 from __future__ import annotations
 
+import multiprocessing
 import tempfile
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,8 @@ from dengine_cli.cache.spill import SpilledRuns
 from dengine_cli.engine.index import PageIndex, index_dump
 from dengine_cli.engine.sharing.model import KsmModel, SharingReport
 from dengine_cli.engine.sharing.partitions import (
+    RunPiece,
+    SortedRun,
     argsort_stable,
     gather,
     group_partition,
@@ -25,6 +29,7 @@ from dengine_cli.engine.sharing.partitions import (
     sort_run,
 )
 from dengine_cli.engine.sharing.pipeline import MemoryRuns, Shape, share
+from dengine_cli.engine.sharing.settle import PartitionSums, SharingTotals, settle
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import Dump, OpenOptions
 from tests.vms import design_vms, write_raw_images
@@ -212,3 +217,43 @@ def test_argsort_stable_is_numpys_stable_argsort(keys: np.ndarray) -> None:
     """Quicksort with ties put back in row order gives exactly the stable order, whether ties
     are none, a few or most of the rows (then timsort is used)."""
     assert argsort_stable(keys).tolist() == np.argsort(keys, kind="stable").tolist()
+
+
+def _sorted_run_apart(args: tuple[int, np.ndarray, np.ndarray, np.ndarray, int, int, int]) -> SortedRun:
+    return sort_run(*args)
+
+
+def _partition_apart(args: tuple[list[RunPiece], int, bool]) -> PartitionSums:
+    pieces, n_vms, cross_vm = args
+    return settle(group_partition(gather(pieces)), n_vms, cross_vm)
+
+
+def test_stages_run_apart_in_fresh_processes(tmp_path: Path) -> None:
+    """The stages as a cluster would run them: each in a fresh interpreter (spawned: no module
+    state, no mapping, no open dump inherited), every input and output pickled across; the
+    report is the one :func:`share` makes in this process."""
+    vms = design_vms(7, [90, 60, 120])
+    indexes, dumps = indexed(tmp_path, vms)
+    for d in dumps:
+        d.close()  # the stages need none
+    whole = share(indexes)
+    bits = 3
+    arrays = [(np.array(ix.hashes), np.array(ix.check), np.array(ix.zero)) for ix in indexes]
+    jobs = [(v, h, c, z, lo, min(lo + 50, len(h)), bits) for v, (h, c, z) in enumerate(arrays)
+            for lo in range(0, len(h), 50)]  # fmt: skip
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        runs = list(pool.map(_sorted_run_apart, jobs))
+        partitions = [([run.piece(p) for run in runs], len(vms), True) for p in range(1 << bits)]
+        sums = list(pool.map(_partition_apart, partitions))
+    totals = SharingTotals(
+        [ix.name for ix in indexes],
+        [ix.page_count for ix in indexes],
+        [ix.zero_pages for ix in indexes],
+        [np.zeros(ix.page_count, dtype=np.uint32) for ix in indexes],
+        cross_vm=True,
+    )
+    for s in sums:
+        totals.add(s)
+    same(whole, totals.report())
+    assert figures(whole) == counted(vms)
