@@ -39,6 +39,8 @@ from dengine_cli.errors import OutputError
 STDOUT = "-"
 #: How errors name standard output.
 STDOUT_NAME = "standard output"
+#: Why an image is not written to a terminal.
+TERMINAL = "it is a terminal: redirect it, or give a file"
 #: Why an image cannot go where it cannot seek back.
 OUT_OF_ORDER = "the image is written out of order, which a pipe cannot take: give a file"
 
@@ -156,6 +158,8 @@ def _in_place(path: Path, text: bool, image: bool) -> Iterator[IO[Any]]:
     leads (nothing to remove on an error); an image in order where it cannot seek."""
     try:
         with _opened(path, text) as f:
+            if image and os.isatty(f.fileno()):
+                raise OutputError(path, TERMINAL)
             yield f if text or not image or f.seekable() else _in_order(f)
     except OSError as e:
         raise OutputError(path, _reason(e)) from e
@@ -168,7 +172,7 @@ def _standard_output(text: bool, image: bool) -> Iterator[IO[Any]]:
     seek (a pipe).  A pipe its reader closed raises ``BrokenPipeError``, as printing there does."""
     fd = sys.stdout.fileno()
     if image and os.isatty(fd):
-        raise OutputError(STDOUT_NAME, "it is a terminal: redirect it, or give a file")
+        raise OutputError(STDOUT_NAME, TERMINAL)
     sys.stdout.flush()
     try:
         with _opened(fd, text) as f:

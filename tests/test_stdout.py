@@ -70,15 +70,22 @@ def test_extract_to_a_pipe_and_to_a_redirected_file(real_dump: Callable[[str], P
 
 
 def test_an_image_is_not_written_to_a_terminal(real_dump: Callable[[str], Path], work: Path) -> None:
+    """Neither as `-o -` nor as `-o /dev/stdout` (nor any terminal named): exit 6, one line."""
     master, slave = pty.openpty()
     try:
-        r = run("extract", str(real_dump("alpha.kdump")), "-o", "-", cwd=work, stdout=slave)
+        dump, tty = str(real_dump("alpha.kdump")), os.ttyname(slave)
+        dash = run("extract", dump, "-o", "-", cwd=work, stdout=slave)
+        named = run("extract", dump, "-o", tty, cwd=work)
     finally:
         os.close(slave)
         os.close(master)
-    assert r.returncode == EXIT_OUTPUT
-    assert r.stderr.decode().splitlines() == [
+    assert dash.returncode == EXIT_OUTPUT
+    assert dash.stderr.decode().splitlines() == [
         "dengine: standard output: cannot write: it is a terminal: redirect it, or give a file"
+    ]
+    assert named.returncode == EXIT_OUTPUT
+    assert named.stderr.decode().splitlines() == [
+        f"dengine: {tty}: cannot write: it is a terminal: redirect it, or give a file"
     ]
     no_dash_file(work)
 
