@@ -27,6 +27,7 @@ from dengine_cli.errors import (
     EXIT_UNSUPPORTED,
     EXIT_USAGE,
     OutputError,
+    UsageError,
 )
 from dengine_cli.formats import open_dump
 from dengine_cli.store.frames import LZMA2_GAIN, FrameCodec, choose_codec, incompressible
@@ -267,9 +268,28 @@ def test_store_arguments(real_dump: Callable[[str], Path], tmp_path: Path) -> No
     assert code == EXIT_UNREADABLE and "not a complete dengine store" in err
     store = tmp_path / "store"
     apply(plan_file, store)
-    code, _, err = invoke("restore", str(store), "gamma", "-o", str(tmp_path / "x"))
-    assert code == EXIT_USAGE and "no VM called 'gamma'" in err
-    assert not (tmp_path / "x").exists()
+    for wanted in ("gamma", "1"):
+        code, _, err = invoke("restore", str(store), wanted, "-o", str(tmp_path / "x"))
+        assert code == EXIT_USAGE
+        assert err.splitlines() == [
+            f"dengine: {store}: no VM called '{wanted}' (1 VM: 0 {real_dump('alpha.elf')})"
+        ]
+        assert not (tmp_path / "x").exists()
+
+
+def test_an_unknown_vm_lists_a_few_by_number() -> None:
+    """A store of hundreds of VMs: the error names the first eight by number, then how many more."""
+    reader = StoreReader.__new__(StoreReader)
+    reader.store = Path("fleet.store")
+    reader.vms = [collections.namedtuple("Vm", "name")(f"vm{k}.core") for k in range(300)]  # type: ignore[misc]
+    with pytest.raises(UsageError) as e:
+        reader.vm("vm300.core")
+    assert str(e.value) == (
+        "fleet.store: no VM called 'vm300.core' (300 VMs: "
+        + ", ".join(f"{k} vm{k}.core" for k in range(8))
+        + ", and 292 more)"
+    )
+    assert reader.vm("299").name == "vm299.core"
 
 
 def test_applying_again_replaces_the_store(real_dump: Callable[[str], Path], tmp_path: Path) -> None:

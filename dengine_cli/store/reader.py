@@ -71,9 +71,15 @@ class StoreReader:
             return base[0]
         if wanted.isdigit() and int(wanted) < len(self.vms):
             return self.vms[int(wanted)]
-        names = ", ".join(vm.name for vm in self.vms)
         what = "more than one VM is called" if base else "no VM called"
-        raise UsageError(f"{self.store}: {what} {wanted!r} (VMs: {names})")
+        raise UsageError(f"{self.store}: {what} {wanted!r} ({self._listing()})")
+
+    def _listing(self, shown: int = 8) -> str:
+        """The VMs by number and name, the first ``shown`` of them (an error stays one line)."""
+        n = len(self.vms)
+        listed = ", ".join(f"{k} {vm.name}" for k, vm in enumerate(self.vms[:shown]))
+        more = f", and {n - shown} more" if n > shown else ""
+        return f"{n} VM{'s' if n != 1 else ''}: {listed}{more}" if n else "no VM"
 
     def page_map(self, vm: VmRow) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
         """The VM's non-zero pages: gfns (ascending) and objects."""
