@@ -222,6 +222,8 @@ def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> Non
     cases.append((EXIT_UNSUPPORTED, "schema 'dengine.plan/2' is not 'dengine.plan/1'", other))
     foreign = dict(doc, schema="dengine.report/1")
     cases.append((EXIT_BAD_DUMP, "schema 'dengine.report/1' is not 'dengine.plan/1'", foreign))
+    cases.append((EXIT_BAD_DUMP, "not a dengine plan file (a JSON object with no schema)", {"vms": []}))
+    cases.append((EXIT_BAD_DUMP, "not a dengine plan file (a JSON object with a schema)", [doc]))
     sampled = dict(doc, estimate=True)
     cases.append((EXIT_BAD_DUMP, "an estimate (--sample) cannot be applied", sampled))
     short = json.loads(json.dumps(doc))

@@ -100,6 +100,8 @@ def read_plan(path: Path | str) -> PlanFile:
     if not isinstance(doc, dict):
         raise BadPlanFile(path, "not a dengine plan file (a JSON object with a schema)")
     schema = doc.get("schema")
+    if schema is None:
+        raise BadPlanFile(path, "not a dengine plan file (a JSON object with no schema)")
     if schema != SCHEMA:
         # Another version of the plan schema is unsupported (exit 5); anything else is no plan.
         newer = isinstance(schema, str) and schema.startswith(SCHEMA.rsplit("/", 1)[0] + "/")
