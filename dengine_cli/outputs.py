@@ -167,10 +167,17 @@ def _in_place(path: Path, text: bool, image: bool) -> Iterator[IO[Any]]:
 
 @contextlib.contextmanager
 def _standard_output(text: bool, image: bool) -> Iterator[IO[Any]]:
-    """Standard output open for writing, once what this process printed before is out: the file
-    it was redirected to, written as any file (from where it stands), or in order when it cannot
-    seek (a pipe).  A pipe its reader closed raises ``BrokenPipeError``, as printing there does."""
-    fd = sys.stdout.fileno()
+    """Standard output open for writing, once what this process printed before is out: an image
+    goes to an empty file it was redirected to as to any file (sparse), anywhere else in order.
+    A pipe its reader closed raises ``BrokenPipeError``, as printing there does.  A stdout with
+    no descriptor (a program that runs dengine's CLI in its own process) is written through."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        sys.stdout.flush()
+        stream = sys.stdout if text else sys.stdout.buffer
+        yield stream if text or not image else _in_order(stream)
+        return
     if image and os.isatty(fd):
         raise OutputError(STDOUT_NAME, TERMINAL)
     sys.stdout.flush()

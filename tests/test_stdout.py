@@ -190,3 +190,23 @@ def test_sequential_writer_refuses_to_go_back(tmp_path: Path) -> None:
         assert e.value.errno == errno.ESPIPE
         set_size(seq, 8192)  # type: ignore[arg-type]
         assert seq.tell() == 8192
+
+
+def test_in_process_stdout_without_a_descriptor(real_dump: Callable[[str], Path], work: Path) -> None:
+    """The CLI run inside another program, whose stdout has no descriptor (click's runner): `-o -`
+    writes through it, the image in order."""
+    from click.testing import CliRunner
+
+    from dengine_cli.cli import cli
+
+    dump = str(real_dump("alpha.kdump"))
+    assert run("extract", dump, "-o", "img", cwd=work).returncode == 0
+    assert run("plan", dump, "-o", "plan.json", cwd=work).returncode == 0
+    runner = CliRunner()
+    env = {"XDG_CACHE_HOME": str(work / "cache")}
+    image = runner.invoke(cli, ["-q", "extract", dump, "-o", "-"], env=env)
+    assert image.exit_code == 0, image.output
+    assert image.stdout_bytes == (work / "img").read_bytes()
+    plan = runner.invoke(cli, ["-q", "plan", dump, "-o", "-"], env=env)
+    assert plan.exit_code == 0, plan.output
+    assert plan.stdout_bytes == (work / "plan.json").read_bytes()
