@@ -27,7 +27,6 @@ from dengine_cli.errors import (
     EXIT_UNSUPPORTED,
     EXIT_USAGE,
     OutputError,
-    UsageError,
 )
 from dengine_cli.formats import open_dump
 from dengine_cli.store.frames import LZMA2_GAIN, FrameCodec, choose_codec, incompressible
@@ -37,6 +36,7 @@ from dengine_cli.store.writer import StoreWriter
 from tests.builders.lime import build_lime
 from tests.builders.xc_core import build_xc_core
 from tests.conftest import FIXTURES, needs_oracle, oracle_pages, page_digests, read_pages
+from tests.vms import design_vms, write_raw_images
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -279,19 +279,20 @@ def test_store_arguments(real_dump: Callable[[str], Path], tmp_path: Path) -> No
         assert not (tmp_path / "x").exists()
 
 
-def test_an_unknown_vm_lists_a_few_by_number() -> None:
-    """A store of hundreds of VMs: the error names the first eight by number, then how many more."""
-    reader = StoreReader.__new__(StoreReader)
-    reader.store = Path("fleet.store")
-    reader.vms = [collections.namedtuple("Vm", "name")(f"vm{k}.core") for k in range(300)]  # type: ignore[misc]
-    with pytest.raises(UsageError) as e:
-        reader.vm("vm300.core")
-    assert str(e.value) == (
-        "fleet.store: no VM called 'vm300.core' (300 VMs: "
-        + ", ".join(f"{k} vm{k}.core" for k in range(8))
-        + ", and 292 more)"
-    )
-    assert reader.vm("299").name == "vm299.core"
+def test_an_unknown_vm_lists_a_few_by_number(tmp_path: Path) -> None:
+    """A store of many VMs (ten small raw guests here): the error names the first eight by
+    number, then how many more, on one line; a number names its VM."""
+    paths = write_raw_images(tmp_path, design_vms(3, [12] * 10))
+    store = tmp_path / "store"
+    apply(plan(paths, tmp_path, "--dump-format", "raw"), store)
+    code, _, err = invoke("restore", str(store), "vm10.raw", "-o", str(tmp_path / "x"))
+    assert code == EXIT_USAGE
+    listed = ", ".join(f"{k} {paths[k]}" for k in range(8))
+    assert err.splitlines() == [f"dengine: {store}: no VM called 'vm10.raw' (10 VMs: {listed}, and 2 more)"]
+    assert not (tmp_path / "x").exists()
+    code, _, err = invoke("restore", str(store), "9", "-o", str(tmp_path / "nine.raw"))
+    assert code == 0, err
+    assert (tmp_path / "nine.raw").read_bytes() == extract(paths[9], tmp_path / "nine-extracted.raw")
 
 
 def test_applying_again_replaces_the_store(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
