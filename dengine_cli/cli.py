@@ -23,7 +23,7 @@ import click
 
 from dengine_cli import __version__
 from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING, KSM_MAX_PAGE_SHARING_LIMIT
-from dengine_cli.errors import EXIT_INTERNAL, EXIT_USAGE, DengineError, UnreadableFile
+from dengine_cli.errors import EXIT_INTERNAL, EXIT_OUTPUT, EXIT_USAGE, DengineError, UnreadableFile
 from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dump
 from dengine_cli.outputs import STDOUT_NAME, is_stdout
 
@@ -1153,6 +1153,12 @@ def main() -> None:
     a one-line error (:mod:`dengine_cli.parallel.supervisor`)."""
     from dengine_cli.parallel.supervisor import supervised
 
+    if sys.stdout is None:
+        # Descriptor 1 was closed (`>&-`): Python gives no stdout, and the next file opened
+        # would take its number.  Refused before anything is opened.
+        reason = "cannot write: it is closed (give a file, or /dev/null)"
+        print(f"dengine: {STDOUT_NAME}: {reason}", file=sys.stderr)
+        sys.exit(EXIT_OUTPUT)
     supervised(_main, sys.argv[1:])
 
 

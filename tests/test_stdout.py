@@ -210,3 +210,28 @@ def test_in_process_stdout_without_a_descriptor(real_dump: Callable[[str], Path]
     plan = runner.invoke(cli, ["-q", "plan", dump, "-o", "-"], env=env)
     assert plan.exit_code == 0, plan.output
     assert plan.stdout_bytes == (work / "plan.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args", [["info", "DUMP"], ["extract", "DUMP", "-o", "-"], ["plan", "DUMP", "-o", "-"]]
+)
+def test_a_closed_stdout_is_refused_in_one_line(
+    args: list[str], real_dump: Callable[[str], Path], work: Path
+) -> None:
+    """`dengine ... >&-`: exit 6 and one line, no traceback, nothing written (was an internal
+    error, a traceback, for every command)."""
+    argv = " ".join(str(real_dump("alpha.elf")) if a == "DUMP" else a for a in args)
+    r = subprocess.run(
+        f"'{DENGINE}' {argv} >&-",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        cwd=work,
+        timeout=120,
+        env={**os.environ, "XDG_CACHE_HOME": str(work / "cache")},
+    )
+    assert r.returncode == EXIT_OUTPUT
+    assert r.stderr.decode().splitlines() == [
+        "dengine: standard output: cannot write: it is closed (give a file, or /dev/null)"
+    ]
+    assert sorted(p.name for p in work.iterdir()) == ["cache"]
