@@ -43,7 +43,8 @@ def files_of(spec: str) -> list[str]:
     """The dumps a glob names, or a directory's dumps (leaving out its manifests and notes)."""
     if any(c in spec for c in "*?["):
         return sorted(glob.glob(spec))
-    return sorted(f for f in glob.glob(f"{spec}/*") if not f.endswith((".json", ".md", ".txt")))
+    notes = (".json", ".md", ".txt")
+    return sorted(f for f in glob.glob(f"{spec}/*") if os.path.isfile(f) and not f.endswith(notes))
 
 
 def tree_bytes(path: Path) -> int:
@@ -54,7 +55,10 @@ def tree_bytes(path: Path) -> int:
 
 def timed(cmd: str | list[str], shell: bool = False, env: dict[str, str] | None = None) -> float:
     started = time.perf_counter()
-    subprocess.run(cmd, shell=shell, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    done = subprocess.run(cmd, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    if done.returncode != 0:
+        shown = cmd if isinstance(cmd, str) else " ".join(cmd)
+        sys.exit(f"{shown}\nexit {done.returncode}: {done.stderr.decode(errors='replace').strip()}")
     return time.perf_counter() - started
 
 

@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from dengine_cli.cache.index_store import INDEX_MAGIC, INDEX_VERSION, index_key, index_path_for, write_index
 from dengine_cli.cache.keys import default_index_dir
 from dengine_cli.engine.index import (
+    HASHER,
+    HASHERS,
     ZERO_PAGE_CHECK,
     ZERO_PAGE_HASH,
     _rows_zero,
@@ -68,9 +70,22 @@ def expected_checks(pages: np.ndarray) -> list[int]:
 # --- hashing -----------------------------------------------------------------------------------
 
 
-def test_hash_pages_equals_xxh3_of_each_page() -> None:
+def test_the_c_hasher_is_built_and_runs() -> None:
+    """scripts/setup installs libxxhash-dev, so the C hasher is built wherever the suite runs: a
+    build that failed quietly (the extension is optional) fails here, not only in the bench."""
+    assert HASHERS == ("c", "python")
+    assert HASHER == "c"
+
+
+def test_an_unbuilt_hasher_is_refused() -> None:
+    with pytest.raises(ValueError, match="not built"):
+        hash_pages(make_pages(1, 2), hasher="rust")
+
+
+@pytest.mark.parametrize("hasher", HASHERS)
+def test_hash_pages_equals_xxh3_of_each_page(hasher: str) -> None:
     pages = make_pages(1, 200)
-    hashes, check, zero = hash_pages(pages)
+    hashes, check, zero = hash_pages(pages, hasher=hasher)
     assert hashes.tolist() == expected_hashes(pages)
     assert check.tolist() == expected_checks(pages)
     assert zero.tolist() == [not p.any() for p in pages]
@@ -80,14 +95,61 @@ def test_hash_pages_equals_xxh3_of_each_page() -> None:
     assert xxhash.xxh3_128_intdigest(bytes(4096)) == (ZERO_PAGE_HASH << 64) | ZERO_PAGE_CHECK
 
 
-def test_hash_pages_of_a_strided_batch() -> None:
+@pytest.mark.parametrize("hasher", HASHERS)
+def test_hash_pages_of_a_strided_batch(hasher: str) -> None:
     pages = make_pages(2, 40)
     every_other = pages[::2]
     assert not every_other.flags.c_contiguous
-    hashes, check, zero = hash_pages(every_other)
+    hashes, check, zero = hash_pages(every_other, hasher=hasher)
     assert hashes.tolist() == expected_hashes(every_other)
     assert check.tolist() == expected_checks(every_other)
     assert zero.tolist() == [not p.any() for p in every_other]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(0, 40),
+    st.integers(0, 24),
+    st.booleans(),
+    st.sampled_from(HASHERS),
+    st.integers(0, 2**32 - 1),
+)
+def test_hashers_agree_on_any_layout(n: int, gap: int, reverse: bool, hasher: str, seed: int) -> None:
+    """Rows at any stride (pages 4096 + ``gap`` bytes apart, as in a QEMU stream, from any byte
+    offset, in either direction) hash as their bytes do, by either hasher."""
+    rng = np.random.default_rng(seed)
+    stride = PAGE_SIZE + gap
+    raw = rng.integers(0, 256, n * stride + 7, dtype=np.uint8)
+    start = int(rng.integers(0, 8))
+    rows = np.lib.stride_tricks.as_strided(raw[start:], shape=(n, PAGE_SIZE), strides=(stride, 1))
+    if n:
+        rows[rng.random(n) < 0.4] = 0
+    view = rows[::-1] if reverse else rows
+    hashes, check, zero = hash_pages(view, hasher=hasher)
+    assert hashes.tolist() == expected_hashes(view)
+    assert check.tolist() == expected_checks(view)
+    assert zero.tolist() == [not p.any() for p in view]
+
+
+@pytest.mark.skipif("c" not in HASHERS, reason="the C hasher is not built")
+def test_the_c_hasher_refuses_arrays_of_the_wrong_shape() -> None:
+    from dengine_cli import _pagehash  # type: ignore[attr-defined]
+
+    pages = make_pages(4, 3)
+    out = [np.empty(3, dtype=np.uint64), np.empty(3, dtype=np.uint64), np.empty(3, dtype=np.bool_)]
+    for bad in (pages.reshape(-1), pages[:, :4000], pages.T, pages.view(np.uint64)):
+        with pytest.raises(ValueError, match="rows of 4096 bytes"):
+            _pagehash.hash_pages(bad, *out)
+    with pytest.raises(ValueError, match="high holds 16 bytes, 3 pages need 24"):
+        _pagehash.hash_pages(pages, np.empty(2, dtype=np.uint64), *out[1:])
+    with pytest.raises(ValueError, match="zero holds 6 bytes"):
+        _pagehash.hash_pages(pages, *out[:2], np.empty(6, dtype=np.bool_))
+    frozen = np.empty(3, dtype=np.uint64)
+    frozen.flags.writeable = False
+    with pytest.raises((BufferError, TypeError, ValueError)):
+        _pagehash.hash_pages(pages, frozen, *out[1:])
+    assert _pagehash.hash_pages(pages, *out) is None
+    assert out[0].tolist() == expected_hashes(pages)
 
 
 @settings(max_examples=200, deadline=None)
@@ -96,9 +158,10 @@ def test_hash_pages_of_a_strided_batch() -> None:
         st.one_of(st.none(), st.tuples(st.integers(0, PAGE_SIZE - 1), st.integers(1, 255))),
         min_size=1,
         max_size=24,
-    )
+    ),
+    st.sampled_from(HASHERS),
 )
-def test_zero_flags_are_exact_whatever_byte_is_set(layout: list[tuple[int, int] | None]) -> None:
+def test_zero_flags_are_exact_whatever_byte_is_set(layout: list[tuple[int, int] | None], hasher: str) -> None:
     """Zero pages are told from pages zero but for one byte anywhere (the last byte of the last
     page of the batch too), on a fresh batch and on the same buffer hashed again."""
     pages = np.zeros((len(layout), PAGE_SIZE), dtype=np.uint8)
@@ -106,7 +169,7 @@ def test_zero_flags_are_exact_whatever_byte_is_set(layout: list[tuple[int, int] 
         if spec is not None:
             pages[row, spec[0]] = spec[1]
     for _ in range(2):
-        hashes, check, zero = hash_pages(pages)
+        hashes, check, zero = hash_pages(pages, hasher=hasher)
         assert zero.tolist() == [spec is None for spec in layout]
         assert hashes.tolist() == expected_hashes(pages)
         assert check.tolist() == expected_checks(pages)
@@ -126,10 +189,11 @@ def test_byte_check_of_zero_hash_candidates(data: st.DataObject) -> None:
     assert _rows_zero(pages, rows).tolist() == [not pages[r].any() for r in rows]
 
 
-def test_hash_dump_over_a_page_range(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hasher", HASHERS)
+def test_hash_dump_over_a_page_range(tmp_path: Path, hasher: str) -> None:
     pages = make_pages(3, 300)
     dump = open_raw(Source.of(write_raw_image(tmp_path / "a.raw", pages)), OpenOptions())
-    hashes, check, zero = hash_dump(dump, 50, 250, batch_pages=16)
+    hashes, check, zero = hash_dump(dump, 50, 250, batch_pages=16, hasher=hasher)
     assert hashes.tolist() == expected_hashes(pages[50:250])
     assert check.tolist() == expected_checks(pages[50:250])
     assert zero.tolist() == [not p.any() for p in pages[50:250]]
