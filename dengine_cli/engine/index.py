@@ -99,7 +99,7 @@ def hash_pages(pages: PageArray, *, hasher: str = HASHER) -> Hashed:
     byte by byte: a page with any other hash cannot be zero, so the zero flag stays exact, and
     the batch is read once instead of twice (a vectorized zero test over every page, then xxh3
     over the others, cost 15-30 % more).  The hashes come from the C hasher
-    (``dengine_cli/_pagehash.c``: one call a batch, without the GIL, the rows where they lie)
+    (``dengine_cli/_pagehash.c``: one call a batch, without the GIL, rows at any stride)
     when it was built, else from a Python loop of xxhash calls (``hasher``: one of
     :data:`HASHERS`), the same hashes.
     """
@@ -198,12 +198,11 @@ def hash_dump(
     check = np.empty(n, dtype=np.uint64)
     zero = np.empty(n, dtype=np.bool_)
     at = 0
-    # The C hasher takes a dump's pages where they are mapped; the Python loop hashes a copy read
-    # into a buffer that stays in the CPU's cache faster (see Dump.scan).  Measured over the
-    # 16-guest bench fleet (4 GiB in the page cache), one process: pread and the Python loop
-    # 0.65 s, pread and C 0.60 s, the mapping and C 0.45 s (no copy by the kernel).
-    read = dump.batches if hasher == "c" else dump.scan
-    for batch in read(batch_pages, start=start, stop=stop):
+    # Read into a buffer (Dump.scan), not hashed where mapped (Dump.batches): a bare pass of the C
+    # hasher over the 16-guest bench fleet's mapping beat pread (0.45 against 0.60 s), but in
+    # `analyze` the mapped pass left sharing slower after it (0.10 against 0.08 s at -j 2: the
+    # unmapping of what the workers touched) and the whole came out level (see ARCHITECTURE.md).
+    for batch in dump.scan(batch_pages, start=start, stop=stop):
         k = len(batch)
         hashes[at : at + k], check[at : at + k], zero[at : at + k] = hash_pages(batch.pages, hasher=hasher)
         at += k
