@@ -1138,6 +1138,29 @@ def _shown(path: Path | str) -> str:
     return STDOUT_NAME if is_stdout(path) else str(path)
 
 
+def _root_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """A command's ``-q`` or ``--debug``: the same as the group's (``dengine -q analyze``)."""
+    if value and param.name is not None:
+        root = ctx.find_root()
+        root.obj = {**(root.obj or {}), param.name: True}
+    return value
+
+
+def _root_flags_on_every_command(group: click.Group) -> None:
+    """``-q`` and ``--debug`` after the command's name too (``dengine analyze -q ...``): users put
+    them there, and click would refuse them as options the command does not have."""
+    for command in group.commands.values():
+        command.params += [
+            click.Option(["--debug"], is_flag=True, expose_value=False, callback=_root_flag,
+                         help="On an error, also print the traceback (as `dengine --debug`)."),
+            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_root_flag,
+                         help="No progress bars or notes on stderr (as `dengine -q`)."),
+        ]  # fmt: skip
+
+
+_root_flags_on_every_command(cli)
+
+
 def interrupt_once(signum: int, frame: object) -> None:
     """SIGINT: a KeyboardInterrupt, once.  Later ones are ignored, so that the cleanup the first
     one starts (temporary files removed, workers reaped) runs to its end: a job runner that

@@ -137,6 +137,26 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert err.rstrip().endswith("found 68 65 6c 6c 6f 0a")
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_and_quiet_before_or_after_the_command(tmp_path: Path, where: str) -> None:
+    """``dengine --debug info X`` and ``dengine info X --debug`` are the same, and so for ``-q``
+    (click would refuse a group's option after the command's name)."""
+    (tmp_path / "hello.txt").write_text("hello\n")
+    hello = str(tmp_path / "hello.txt")
+    debug = ["--debug", "info", hello] if where == "before" else ["info", hello, "--debug"]
+    code, _, err = run(*debug)
+    assert code == EXIT_BAD_DUMP
+    assert "Traceback" in err and err.rstrip().endswith("found 68 65 6c 6c 6f 0a")
+    image = str(write_raw_image(tmp_path / "a.raw", filled_image(8, {1: 1})))
+    args = ["analyze", "--sharing-only", "--format", "json", "--index-dir", str(tmp_path / "i"), image, image]
+    code, out, err = run(*args)
+    assert code == 0 and "is given twice" in err  # a note on stderr, which -q silences
+    quiet = ["-q", *args] if where == "before" else [*args[:1], "-q", *args[1:]]
+    code, quiet_out, err = run(*quiet)
+    assert (code, err) == (0, "")
+    assert json.loads(quiet_out) == json.loads(out)
+
+
 def test_extract_into_a_missing_directory_fails_cleanly(tmp_path: Path) -> None:
     write_raw_image(tmp_path / "a.raw", filled_image(2, {0: 1}))
     code, _, err = run("extract", str(tmp_path / "a.raw"), "-o", str(tmp_path / "no" / "out.img"))

@@ -61,10 +61,17 @@ def test_every_command_has_its_section() -> None:
     assert documented == set(commands())
 
 
+#: The group's options every command takes too (``dengine analyze -q``): documented once, under
+#: GLOBAL OPTIONS, not in each command's section.
+EVERYWHERE = {"--debug", "--quiet"}
+
+
 @pytest.mark.parametrize("name", sorted(commands()))
 def test_command_options_match(name: str) -> None:
     text = next(body for title, body in sections().items() if title.split()[:2] == ["dengine", name])
-    assert documented_options(text) == long_options(commands()[name])
+    options = long_options(commands()[name])
+    assert options >= EVERYWHERE
+    assert documented_options(text) == options - EVERYWHERE
 
 
 @pytest.mark.parametrize("name", sorted(commands()))
@@ -83,7 +90,9 @@ def test_no_option_is_documented_twice(name: str) -> None:
 
 def test_global_options_documented() -> None:
     head = man_text().split(".SH COMMANDS")[0].split(".SH GLOBAL OPTIONS")[1]
-    assert documented_options(head) >= long_options(cli) - {"--version"} | {"--debug", "--quiet"}
+    assert documented_options(head) >= long_options(cli) - {"--version"} | EVERYWHERE
+    assert long_options(cli) >= EVERYWHERE
+    assert "go before the command's name or among its options" in head
 
 
 def test_exit_codes_documented() -> None:
