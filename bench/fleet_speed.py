@@ -22,6 +22,11 @@ peak anonymous memory: ``RssAnon`` from /proc summed over the process and all it
 sampled every ~5 ms (the largest of all runs). Per fleet: the -j 2 / -j 1 speedup, and whether
 the JSON output with and without ``--memory-limit`` is identical (every limited run against the
 -j 2 runs; also -j 1 against -j 2). Also the git commit measured, the time and the machine load.
+Beside the goals, the scaling: a least-squares line through the fleets' ``-j 2`` times against
+their sizes, whose intercept is the fixed cost of a run (start-up: Python, numpy and click imports,
+forks) and whose slope is the cost of a GiB; with the fixed cost taken off, s/GiB largest /
+smallest says whether the work itself scales flat, which the flatness goal (on the whole times)
+cannot tell apart from the fixed cost.
 
 Output: a plain text table on stdout; ``--json FILE`` also writes the figures as JSON.
 
@@ -307,6 +312,13 @@ def print_report(report: dict[str, Any]) -> None:
     for what, figure, met in goals(report["fleets"]):
         verdict = "n/a" if met is None else ("met" if met else "NOT met")
         print(f"  {what}: {fmt(figure, '.2f')} ({verdict})")
+    fit = report.get("scaling")
+    if fit is not None:
+        print(
+            f"\nscaling (a line through the -j 2 times): fixed cost {fit['fixed_seconds']:.3f} s a run, "
+            f"{fit['seconds_per_gib']:.3f} s per GiB; s/GiB without the fixed cost, largest / smallest: "
+            f"{fit['net_spread']:.2f}"
+        )
 
 
 def goals(fleets: Sequence[dict[str, Any]]) -> list[tuple[str, float | None, bool | None]]:
@@ -343,6 +355,29 @@ def goals(fleets: Sequence[dict[str, Any]]) -> list[tuple[str, float | None, boo
             (f"s/GiB largest / smallest over the fleets <= {FLAT_GOAL:g}", spread, spread <= FLAT_GOAL)
         )
     return out
+
+
+def scaling(fleets: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    """What the -j 2 times say about scaling, beside the flatness goal (which they decide): the
+    least-squares line through (GiB, seconds) over the fleets, its intercept (the fixed cost of a
+    run: start-up, imports, forks) and slope (seconds per GiB), and the s/GiB of each fleet once
+    the fixed cost is taken off, largest / smallest.  ``None`` with fewer than two fleets."""
+    points = [
+        (f["gib"], r["seconds"]) for f in fleets for r in f["rows"] if r["label"] == J2 and "seconds" in r
+    ]
+    if len(points) < 2 or len({g for g, _ in points}) < 2:
+        return None
+    n = len(points)
+    mean_g = sum(g for g, _ in points) / n
+    mean_t = sum(t for _, t in points) / n
+    slope = sum((g - mean_g) * (t - mean_t) for g, t in points) / sum((g - mean_g) ** 2 for g, _ in points)
+    fixed = mean_t - slope * mean_g
+    net = [(t - fixed) / g for g, t in points]
+    return {
+        "fixed_seconds": fixed,
+        "seconds_per_gib": slope,
+        "net_spread": max(net) / min(net) if min(net) > 0 else float("inf"),
+    }
 
 
 def _at_least(v: float | None, goal: float) -> bool | None:
@@ -400,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["goals"] = [
         {"goal": what, "figure": figure, "met": met} for what, figure, met in goals(report["fleets"])
     ]
+    report["scaling"] = scaling(report["fleets"])
     print_report(report)
     if args.json:
         tmp = args.json.with_name(f".{args.json.name}.tmp")
