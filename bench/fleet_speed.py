@@ -317,7 +317,7 @@ def print_report(report: dict[str, Any]) -> None:
         print(
             f"\nscaling (a line through the -j 2 times): fixed cost {fit['fixed_seconds']:.3f} s a run, "
             f"{fit['seconds_per_gib']:.3f} s per GiB; s/GiB without the fixed cost, largest / smallest: "
-            f"{fit['net_spread']:.2f}"
+            f"{fmt(fit['net_spread'], '.2f')}"
         )
 
 
@@ -357,11 +357,13 @@ def goals(fleets: Sequence[dict[str, Any]]) -> list[tuple[str, float | None, boo
     return out
 
 
-def scaling(fleets: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+def scaling(fleets: Sequence[dict[str, Any]]) -> dict[str, float | None] | None:
     """What the -j 2 times say about scaling, beside the flatness goal (which they decide): the
     least-squares line through (GiB, seconds) over the fleets, its intercept (the fixed cost of a
     run: start-up, imports, forks) and slope (seconds per GiB), and the s/GiB of each fleet once
-    the fixed cost is taken off, largest / smallest.  ``None`` with fewer than two fleets."""
+    the fixed cost is taken off, largest / smallest (``None`` when the line leaves a fleet no
+    time of its own: the fit says nothing then).  ``None`` without two fleets of different
+    sizes."""
     points = [
         (f["gib"], r["seconds"]) for f in fleets for r in f["rows"] if r["label"] == J2 and "seconds" in r
     ]
@@ -376,7 +378,7 @@ def scaling(fleets: Sequence[dict[str, Any]]) -> dict[str, float] | None:
     return {
         "fixed_seconds": fixed,
         "seconds_per_gib": slope,
-        "net_spread": max(net) / min(net) if min(net) > 0 else float("inf"),
+        "net_spread": max(net) / min(net) if min(net) > 0 else None,
     }
 
 

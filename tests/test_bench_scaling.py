@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,14 +36,45 @@ def test_a_straight_line_is_recovered(fixed: float, per_gib: float, sizes: list[
     assert fit["net_spread"] == pytest.approx(1.0, rel=1e-5)
 
 
-def test_the_session_9_figures() -> None:
-    # 0.314 s for 1 GiB, 0.69 s for 4 GiB, 2.54 s for 16 GiB: s/GiB 0.31 against 0.16 (1.97x),
-    # but 0.13 s of it is paid once; without it the work per GiB spreads by 1.31x.
-    fit = fleet_speed.scaling([_fleet(1, 0.314), _fleet(4, 0.69), _fleet(16, 2.54)])
+@given(
+    points=st.lists(
+        st.tuples(st.integers(1, 256).map(lambda k: k / 4), st.floats(0.05, 10.0)),
+        min_size=2,
+        max_size=6,
+        unique_by=lambda p: p[0],
+    )
+)
+def test_the_line_is_numpys_least_squares_fit(points: list[tuple[float, float]]) -> None:
+    # Any times, not only a line: the fit is numpy's, and the spread is of what the line leaves.
+    fit = fleet_speed.scaling([_fleet(g, t) for g, t in points])
     assert fit is not None
-    assert fit["fixed_seconds"] == pytest.approx(0.131, abs=0.001)
-    assert fit["seconds_per_gib"] == pytest.approx(0.150, abs=0.001)
-    assert fit["net_spread"] == pytest.approx(1.31, abs=0.01)
+    slope, fixed = np.polyfit([g for g, _ in points], [t for _, t in points], 1)
+    assert fit["fixed_seconds"] == pytest.approx(fixed, abs=1e-9)
+    assert fit["seconds_per_gib"] == pytest.approx(slope, abs=1e-9)
+    net = [(t - fixed) / g for g, t in points]
+    if min(net) > 1e-9:
+        assert fit["net_spread"] == pytest.approx(max(net) / min(net), rel=1e-6)
+    elif min(net) < -1e-9:
+        assert fit["net_spread"] is None
+
+
+def test_session_9s_fleets() -> None:
+    # 0.314 s for 1 GiB, 0.69 s for 4 GiB, 2.54 s for 16 GiB: s/GiB 0.31 against 0.16 (1.97x),
+    # but part of every run is paid once; without it the work per GiB spreads far less.
+    times = {1: 0.314, 4: 0.69, 16: 2.54}
+    fit = fleet_speed.scaling([_fleet(g, t) for g, t in times.items()])
+    assert fit is not None
+    whole = max(t / g for g, t in times.items()) / min(t / g for g, t in times.items())
+    assert 0 < fit["fixed_seconds"] < min(times.values())
+    assert fit["net_spread"] is not None and 1 <= fit["net_spread"] < whole
+
+
+def test_a_line_that_leaves_a_fleet_no_time_gives_no_spread() -> None:
+    # The intercept above the smallest fleet's time: that fleet's work would be negative.
+    fit = fleet_speed.scaling([_fleet(1, 0.2), _fleet(2, 1.5), _fleet(16, 3.0)])
+    assert fit is not None and fit["fixed_seconds"] > 0.2
+    assert fit["net_spread"] is None
+    assert json.loads(json.dumps(fit)) == fit
 
 
 def test_one_fleet_says_nothing() -> None:
