@@ -5,7 +5,9 @@ the one mapped; and the small thread helper it is used with."""
 from __future__ import annotations
 
 import os
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import SCAN_PAGES, Dump, OpenOptions, PageBatch, Source
 from dengine_cli.formats.raw import open_raw
 from dengine_cli.pages import PAGE_SIZE
-from dengine_cli.parallel.threads import map_in_threads
+from dengine_cli.parallel.threads import map_in_threads, stream_in_threads
 from tests.vms import write_raw_image
 
 
@@ -116,6 +118,87 @@ def test_map_in_threads_raises_the_error_and_stops_taking_items() -> None:
     with pytest.raises(ValueError, match="bad item 3"):
         map_in_threads(work, list(range(1000)), 2)
     assert 3 in started and len(started) < 1000
+
+
+def test_stream_in_threads_hands_out_in_order_while_the_caller_works() -> None:
+    """Results come in item order whatever order the threads finish in, two threads work at
+    once, and the caller's work on one result overlaps the threads' work on the next."""
+    barrier = threading.Barrier(2, timeout=10)
+    seen: set[str] = set()
+    finished: list[int] = []
+    rng = random.Random(5)
+    delays = [rng.random() * 0.003 for _ in range(60)]
+
+    def work(x: int) -> int:
+        seen.add(threading.current_thread().name)
+        if x < 2:
+            barrier.wait()  # both first items run at once, or this times out
+        time.sleep(delays[x])
+        finished.append(x)
+        return x * x
+
+    got = []
+    for x in stream_in_threads(work, list(range(60)), 2):
+        if x == 0:
+            # While the caller holds the first result, the threads finish the next two.
+            deadline = time.monotonic() + 10
+            while len(finished) < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert {1, 2} <= set(finished)
+        got.append(x)
+    assert got == [x * x for x in range(60)]
+    assert len(seen) == 2 and threading.current_thread().name not in seen
+    assert list(stream_in_threads(work, [], 3)) == []
+    assert list(stream_in_threads(lambda x: x + 1, [1, 2, 3], 1)) == [2, 3, 4]
+
+
+@pytest.mark.parametrize("threads, ahead", [(2, 0), (2, 1), (3, 2)])
+def test_stream_in_threads_starts_no_more_than_its_window(threads: int, ahead: int) -> None:
+    """At most ``threads + ahead`` items are started and not yet consumed: the memory their
+    results hold is bounded however slow the caller is."""
+    lock = threading.Lock()
+    started = 0
+    most = 0
+    consumed = 0
+
+    def work(x: int) -> int:
+        nonlocal started, most
+        with lock:
+            started += 1
+            most = max(most, started - consumed)
+        return x
+
+    for x in stream_in_threads(work, list(range(40)), threads, ahead=ahead):
+        time.sleep(0.002)  # a slow caller: the threads would run ahead if they could
+        with lock:
+            consumed = x + 1
+    assert most <= threads + ahead
+    assert most >= 2  # and the threads did work ahead of the caller
+
+
+def test_stream_in_threads_raises_in_order_and_stops_its_threads() -> None:
+    """An error is raised where its item's result would have come, after the results before it;
+    a caller that stops early leaves no thread running."""
+    started: list[int] = []
+
+    def work(x: int) -> int:
+        started.append(x)
+        if x == 7:
+            raise ValueError("bad item 7")
+        return x
+
+    before = threading.active_count()
+    got: list[int] = []
+    with pytest.raises(ValueError, match="bad item 7"):
+        for x in stream_in_threads(work, list(range(1000)), 2):
+            got.append(x)
+    assert got == list(range(7))
+    assert len(started) < 1000
+    assert threading.active_count() == before
+    stream = stream_in_threads(lambda x: x, list(range(1000)), 2)
+    assert next(stream) == 0
+    stream.close()
+    assert threading.active_count() == before
 
 
 def test_a_dump_that_shrinks_while_scanned_is_an_error_not_a_crash(tmp_path: Path) -> None:

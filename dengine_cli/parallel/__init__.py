@@ -10,12 +10,12 @@ runs in a thread, a forked worker or (later) a cluster worker."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from dengine_cli.parallel.forked import fork_map, fork_usable
-from dengine_cli.parallel.threads import map_in_threads
+from dengine_cli.parallel.threads import map_in_threads, stream_in_threads
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -70,9 +70,14 @@ class Workers:
         n = self.count if limit is None else min(self.count, limit)
         return map_in_threads(work, items, n)
 
+    def stream(self, work: Callable[[T], R], items: Sequence[T], ahead: int = 1) -> Iterator[R]:
+        """``work(item)`` for each item in order, by ``count`` threads while the caller consumes
+        (:func:`~dengine_cli.parallel.threads.stream_in_threads`)."""
+        return stream_in_threads(work, items, self.count, ahead=ahead)
+
     def forked(self, work: Callable[[T], R], items: Sequence[T], processes: int) -> list[R]:
         """``[work(item) for item in items]`` by ``processes`` processes, this one included."""
         return fork_map(work, items, processes)
 
 
-__all__ = ["Workers", "cpu_count", "fork_map", "fork_usable", "map_in_threads"]
+__all__ = ["Workers", "cpu_count", "fork_map", "fork_usable", "map_in_threads", "stream_in_threads"]

@@ -8,7 +8,7 @@ about 10 ms, a few percent of a whole ``dengine analyze``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar, cast
 
 T = TypeVar("T")
@@ -61,3 +61,70 @@ def map_in_threads(work: Callable[[T], R], items: Sequence[T], threads: int) -> 
     if errors:
         raise errors[0]
     return cast(list[R], results)
+
+
+def stream_in_threads(
+    work: Callable[[T], R], items: Sequence[T], threads: int, *, ahead: int = 1
+) -> Iterator[R]:
+    """``work(item)`` for each item, handed out in item order as they are done, by ``threads``
+    helper threads while the caller consumes what they hand out: the caller's part (adding up,
+    writing) overlaps the next items' work instead of waiting for a whole wave.  At most
+    ``threads + ahead`` items are started and not yet done with (the one the caller holds
+    included: it is done with when the caller asks for the next), which bounds the memory their
+    results hold.  One thread: the items are worked in the caller, one at a time.
+
+    The first exception ``work`` raises is raised here, in order, once the helpers have stopped.
+    When the caller stops early (an exception, ``close()``, KeyboardInterrupt), the helpers finish
+    the item they are on and stop before this returns."""
+    threads = max(1, min(threads, len(items)))
+    if threads == 1:
+        for item in items:
+            yield work(item)
+        return
+    window = threads + max(0, ahead)
+    done: dict[int, tuple[bool, R | BaseException]] = {}
+    cond = threading.Condition()
+    state = {"taken": 0, "consumed": 0, "stop": False}
+
+    def run() -> None:
+        while True:
+            with cond:
+                while not state["stop"] and state["taken"] - state["consumed"] >= window:
+                    cond.wait()
+                if state["stop"] or state["taken"] >= len(items):
+                    return
+                k = state["taken"]
+                state["taken"] = k + 1
+            try:
+                outcome: tuple[bool, R | BaseException] = (True, work(items[k]))
+            except BaseException as e:
+                outcome = (False, e)
+            with cond:
+                done[k] = outcome
+                if not outcome[0]:
+                    state["stop"] = True
+                cond.notify_all()
+            if not outcome[0]:
+                return
+
+    helpers = [threading.Thread(target=run, name=f"dengine-{t}") for t in range(threads)]
+    for helper in helpers:
+        helper.start()
+    try:
+        for k in range(len(items)):
+            with cond:
+                while k not in done:
+                    cond.wait()
+                ok, value = done.pop(k)
+            if not ok:
+                raise cast(BaseException, value)
+            yield cast(R, value)
+            with cond:  # the caller is done with it
+                state["consumed"] = k + 1
+                cond.notify_all()
+    finally:
+        with cond:
+            state["stop"] = True
+            cond.notify_all()
+        for helper in helpers:
+            helper.join()

@@ -14,7 +14,8 @@ content ids                       4, in memory, or in a mapped temporary file pa
 sorted runs (hash, check,         20 per non-zero page, in memory, or spilled to files past a
 position)                         quarter of the limit
 one partition being grouped       about 100 per non-zero page of that partition, for each
-                                  partition grouped at once: partitions are cut small enough
+                                  partition grouped at once: partitions are cut small enough;
+                                  and 24 for the one settled partition that waits to be added
 ================================  ==========================================================
 
 So past the limit only a few bytes a page stay in memory, and the figures do not change: the

@@ -112,16 +112,15 @@ def share(
         for v, ix in enumerate(indexes)
         for lo in range(0, ix.page_count, shape.slice_pages)
     ]
-    # Sorted a few slices at a time (numpy sorts without the GIL), stored in order.
-    for at in range(0, len(slices), shape.threads):
-        batch = slices[at : at + shape.threads]
-        for run in workers.threads(
-            lambda s: sort_run(
-                s[0], indexes[s[0]].hashes, indexes[s[0]].check, indexes[s[0]].zero, s[1], s[2], shape.bits
-            ),
-            batch,
-        ):
-            runs.add(run)
+
+    def sorted_slice(s: tuple[int, int, int]) -> SortedRun:
+        ix = indexes[s[0]]
+        return sort_run(s[0], ix.hashes, ix.check, ix.zero, s[1], s[2], shape.bits)
+
+    # Sorted by the threads (numpy sorts without the GIL) and stored in order by this one, while
+    # they sort the next slices.
+    for run in workers.stream(sorted_slice, slices):
+        runs.add(run)
     totals = SharingTotals(
         [ix.name for ix in indexes],
         [ix.page_count for ix in indexes],
@@ -139,12 +138,11 @@ def share(
             grouping, collisions = confirm_groups(grouping, compare)
         return settle(grouping, len(indexes), cross_vm, collisions)
 
-    for at in range(0, shape.partitions, shape.threads):
-        wave = list(range(at, min(at + shape.threads, shape.partitions)))
-        for sums in workers.threads(one, wave):
-            totals.add(sums)
+    # Grouped and settled by the threads, added up in hash order by this one meanwhile.
+    for p, sums in enumerate(workers.stream(one, range(shape.partitions))):
+        totals.add(sums)
         if on_progress is not None:
-            on_progress("sharing", wave[-1] + 1, shape.partitions)
+            on_progress("sharing", p + 1, shape.partitions)
     return totals.report()
 
 

@@ -26,7 +26,9 @@ MATRIX_ROWS = 1 << 16
 @dataclass(frozen=True, eq=False)
 class PartitionSums:
     """What one partition adds to the report.  ``ids[i]`` is the content (0.. within the
-    partition, in hash order) of the page at position ``pos[i]`` of VM ``vm[i]``."""
+    partition, in hash order) of the page at position ``pos[i]`` of VM ``vm[i]``; the pages are
+    in VM order, VM ``v``'s at ``vm_starts[v]:vm_starts[v + 1]`` (sorted here, in the worker
+    that settles the partition, so that adding it up is only the writing of its ids)."""
 
     within: I64
     across: I64
@@ -39,6 +41,7 @@ class PartitionSums:
     ids: I64
     vm: I64
     pos: I64
+    vm_starts: I64
 
 
 def settle(grouping: Grouping, n_vms: int, cross_vm: bool, collisions: int = 0) -> PartitionSums:
@@ -60,6 +63,7 @@ def settle(grouping: Grouping, n_vms: int, cross_vm: bool, collisions: int = 0) 
             nothing,
             nothing,
             nothing,
+            np.zeros(n_vms + 1, dtype=np.int64),
         )
     # Members of one content together, in (VM, position) order.  Without a split group they
     # already are (each member's class is the first member of its hash group).
@@ -76,6 +80,7 @@ def settle(grouping: Grouping, n_vms: int, cross_vm: bool, collisions: int = 0) 
     n_contents = int(content[-1]) + 1
     copies = np.bincount(content, minlength=n_contents)
     kept = first_in_content if cross_vm else first_in_vm
+    by_vm = np.argsort(v.astype(np.uint16) if n_vms <= 1 << 16 else v, kind="stable")
     return PartitionSums(
         within=np.bincount(v[~first_in_vm], minlength=n_vms),
         across=np.bincount(v[first_in_vm & ~first_in_content], minlength=n_vms) if cross_vm else empty,
@@ -85,9 +90,10 @@ def settle(grouping: Grouping, n_vms: int, cross_vm: bool, collisions: int = 0) 
         matrix=_matrix(content[first_in_vm], v[first_in_vm], n_contents, n_vms),
         contents=n_contents,
         collisions=collisions,
-        ids=content,
-        vm=v,
-        pos=p,
+        ids=content[by_vm],
+        vm=v[by_vm],
+        pos=p[by_vm],
+        vm_starts=np.searchsorted(v[by_vm], np.arange(n_vms + 1)),
     )
 
 
@@ -155,15 +161,11 @@ class SharingTotals:
         self.copy_counts += sums.copy_counts
         self.matrix += sums.matrix
         self.collisions += sums.collisions
-        if len(sums.ids):
-            ids = sums.ids + self.next_id
-            by_vm = np.argsort(
-                sums.vm.astype(np.uint16) if len(self.names) <= 1 << 16 else sums.vm, kind="stable"
-            )
-            bounds = np.searchsorted(sums.vm[by_vm], np.arange(len(self.names) + 1))
-            for v in np.flatnonzero(np.diff(bounds)).tolist():
-                seg = by_vm[bounds[v] : bounds[v + 1]]
-                self.content_ids[v][sums.pos[seg]] = ids[seg]
+        starts = sums.vm_starts
+        for v in np.flatnonzero(np.diff(starts)).tolist():
+            lo, hi = int(starts[v]), int(starts[v + 1])
+            ids = self.content_ids[v]
+            ids[sums.pos[lo:hi]] = sums.ids[lo:hi] + self.next_id
         self.next_id += sums.contents
 
     def report(self) -> SharingReport:
