@@ -257,9 +257,10 @@ def test_on_disk_layout(tmp_path: Path) -> None:
     assert np.frombuffer(data, np.uint64, 100, start + 800).tolist() == index.hashes.tolist()
     assert np.frombuffer(data, np.uint64, 100, start + 1600).tolist() == index.check.tolist()
     assert np.frombuffer(data, np.bool_, 100, start + 2400).tolist() == index.zero.tolist()
-    # Named by the xxh3-128 of the key it stores.
+    # Named by the xxh3-64 of the dump's real path, then the xxh3-128 of the key it stores.
     digest = xxhash.xxh3_128_hexdigest(json.dumps(header["key"], sort_keys=True).encode())
-    assert index.path.name == digest + ".idx"
+    of_path = xxhash.xxh3_64_hexdigest(os.path.realpath(dump_path).encode())
+    assert index.path.name == f"{of_path}-{digest}.idx"
 
 
 def test_a_loaded_index_is_named_as_the_dump_is_given_now(

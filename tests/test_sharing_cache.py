@@ -157,3 +157,56 @@ def test_prune_removes_sharing_of_changed_dumps(tmp_path: Path) -> None:
     assert (kept, removed) == (3, 2)  # vm1, vm2 indexes and the (vm1, vm2) sharing stay
     assert len(list(idx.glob("*.shr"))) == 1
     assert len(list(idx.glob("*.idx"))) == 2
+
+
+def test_a_changed_dump_leaves_no_stale_entry_once_indexed_again(
+    tmp_path: Path, no_sharing: list[int]
+) -> None:
+    """Indexing a dump that changed removes its old index and the sharing results that named
+    the old one; the other dumps' entries, and the results that never named it, stay and are
+    used; the figures are those computed afresh."""
+    paths = write_raw_images(tmp_path, design_vms(11, [100, 80, 90]))
+    idx = tmp_path / "idx"
+    analyze(paths[:2], RAW, index_dir=idx)
+    analyze(paths[1:], RAW, index_dir=idx)
+    before = {p.name for p in idx.iterdir()}
+    assert len(before) == 5  # three indexes, two sharing results
+    data = bytearray(paths[0].read_bytes())
+    data[: 4096 * 3] = bytes(range(256)) * 48  # vm0 changes: three pages get new content
+    paths[0].write_bytes(bytes(data))
+    report = analyze(paths[:2], RAW, index_dir=idx)
+    same(report, computed(paths[:2]))
+    after = {p.name for p in idx.iterdir()}
+    assert len(after) == 5  # vm0's new index and the new (vm0, vm1) result took their places
+    assert len(before - after) == 2 and len(after - before) == 2
+    assert {n.rsplit(".", 1)[1] for n in before - after} == {"idx", "shr"}
+    kept, removed, _ = prune_indexes(idx)
+    assert (kept, removed) == (5, 0)  # nothing left for prune
+    calls = len(no_sharing)
+    same(analyze(paths[1:], RAW, index_dir=idx), computed(paths[1:]))
+    assert len(no_sharing) == calls  # (vm1, vm2) was read from the cache
+    assert {p.name for p in idx.iterdir()} == after
+
+
+def test_the_same_dump_under_other_options_keeps_its_index(tmp_path: Path) -> None:
+    """Two indexes of one dump file as it is now (reader options that change the key) are both
+    good: storing one removes neither; files by an index's name that are not indexes, and
+    files being written, are left alone."""
+    paths = write_raw_images(tmp_path, design_vms(12, [60]))
+    idx = tmp_path / "idx"
+    analyze(paths, RAW, index_dir=idx)
+    (first,) = idx.glob("*.idx")
+    prefix = first.name.split("-")[0]
+    stray = idx / f"{prefix}-notanindex.idx"
+    stray.write_bytes(b"not ours")
+    writing = idx / f".tmp-{prefix}-x.idx"
+    writing.write_bytes(b"half")
+    analyze(paths, OpenOptions(format="raw", device_memory=True), index_dir=idx)
+    indexes = sorted(idx.glob(f"{prefix}-*.idx"))
+    assert first in indexes and stray in indexes and len(indexes) == 3
+    assert writing.exists()
+    paths[0].write_bytes(paths[0].read_bytes())  # rewritten: the same bytes, a new ctime
+    analyze(paths, RAW, index_dir=idx)
+    left = sorted(idx.glob(f"{prefix}-*.idx"))
+    assert first not in left and stray in left and len(left) == 2  # both old indexes went
+    assert writing.exists()

@@ -10,7 +10,8 @@ Little-endian::
     D   arrays, one after the other (D = 16 + H rounded up to 64, so that they map aligned)
 
 A file is named by the xxh3-128 of its key (a name, not a security check: the key itself is
-stored and compared on load; hashlib's import would cost 12 ms of every command).  It is
+stored and compared on load; hashlib's import would cost 12 ms of every command), after the
+xxh3-64 of its group where it has one (an index: its dump's real path).  It is
 written to a temporary name in its directory and renamed, so a reader never sees half a file;
 not fsync'ed, as a file torn by a crash fails its owner's size and checksum checks and is made
 again.  Anything unreadable is a cache miss, never an error.
@@ -38,9 +39,17 @@ ALIGN = 64
 HEADER_MAX = 1 << 20
 
 
-def name_for(key: dict[str, Any], folder: Path | str, suffix: str) -> Path:
-    """The file a cache entry for ``key`` has in ``folder``."""
-    return Path(folder) / (xxhash.xxh3_128_hexdigest(json.dumps(key, sort_keys=True).encode()) + suffix)
+def name_for(key: dict[str, Any], folder: Path | str, suffix: str, group: str | None = None) -> Path:
+    """The file a cache entry for ``key`` has in ``folder``: named ``<group>-<key>`` when the entry
+    belongs to a ``group`` (:func:`group_prefix`), so that the entries of a group are found by
+    name, without reading every header."""
+    name = xxhash.xxh3_128_hexdigest(json.dumps(key, sort_keys=True).encode()) + suffix
+    return Path(folder) / (name if group is None else group_prefix(group) + name)
+
+
+def group_prefix(group: str) -> str:
+    """What the names of a group's entries start with (an xxh3-64 of the group, and a dash)."""
+    return xxhash.xxh3_64_hexdigest(group.encode("utf-8", "surrogateescape")) + "-"
 
 
 def data_offset(header_len: int) -> int:

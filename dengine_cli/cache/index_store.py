@@ -14,6 +14,7 @@ fails any check is ignored and rebuilt, never trusted; files are written atomica
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,31 @@ def index_path_for(
 
 
 def file_for(key: dict[str, Any], index_dir: Path | str | None) -> Path:
+    """Where the index for ``key`` is cached: named after its dump's real path, then the key, so
+    that the indexes of one dump file, as it is now and as it was, are found by name
+    (:func:`same_dump_files`)."""
     folder = index_dir if index_dir is not None else default_index_dir()
-    return files.name_for(key, folder, INDEX_SUFFIX)
+    return files.name_for(key, folder, INDEX_SUFFIX, group=str(key["path"]))
+
+
+def same_dump_files(key: dict[str, Any], folder: Path) -> list[Path]:
+    """The index files in ``folder`` named for the dump file that ``key`` names (its real path),
+    whatever the file was then, the one for ``key`` among them if it is there."""
+    prefix = files.group_prefix(str(key["path"]))
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(
+                Path(e.path) for e in entries if e.name.startswith(prefix) and e.name.endswith(INDEX_SUFFIX)
+            )
+    except OSError:
+        return []
+
+
+def key_of(file: Path) -> dict[str, Any] | None:
+    """The key an index file was made for (``None``: not an index of this version)."""
+    found = files.read_header(file, INDEX_MAGIC, INDEX_VERSION)
+    key = found[0].get("key") if found is not None else None
+    return key if isinstance(key, dict) else None
 
 
 def map_arrays(file: Path, data: int, n: int) -> tuple[GfnArray, HashArray, HashArray, ZeroArray]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from dengine_cli.cache.index_store import BYTES_PER_PAGE, file_for, index_key, read_index, write_index
 from dengine_cli.cache.keys import default_index_dir
+from dengine_cli.cache.prune import drop_superseded
 from dengine_cli.engine.index import Hashed, PageIndex, Progress, facts_of, hash_dump, index_dump
 from dengine_cli.formats.base import Dump, OpenOptions
 from dengine_cli.pages import BATCH_PAGES
@@ -295,5 +296,6 @@ def _store(
     # A dump rewritten while it was being read must not be cached under the old key.
     if index_key(path, options) != key or not write_index(index, key, file, str(path)):
         return index
+    drop_superseded(key, file)
     stored = read_index(file, key, str(path))
     return dataclasses.replace(stored, loaded=False) if stored is not None else index

@@ -40,7 +40,7 @@ DOCUMENTED = {0, 3, 4, 5, 6}
 #: What the child exits with when something escaped dengine's own handler (a harness marker).
 ESCAPED = 70
 #: Cache files a command may leave in its index directory: complete indexes and sharing results.
-CACHE_FILE = re.compile(r"^[0-9a-f]{32}\.(idx|shr)$")
+CACHE_FILE = re.compile(r"^([0-9a-f]{16}-[0-9a-f]{32}\.idx|[0-9a-f]{32}\.shr)$")
 
 
 @dataclass(frozen=True)
