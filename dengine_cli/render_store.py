@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from rich import box
 from rich.table import Table
 
-from dengine_cli.render import console, size_text
+from dengine_cli.render import console, short_names, size_text
 
 if TYPE_CHECKING:
     from dengine_cli.store.apply import ApplyResult
@@ -26,9 +26,10 @@ def render_apply(result: ApplyResult, width: int | None = None) -> str:
     for name, justify in (("vm", "left"), ("pages", "right"), ("zero", "right"), ("plan", "right"),
                           ("stored", "right"), ("difference", "right"), ("paged out", "right")):  # fmt: skip
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for vm in result.vms:
+    # Named as the plan's and analyze's tables name them: base names when those are unique.
+    for vm, name in zip(result.vms, short_names([vm.name for vm in result.vms]), strict=True):
         table.add_row(
-            *_row(vm.name, vm.pages, vm.zero_pages, vm.plan_bytes, vm.stored_bytes, vm.paged_out_bytes)
+            *_row(name, vm.pages, vm.zero_pages, vm.plan_bytes, vm.stored_bytes, vm.paged_out_bytes)
         )
     table.add_section()
     vms = result.vms

@@ -463,3 +463,25 @@ def test_auto_store_reports_the_codec_of_every_frame(
     assert dict(used) == doc["frame_codecs"]
     assert sum(used.values()) == doc["frames"]
     assert set(used) <= {"xz-x86", "xz", "zstd-9", "stored"}
+
+
+def test_apply_names_vms_in_its_table_as_the_plan_does(tmp_path: Path) -> None:
+    """The table names each VM by its file name, as `plan` and `analyze` do, and by the name
+    given where two dumps share a file name; the total row adds up the VMs' rows."""
+    vms = design_vms(21, [40, 30, 30])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = write_raw_images(tmp_path / "a", vms[:2]) + write_raw_images(tmp_path / "b", vms[2:])
+    for dirs, expect_full in (([paths[0], paths[1]], False), ([paths[0], paths[2]], True)):
+        store = tmp_path / f"store-{expect_full}"
+        plan_file = plan(dirs, tmp_path)
+        code, out, err = invoke("apply", str(plan_file), "-o", str(store))
+        assert code == 0, err
+        rows = {cells[0]: cells for cells in map(str.split, out.splitlines()) if len(cells) >= 7}
+        for path in dirs:
+            name = str(path) if expect_full else path.name
+            assert name in rows, out
+        if not expect_full:
+            assert not any("/" in name for name in rows), out
+        pages = sum(int(rows[str(p) if expect_full else p.name][1]) for p in dirs)
+        assert int(rows["total"][1]) == pages
