@@ -105,9 +105,13 @@ def check_left_files(cache: Path) -> None:
             header, data, size = found
             dtype = np.uint32 if header["id_dtype"] == "uint32" else np.uint64
             total = sum(header["counts"])
-            assert size == data + np.dtype(dtype).itemsize * total, f"{name} is torn"
+            n = len(header["counts"])
+            id_bytes = -(-np.dtype(dtype).itemsize * total // 8) * 8  # then the matrix, aligned
+            assert size == data + id_bytes + 8 * n * n, f"{name} is torn"
             ids = np.memmap(entry, dtype=dtype, mode="r", offset=data, shape=(total,))
-            assert header["checksum"] == files.checksum((ids,)), f"{name} is torn"
+            matrix = np.fromfile(entry, dtype="<i8", count=n * n, offset=data + id_bytes)
+            assert header["checksum"] == files.checksum((ids, matrix)), f"{name} is torn"
+            assert sharing_store.load(entry, header["key"], [""] * n, header["counts"]) is not None
             assert sharing_store.still_valid(entry)
 
 

@@ -210,3 +210,21 @@ def test_the_same_dump_under_other_options_keeps_its_index(tmp_path: Path) -> No
     left = sorted(idx.glob(f"{prefix}-*.idx"))
     assert first not in left and stray in left and len(left) == 2  # both old indexes went
     assert writing.exists()
+
+
+def test_the_sharing_of_hundreds_of_vms_is_read_back(tmp_path: Path, no_sharing: list[int]) -> None:
+    """700 VMs: the stored result (its pairwise matrix 490,000 cells) is read back, not computed
+    again, and gives the same report; with the matrix in the JSON header the header passed the
+    size a header may have, and the result was stored on every run and never loaded."""
+    rng = np.random.default_rng(7)
+    library = rng.integers(0, 256, (8, 4096), dtype=np.uint8)
+    images = [library[rng.integers(0, 8, 2)] for _ in range(700)]
+    paths = write_raw_images(tmp_path, images)
+    idx = tmp_path / "idx"
+    first = analyze(paths, RAW, index_dir=idx)
+    calls = len(no_sharing)
+    second = analyze(paths, RAW, index_dir=idx)
+    assert len(no_sharing) == calls  # read back
+    same(first, second)
+    assert int(second.matrix.sum()) > 0 and second.matrix.shape == (700, 700)
+    assert np.array_equal(second.matrix, second.matrix.T)

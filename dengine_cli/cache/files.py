@@ -35,8 +35,9 @@ import xxhash
 PREFIX = struct.Struct("<8sII")
 #: Arrays start at a multiple of this.
 ALIGN = 64
-#: A header longer than this is not ours.
-HEADER_MAX = 1 << 20
+#: A header longer than this (or than the file) is not ours.  Headers grow with the VMs a sharing
+#: result names (their index keys and figures, about 400 bytes a VM).
+HEADER_MAX = 64 << 20
 
 
 def name_for(key: dict[str, Any], folder: Path | str, suffix: str, group: str | None = None) -> Path:
@@ -72,7 +73,7 @@ def read_header(file: Path, magic: bytes, version: int) -> tuple[dict[str, Any],
             if len(prefix) != PREFIX.size:
                 return None
             found, found_version, header_len = PREFIX.unpack(prefix)
-            if found != magic or found_version != version or header_len > HEADER_MAX:
+            if found != magic or found_version != version or header_len > min(HEADER_MAX, size - PREFIX.size):
                 return None
             header = json.loads(f.read(header_len))
     except (OSError, ValueError):  # json errors are ValueErrors

@@ -8,9 +8,11 @@ index directory under a key made of the cache keys of the dumps' indexes (each n
 as it is now: path, device, inode, size, mtime, ctime), in the order given, plus ``cross_vm`` and
 the hash width; a rewritten dump changes its key, and the stored result is never matched again.
 
-On disk (the framing of :mod:`dengine_cli.cachefile`): magic b"DENGSHR\\0", version
-:data:`SHARING_VERSION`, a JSON header (the key, every figure of the report, the checksum), then
-the content id of every present page, VM after VM (u32, or u64 past 2**32 - 1 contents).
+On disk (the framing of :mod:`dengine_cli.cache.files`): magic b"DENGSHR\\0", version
+:data:`SHARING_VERSION`, a JSON header (the key, every per-VM figure of the report, the
+checksum), then the content id of every present page, VM after VM (u32, or u64 past 2**32 - 1
+contents), zero padding to a multiple of 8 bytes, and the pairwise matrix (i64, VMs x VMs, row
+by row).  The checksum covers the ids and the matrix.
 
 4 bytes per page, written atomically; a file failing any check (magic, version, key, sizes, xxh3
 checksum) is ignored and replaced.  Only indexes that
@@ -38,7 +40,7 @@ SHARING_MAGIC = b"DENGSHR\0"
 
 
 #: Bump whenever the layout or the meaning of a figure changes.
-SHARING_VERSION = 3
+SHARING_VERSION = 4
 
 
 SHARING_SUFFIX = ".shr"
@@ -78,15 +80,17 @@ def load(
         return None
     try:
         dtype = np.uint32 if header["id_dtype"] == "uint32" else np.uint64
-        total = sum(counts)
-        if header["counts"] != list(counts) or size != data + np.dtype(dtype).itemsize * total:
+        total, n = sum(counts), len(counts)
+        at = data + _matrix_offset(np.dtype(dtype).itemsize * total)
+        if header["counts"] != list(counts) or size != at + 8 * n * n:
             return None
         ids: Any = (
             np.memmap(file, dtype=dtype, mode="r", offset=data, shape=(total,))
             if total
             else np.zeros(0, dtype=dtype)
         )
-        if header.get("checksum") != files.checksum((ids,)):
+        matrix = np.fromfile(file, dtype="<i8", count=n * n, offset=at).astype(np.int64).reshape(n, n)
+        if header.get("checksum") != files.checksum((ids, matrix)):
             return None
         bounds = np.cumsum([0, *counts]).tolist()
         content_ids: tuple[ContentIds, ...] = tuple(ids[a:b] for a, b in itertools.pairwise(bounds))
@@ -98,7 +102,7 @@ def load(
                 np.array(header["copy_counts"]["copies"], dtype=np.int64),
                 np.array(header["copy_counts"]["contents"], dtype=np.int64),
             ),
-            matrix=np.array(header["matrix"], dtype=np.int64).reshape(len(counts), len(counts)),
+            matrix=matrix,
             contents=int(header["contents"]),
             collisions=int(header["collisions"]),
             cross_vm=bool(header["cross_vm"]),
@@ -117,6 +121,9 @@ def store(report: SharingReport, key: dict[str, Any], file: Path) -> bool:
     dtype = np.uint64 if wide else np.uint32
     # VM by VM, never one copy of them all: they may be larger than memory (mapped files).
     ids = [np.asarray(a, dtype=dtype) for a in report.content_ids]
+    # In the data, not the JSON header: a VM pair a cell, it is most of a header of hundreds of
+    # VMs (1,100 VMs made a 4 MB header, past what a header may be, and the result never loaded).
+    matrix = np.ascontiguousarray(report.matrix, dtype="<i8")
 
     def figures(vm: VmSharing) -> dict[str, int]:
         return {k: v for k, v in dataclasses.asdict(vm).items() if k != "name"}
@@ -128,15 +135,21 @@ def store(report: SharingReport, key: dict[str, Any], file: Path) -> bool:
         "vms": [figures(vm) for vm in report.vms],
         "total": figures(report.total),
         "copy_counts": report.copy_counts.to_dict(),
-        "matrix": report.matrix.tolist(),
         "contents": report.contents,
         "collisions": report.collisions,
         "cross_vm": report.cross_vm,
         "hash_bits": report.hash_bits,
         "verified": report.verified,
-        "checksum": files.checksum(ids),
+        "checksum": files.checksum([*ids, matrix]),
     }
-    return files.write(file, SHARING_MAGIC, SHARING_VERSION, header, ids)
+    id_bytes = sum(a.nbytes for a in ids)
+    pad = np.zeros(_matrix_offset(id_bytes) - id_bytes, dtype=np.uint8)
+    return files.write(file, SHARING_MAGIC, SHARING_VERSION, header, [*ids, pad, matrix])
+
+
+def _matrix_offset(id_bytes: int) -> int:
+    """Where the matrix starts after the content ids (8-byte aligned)."""
+    return -(-id_bytes // 8) * 8
 
 
 def still_valid(file: Path) -> bool:
