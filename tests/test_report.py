@@ -29,6 +29,7 @@ from dengine_cli.policies import named_policy
 from dengine_cli.report.build import ReportData, ReportRequest, build_report, series_csv
 from dengine_cli.report.snapshots import dumps_to_group, group_by_guest, parse_vm_option, snapshot_changes
 from dengine_cli.session import Settings
+from tests.vms import write_raw_images
 
 REPO = Path(__file__).resolve().parent.parent
 ALPHA, LATER, BETA = (REPO / "fixtures" / n for n in ("alpha.elf.zst", "alpha-later.elf.zst", "beta.elf.zst"))
@@ -480,3 +481,33 @@ def test_a_dump_given_twice_is_named_in_a_warning(tmp_path: Path, shared_idx: Pa
     assert code == 0, err
     assert f"warning: {ALPHA} is given twice (also as {link}): one file, read once\n" in err
     assert len(json.loads(out.read_text())["vms"]) == 2
+
+
+def _matrix_figure(page: str) -> str:
+    start = page.index('data-chart="matrix"')
+    return page[start : page.index("</figure>", start)]
+
+
+def test_a_report_of_many_vms_stays_small_and_numbers_them(tmp_path: Path) -> None:
+    """60 VMs: the sharing matrix is an embedded image (its colour bar is another), not 3,600
+    outlined cells; charts number the VMs where they named each (the per-VM table gives the
+    numbers), and the page stays small; a report of two VMs keeps its cells as vector paths."""
+    rng = np.random.default_rng(3)
+    library = rng.integers(0, 256, (12, 4096), dtype=np.uint8)
+    paths = write_raw_images(tmp_path, [library[rng.integers(0, 12, 3)] for _ in range(60)])
+    out = tmp_path / "many.html"
+    code, _, err = invoke("report", "--index-dir", str(tmp_path / "idx"), "-o", str(out), *map(str, paths))
+    assert code == 0, err
+    page = out.read_text()
+    matrix = _matrix_figure(page)
+    assert matrix.count("<image") == 2 and 'href="data:image/png;base64,' in matrix
+    assert len(matrix) < 100_000
+    assert len(page) < 600_000  # 1.7 MB with a label a VM and a vector cell a pair
+    assert "by their # in the per-VM table" in page
+    numbers = re.findall(r"<tr><td>(\d+)</td><td>vm\d+\.raw</td>", page)
+    assert numbers == [str(k) for k in range(60)]
+    small = tmp_path / "two.html"
+    idx = str(tmp_path / "idx")
+    code, _, err = invoke("report", "--index-dir", idx, "-o", str(small), *map(str, paths[:2]))
+    assert code == 0, err
+    assert _matrix_figure(small.read_text()).count("<image") == 1  # the colour bar only

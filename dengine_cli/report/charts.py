@@ -31,6 +31,13 @@ PARTS = (
     ("whole_pages", "remaining", "#f0b400"),
 )
 POLICY_STYLES = ("-", "--", ":", "-.")
+#: Past this many VMs a chart numbers its VMs (their order in the per-VM table, from 0) instead
+#: of naming each, and writes no figure above each bar: 200 VMs made a 13 MB report that took
+#: 20 s to draw, nearly all of it labels and cells drawn as vector paths.
+MANY_VMS = 40
+#: Past this many VMs the sharing matrix is an image (one pixel a cell, embedded PNG) in a chart
+#: of bounded size, where each cell was a vector quad with an outline, 0.5 in a side.
+MATRIX_VECTOR_MAX = 32
 RC = {"svg.hashsalt": "dengine", "svg.fonttype": "path", "font.size": 9}
 
 
@@ -75,6 +82,7 @@ def breakdown_chart(data: ReportData) -> Figure:
     plans = data.last.plans
     unit = _unit(data)
     names = [vm.name for vm in data.vms]
+    many = len(names) > MANY_VMS
     with _style():
         fig = _figure(min(14.0, max(6.0, 2.0 + 0.7 * len(names) * len(plans))), 4.4)
         axes = fig.subplots(1, len(plans), sharey=True, squeeze=False)[0]
@@ -82,14 +90,15 @@ def breakdown_chart(data: ReportData) -> Figure:
             bottom = [0.0] * len(names)
             for key, label, colour in PARTS:
                 values = [vm[key] * PAGE_SIZE / unit.size for vm in plan["vms"]]
-                ax.bar(names, values, bottom=bottom, color=colour, label=label, width=0.7)
+                ax.bar(range(len(names)), values, bottom=bottom, color=colour, label=label, width=0.7)
                 bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-            for x, vm in enumerate(plan["vms"]):
-                label = f"{vm['savings_percent']:.1f}%"
-                turn = 90 if len(names) > 2 else 0  # side by side they would overlap
-                ax.annotate(label, (x, bottom[x]), ha="center", va="bottom", fontsize=7, rotation=turn)
+            if not many:
+                for x, vm in enumerate(plan["vms"]):
+                    label = f"{vm['savings_percent']:.1f}%"
+                    turn = 90 if len(names) > 2 else 0  # side by side they would overlap
+                    ax.annotate(label, (x, bottom[x]), ha="center", va="bottom", fontsize=7, rotation=turn)
             ax.set_title(f"{policy}: saves {plan['total']['savings_percent']:.1f}%")
-            ax.tick_params(axis="x", labelrotation=30 if len(names) > 3 else 0)
+            _vm_ticks(ax, names, "x")
             ax.margins(y=0.18)
         axes[0].set_ylabel(f"guest memory ({unit.name})")
         handles, labels = axes[0].get_legend_handles_labels()
@@ -102,14 +111,23 @@ def matrix_chart(sharing: dict[str, Any]) -> Figure:
     import numpy as np
 
     names = sharing["matrix"]["names"]
-    values = np.array(sharing["matrix"]["shared_pages"], dtype=np.float64).reshape(len(names), len(names))
+    n = len(names)
+    values = np.array(sharing["matrix"]["shared_pages"], dtype=np.float64).reshape(n, n)
     with _style():
-        side = max(3.5, 1.5 + 0.5 * len(names))
+        if n > MATRIX_VECTOR_MAX:
+            fig = _figure(9.0, 7.5)
+            ax = fig.subplots()
+            image = ax.imshow(values, cmap="viridis", interpolation="nearest")  # cell k centred on k
+            _vm_ticks(ax, names, "x")
+            _vm_ticks(ax, names, "y")
+            fig.colorbar(image, ax=ax, label="pages saved together")
+            return fig
+        side = max(3.5, 1.5 + 0.5 * n)
         fig = _figure(side + 1.5, side)
         ax = fig.subplots()
         mesh = ax.pcolormesh(values, cmap="viridis", edgecolors="white", linewidth=0.5)
-        ax.set_xticks(np.arange(len(names)) + 0.5, names, rotation=30 if len(names) > 3 else 0)
-        ax.set_yticks(np.arange(len(names)) + 0.5, names)
+        ax.set_xticks(np.arange(n) + 0.5, names, rotation=30 if n > 3 else 0)
+        ax.set_yticks(np.arange(n) + 0.5, names)
         ax.invert_yaxis()
         ax.set_aspect("equal")
         if len(names) <= 16:
@@ -167,9 +185,28 @@ def _grouped(ax: Axes, names: Sequence[str], values: dict[str, list[float]]) -> 
     width = 0.8 / max(1, len(values))
     for k, (label, vals) in enumerate(values.items()):
         bars = ax.bar(x + k * width - 0.4 + width / 2, vals, width, label=label)
-        ax.bar_label(bars, fmt="%g", fontsize=7)
-    ax.set_xticks(x, names, rotation=30 if len(names) > 3 else 0)
+        if len(names) <= MANY_VMS:
+            ax.bar_label(bars, fmt="%g", fontsize=7)
+    _vm_ticks(ax, names, "x")
     ax.legend(frameon=False, fontsize=7)
+
+
+def _vm_ticks(ax: Axes, names: Sequence[str], axis: str) -> None:
+    """Ticks of an axis with VM k at k: each VM's name, or past :data:`MANY_VMS` a few VM
+    numbers (their ``#`` in the per-VM table)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if len(names) <= MANY_VMS:
+        ticks = list(range(len(names)))
+        if axis == "x":
+            ax.set_xticks(ticks, names, rotation=30 if len(names) > 3 else 0)
+        else:
+            ax.set_yticks(ticks, names)
+        return
+    target.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{int(v)}"))
+    target.set_label_text("VM (number in the per-VM table)")
 
 
 def series_chart(data: ReportData) -> Figure:
@@ -183,8 +220,12 @@ def series_chart(data: ReportData) -> Figure:
         colours = matplotlib.colormaps["tab10"]
         for k, policy in enumerate(data.last.plans):
             style = POLICY_STYLES[k % len(POLICY_STYLES)]
+            many = len(data.vms) > MANY_VMS  # then thin lines, and only the fleet in the legend
             for v, vm in enumerate(data.vms):
                 ys = [p.plans[policy]["vms"][v]["savings_percent"] for p in data.points]
+                if many:
+                    ax.plot(steps, ys, style, color=colours(v % 10), linewidth=0.5, alpha=0.5)
+                    continue
                 ax.plot(steps, ys, style, marker="o", color=colours(v % 10), label=f"{vm.name} ({policy})")
             total = [p.plans[policy]["total"]["savings_percent"] for p in data.points]
             ax.plot(steps, total, style, marker="s", color="black", label=f"fleet ({policy})")
@@ -206,8 +247,13 @@ def hot_chart(data: ReportData) -> Figure:
                 labels.append(f"{vm.name}\n{k + 1}→{k + 2}")
                 changed.append(c.changed)
                 appeared.append(c.appeared)
-        ax.bar(labels, changed, color="#e65100", label="changed", width=0.6)
-        ax.bar(labels, appeared, bottom=changed, color="#ffb74d", label="appeared", width=0.6)
+        x = list(range(len(labels)))
+        ax.bar(x, changed, color="#e65100", label="changed", width=0.6)
+        ax.bar(x, appeared, bottom=changed, color="#ffb74d", label="appeared", width=0.6)
+        if len(data.vms) <= MANY_VMS:
+            ax.set_xticks(x, labels)
+        else:
+            ax.set_xlabel("VMs in the per-VM table's order, each snapshot after its first")
         ax.set_xlim(-0.5 - max(0, 3 - len(labels)) / 2, len(labels) - 0.5 + max(0, 3 - len(labels)) / 2)
         ax.set_ylabel("pages (4 KiB)")
         ax.legend(frameon=False)

@@ -74,13 +74,14 @@ def _summary(data: ReportData) -> str:
 
 def _vm_table(data: ReportData) -> str:
     plans = data.last.plans
-    headers = ["vm", "dump", "present", "zero", "shared"]
+    headers = ["#", "vm", "dump", "present", "zero", "shared"]
     for name in plans:
         headers += [f"{name} footprint", f"{name} savings"]
     first = next(iter(plans.values()))
     rows = []
     for v, vm in enumerate([*first["vms"], first["total"]]):
-        row: list[object] = [vm["name"], vm.get("dump", ""), size_text(vm["present_bytes"])]
+        number = v if v < len(first["vms"]) else ""  # what charts of many VMs go by
+        row: list[object] = [number, vm["name"], vm.get("dump", ""), size_text(vm["present_bytes"])]
         row += [size_text(vm["zero_pages"] * 4096), size_text(vm["shared_pages"] * 4096)]
         for plan in plans.values():
             p = [*plan["vms"], plan["total"]][v]
@@ -149,6 +150,8 @@ def _provenance(data: ReportData) -> str:
 
 CAPTIONS = {
     "breakdown": "Guest memory by what each policy does with it; above each bar the VM's savings.",
+    "breakdown-many": "Guest memory by what each policy does with it, VM by VM (by their # in the "
+    "per-VM table).",
     "host": "The fleet's footprint per policy (paged out on top) and VMs per host.",
     "matrix": "Distinct non-zero contents two VMs both hold: the pages saved by placing them on one "
     "host (diagonal: within the VM).",
@@ -161,7 +164,8 @@ def render_html(data: ReportData) -> str:
     """The whole report page."""
     body = [f"<h1>Memory savings of {len(data.vms)} VM(s)</h1>", _summary(data)]
     body.append("<h2>Memory of each VM under each policy</h2>")
-    body.append(_figure("breakdown", lambda: charts.breakdown_chart(data), CAPTIONS["breakdown"]))
+    caption = CAPTIONS["breakdown" if len(data.vms) <= charts.MANY_VMS else "breakdown-many"]
+    body.append(_figure("breakdown", lambda: charts.breakdown_chart(data), caption))
     body.append("<h2>Savings against host memory</h2>")
     body.append(_figure("host", lambda: charts.host_chart(data), CAPTIONS["host"]))
     body.append(_host_table(data))
