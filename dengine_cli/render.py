@@ -167,7 +167,14 @@ def render_sharing(
     if matrix:
         con.print()
         con.print("Pages saved by placing two VMs together (diagonal: saved within the VM):")
-        con.print(_matrix_table(report))
+        from rich.measure import Measurement
+
+        whole = _matrix_table(report)
+        natural = Measurement.get(con, con.options.update(width=1 << 16), whole).maximum
+        # Wider than the output: folded into blocks of columns, as on a terminal, where rich
+        # would squeeze every name to an ellipsis and break each row.
+        for part in [whole] if natural <= con.width else _matrix_tables(con, report):
+            con.print(part)
     return buf.getvalue()
 
 
@@ -597,18 +604,26 @@ def _matrix_tables(con: Console, report: SharingReport) -> list[Table]:
     labels = [f"[{i}] {name}" for i, name in enumerate(names)]
     cell = max([len(str(int(v))) for v in report.matrix.flat] + [len(f"[{len(names) - 1}]")]) + 2
     label_width = min(max(len(s) for s in labels), max(NAME_MIN_WIDTH, con.width // 3))
-    per_table = max(1, (con.width - label_width - 2) // cell)
-    tables = []
-    for start in range(0, len(names), per_table):
-        cols = range(start, min(start + per_table, len(names)))
+    # A column takes its cell, its padding and one separator; the table two edges.
+    per_table = max(1, (con.width - label_width - 4) // (cell + 1))
+
+    def block(cols: range) -> Table:
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         table.add_column("vm", overflow="fold", width=label_width)
         for j in cols:
             table.add_column(f"[{j}]", justify="right", no_wrap=True)
         for i, label in enumerate(labels):
             table.add_row(label, *(str(int(report.matrix[i, j])) for j in cols))
-        tables.append(table)
-    return tables
+        return table
+
+    from rich.measure import Measurement
+
+    def fits(table: Table) -> bool:
+        return Measurement.get(con, con.options.update(width=1 << 16), table).maximum <= con.width
+
+    while per_table > 1 and not fits(block(range(min(per_table, len(names))))):
+        per_table -= 1  # never cut a header or a number: narrower blocks, not squeezed columns
+    return [block(range(s, min(s + per_table, len(names)))) for s in range(0, len(names), per_table)]
 
 
 def _plan_columns(plan: PlanReport, names: list[str]) -> list[Column]:

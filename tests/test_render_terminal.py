@@ -14,12 +14,14 @@ import termios
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.cells import cell_len
 
 from dengine_cli.engine.plan.model import PlanReport
 from dengine_cli.engine.sharing.model import SharingReport
 from dengine_cli.formats import open_dump
+from dengine_cli.formats.base import OpenOptions
 from dengine_cli.inspect import DumpInfo, describe
 from dengine_cli.parallel import Workers
 from dengine_cli.policies import named_policy
@@ -29,8 +31,11 @@ from dengine_cli.render import (
     render_info_terminal,
     render_plan,
     render_plan_terminal,
+    render_sharing,
     render_sharing_terminal,
 )
+from dengine_cli.session import analyze
+from tests.vms import write_raw_images
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = "DENGINE_UPDATE_GOLDEN"
@@ -221,3 +226,37 @@ def test_names_are_text_not_markup(tmp_path: Path) -> None:
     report = analyze(paths, OpenOptions(format="raw"), index_dir=tmp_path / "i", workers=Workers(jobs=1))
     for text in (render_sharing(report, width=120), render_sharing_terminal(report, width=120)):
         assert "[bold]web.raw" in text and "db[1].raw" in text
+
+
+def _matrix_back(text: str, n: int) -> np.ndarray:
+    """The matrix read back from the blocks printed after the matrix heading."""
+    back = np.full((n, n), -1, dtype=np.int64)
+    lines = text[text.index("Pages saved by placing") :].splitlines()[1:]
+    cols: list[int] = []
+    for line in lines:
+        cells = line.split()
+        if cells[:1] == ["vm"]:
+            cols = [int(c.strip("[]")) for c in cells[1:]]
+        elif cells[:1] and cells[0].startswith("[") and cols:
+            values = cells[-len(cols) :]
+            back[int(cells[0].strip("[]")), cols] = [int(v) for v in values]
+    return back
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_wide_matrix_is_folded_into_blocks_that_fit(tmp_path: Path, terminal: bool) -> None:
+    """60 VMs: the matrix is printed in blocks of columns no wider than the output (a pipe's 240
+    columns, a terminal's 100), every header and number whole, and reads back to the matrix."""
+    rng = np.random.default_rng(9)
+    library = rng.integers(0, 256, (10, 4096), dtype=np.uint8)
+    paths = write_raw_images(tmp_path, [library[rng.integers(0, 10, 3)] for _ in range(60)])
+    report = analyze(paths, OpenOptions(format="raw"), index_dir=tmp_path / "idx")
+    if terminal:
+        text, width = render_sharing_terminal(report, matrix=True, width=100), 100
+    else:
+        text, width = render_sharing(report, matrix=True, width=240), 240
+    matrix_part = text[text.index("Pages saved by placing") :]
+    assert "…" not in matrix_part
+    assert max(cell_len(line) for line in matrix_part.splitlines()) <= width
+    assert matrix_part.count("\n vm ") + matrix_part.count("\n  vm ") >= 2  # folded
+    assert np.array_equal(_matrix_back(text, 60), report.matrix)
