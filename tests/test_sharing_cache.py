@@ -228,3 +228,21 @@ def test_the_sharing_of_hundreds_of_vms_is_read_back(tmp_path: Path, no_sharing:
     same(first, second)
     assert int(second.matrix.sum()) > 0 and second.matrix.shape == (700, 700)
     assert np.array_equal(second.matrix, second.matrix.T)
+
+
+def test_the_upkeep_passes_over_sharing_files_it_cannot_read(tmp_path: Path) -> None:
+    """Files by a sharing result's name with our magic but a header of another shape (a key that
+    is no mapping, no key) are passed over when a changed dump's entries are removed: the command
+    gives its figures, and the files stay for prune to judge."""
+    from dengine_cli.cache import files
+
+    paths = write_raw_images(tmp_path, design_vms(13, [50, 40]))
+    idx = tmp_path / "idx"
+    analyze(paths, RAW, index_dir=idx)
+    odd = [idx / ("a" * 32 + ".shr"), idx / ("b" * 32 + ".shr")]
+    for file, header in zip(odd, ({"key": "not a mapping"}, {"counts": []}), strict=True):
+        assert files.write(file, sharing_cache.SHARING_MAGIC, sharing_cache.SHARING_VERSION, header, [])
+    paths[0].write_bytes(paths[0].read_bytes())  # rewritten: a new ctime
+    same(analyze(paths, RAW, index_dir=idx), computed(paths))
+    assert all(f.exists() for f in odd)
+    assert len(list(idx.glob("*.idx"))) == 2

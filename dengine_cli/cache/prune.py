@@ -86,7 +86,8 @@ def drop_superseded(key: dict[str, Any], file: Path) -> tuple[int, int]:
         return removed, freed
     for shr in sorted(file.parent.glob("*" + sharing_store.SHARING_SUFFIX)):
         found = files.read_header(shr, sharing_store.SHARING_MAGIC, sharing_store.SHARING_VERSION)
-        named = found[0].get("key", {}).get("indexes", []) if found is not None else []
+        shr_key = found[0].get("key") if found is not None else None
+        named = shr_key.get("indexes") if isinstance(shr_key, dict) else None
         if isinstance(named, list) and any(k in gone for k in named):
             size = _unlink(shr)
             if size is not None:
