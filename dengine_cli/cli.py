@@ -953,7 +953,7 @@ def terminal_color() -> bool:
 
 #: The codecs of ``apply --pack`` frames (dengine_cli.store.frames.FRAME_CODECS; listed here so
 #: that `dengine --help` imports no store module).
-FRAME_CODEC_NAMES = ("auto", "xz-x86", "xz", "xz-x86-6", "xz-6", "zstd-3", "zstd-9", "zstd-19")
+FRAME_CODEC_NAMES = ("auto", "xz-x86", "xz", "xz-words", "xz-x86-6", "xz-6", "zstd-3", "zstd-9", "zstd-19")
 
 
 @cli.command("apply")

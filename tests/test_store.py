@@ -29,7 +29,14 @@ from dengine_cli.errors import (
     OutputError,
 )
 from dengine_cli.formats import open_dump
-from dengine_cli.store.frames import LZMA2_GAIN, FrameCodec, choose_codec, incompressible
+from dengine_cli.store.frames import (
+    AUTO_LZMA2,
+    LZMA2_GAIN,
+    SAMPLE_PAGES,
+    FrameCodec,
+    choose_codec,
+    incompressible,
+)
 from dengine_cli.store.layout import APPLY_LOCK, CATALOG
 from dengine_cli.store.reader import StoreReader
 from dengine_cli.store.writer import StoreWriter
@@ -422,7 +429,7 @@ def test_frames_round_trip_whatever_the_dictionary() -> None:
     words = rng.integers(97, 123, (1024, 4096), dtype=np.uint8)
     words[:, ::7] = 32
     pages = np.concatenate([words[:512], words[:512]])  # repeats 2 MiB apart
-    for name in ("xz", "xz-x86", "xz-6", "zstd-9", "stored"):
+    for name in ("xz", "xz-x86", "xz-words", "xz-6", "zstd-9", "stored"):
         for window in (False, True):
             blob = FrameCodec(name, frame_window=window).compress(pages)
             assert np.array_equal(FrameCodec(name).decompress(blob, len(pages)), pages), (name, window)
@@ -445,12 +452,31 @@ def test_auto_chooses_the_codec_that_suits_the_frame() -> None:
     records = rec.view(np.uint8).reshape(1024, 4096)
     weights = np.r_[np.full(16, 0.05), np.full(240, 0.2 / 240)]
     skewed = rng.choice(256, size=(1024, 4096), p=weights).astype(np.uint8)
-    lzma2, zstd = FrameCodec("xz", frame_window=True), FrameCodec("zstd-9")
-    for pages, expect in ((records, "xz"), (skewed, "zstd-9")):
+    lzma2 = [FrameCodec(name, frame_window=True) for name in AUTO_LZMA2]
+    zstd = FrameCodec("zstd-9")
+    for pages, expect in ((records, set(AUTO_LZMA2)), (skewed, {"zstd-9"})):
         chosen = choose_codec(pages, lzma2, zstd)
-        assert chosen.name == expect
-        sizes = {c.name: len(c.compress(pages)) for c in (lzma2, zstd)}
+        assert chosen.name in expect
+        sizes = {c.name: len(c.compress(pages)) for c in (*lzma2, zstd)}
         assert sizes[chosen.name] <= min(sizes.values()) / (1 - LZMA2_GAIN)
+
+
+def test_auto_takes_the_lzma2_codec_its_sample_makes_smallest() -> None:
+    """Among the LZMA2 codecs, the one that compresses the sample smallest is chosen, whatever
+    their order: here slab-like records, which LZMA2 preset 6 makes smaller than the fast mode,
+    and both far smaller than zstd-9."""
+    rng = np.random.default_rng(9)
+    values = rng.integers(0, 2**40, 64).astype(np.uint64) | np.uint64(0xFFFF888000000000)
+    rec = values[rng.integers(0, 64, (1024 * 128, 4))]
+    rec[:, 2] = rng.integers(0, 1 << 20, len(rec)).astype(np.uint64)
+    pages = np.ascontiguousarray(rec).view(np.uint8).reshape(1024, 4096)
+    lzma2 = [FrameCodec("xz", frame_window=True), FrameCodec("xz-6")]
+    step = len(pages) // SAMPLE_PAGES
+    sample = np.ascontiguousarray(pages[::step][:SAMPLE_PAGES])
+    sizes = {c.name: len(c.compress(sample)) for c in lzma2}
+    assert sizes["xz-6"] < sizes["xz"] < (1 - LZMA2_GAIN) * len(FrameCodec("zstd-9").compress(sample))
+    for order in (lzma2, lzma2[::-1]):
+        assert choose_codec(pages, order, FrameCodec("zstd-9")).name == "xz-6"
 
 
 def test_auto_store_reports_the_codec_of_every_frame(
@@ -462,7 +488,7 @@ def test_auto_store_reports_the_codec_of_every_frame(
     used = collections.Counter(StoreReader(tmp_path / "store").frame_codecs)
     assert dict(used) == doc["frame_codecs"]
     assert sum(used.values()) == doc["frames"]
-    assert set(used) <= {"xz-x86", "xz", "zstd-9", "stored"}
+    assert set(used) <= {*AUTO_LZMA2, "zstd-9", "stored"}
 
 
 def test_apply_names_vms_in_its_table_as_the_plan_does(tmp_path: Path) -> None:

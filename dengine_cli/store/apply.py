@@ -49,13 +49,13 @@ from dengine_cli.store.catalog import CatalogWriter, FrameRow, VmRow
 from dengine_cli.store.encode import Batch, Encoded, encode_batch, stored_mask
 from dengine_cli.store.frames import (
     AUTO,
+    AUTO_LZMA2,
     DEFAULT_FRAME_CODEC,
     FRAME_PAGES,
     STORED,
     FrameCodec,
     choose_codec,
     delta_codec_for,
-    lzma_codec_for,
     probes_incompressible,
 )
 from dengine_cli.store.layout import FRAMED, FRAMED_XOR, OBJECT_COLUMNS, PAGE_COLUMNS
@@ -213,7 +213,6 @@ class _Apply:
         )
         self.patch: PatchCodec | None = patch_codec(plan.patch_codec) if pol["patch"]["enabled"] else None
         self.frame_codec = frame_codec or DEFAULT_FRAME_CODEC
-        self.lzma_codec = lzma_codec_for([d.facts.arch for d in dumps])
         self.frame_rows: list[FrameRow] = []
         # Whole pages (by the frame codec), XOR deltas (LZMA2 alone, or the same zstd), and
         # incompressible whole pages as they are (LZMA2 frame codecs only).
@@ -348,7 +347,8 @@ class _Apply:
         if codecs is None:
             codecs = self._codec_local.codecs = {}
         if codec_name == AUTO:
-            codec = choose_codec(pages, _codec(codecs, self.lzma_codec, True), _codec(codecs, "zstd-9"))
+            lzma2 = [_codec(codecs, name, True) for name in AUTO_LZMA2]
+            codec = choose_codec(pages, lzma2, _codec(codecs, "zstd-9"))
         else:
             codec = _codec(codecs, codec_name)
         return frame, codec.name, codec.compress(pages), len(pages)
