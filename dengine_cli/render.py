@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # for annotations only: rendering sharing needs no planner
     from dengine_cli.engine.plan.model import PlanReport, VmPlan
     from dengine_cli.inspect import DumpInfo
 
+#: Spaces at the end of a line.
+TRAILING_SPACES = re.compile(r" +$", re.MULTILINE)
 #: How many physical ranges `info` lists in a table before saying "and N more".
 MAX_RANGES_SHOWN = 12
 
@@ -34,6 +37,12 @@ def console(buf: io.StringIO, width: int | None = None) -> Console:
         width = max(80, width)
     # No markup: names of dumps are text ("[bold]x.raw" is a file name, not a style).
     return Console(file=buf, width=width, color_system=None, highlight=False, emoji=False, markup=False)
+
+
+def text_of(buf: io.StringIO) -> str:
+    """What a console wrote to ``buf``, each line without the spaces rich pads it with to the
+    width of its table: a pipe gets the text as drawn, for ``diff``, ``wc -L`` and ``column``."""
+    return TRAILING_SPACES.sub("", buf.getvalue())
 
 
 def size_text(n_bytes: int) -> str:
@@ -90,7 +99,7 @@ def render_info(infos: Sequence[DumpInfo], width: int | None = None) -> str:
         for note in facts.get("skipped", []):
             table.add_row("left out", note)
         con.print(table)
-    return buf.getvalue()
+    return text_of(buf)
 
 
 def _fact_text(value: object) -> str:
@@ -175,7 +184,7 @@ def render_sharing(
         # would squeeze every name to an ellipsis and break each row.
         for part in [whole] if natural <= con.width else _matrix_tables(con, report):
             con.print(part)
-    return buf.getvalue()
+    return text_of(buf)
 
 
 def short_names(names: Sequence[str]) -> list[str]:
@@ -281,7 +290,7 @@ def render_plan(plan: PlanReport, width: int | None = None) -> str:
     con.print(_plan_notes(plan))
     for line in _plan_tail(plan):
         con.print(line)
-    return buf.getvalue()
+    return text_of(buf)
 
 
 # --- the terminal layout -------------------------------------------------------------------------
@@ -581,7 +590,7 @@ def render_sharing_terminal(
         con.print("Pages saved by placing two VMs together (diagonal: saved within the VM):")
         for part in _matrix_tables(con, report):
             con.print(part)
-    return buf.getvalue()
+    return text_of(buf)
 
 
 def _sharing_notes(con: Console, report: SharingReport) -> None:
@@ -683,7 +692,7 @@ def render_plan_terminal(
     con.print(_plan_notes(plan))
     for line in _plan_tail(plan):
         con.print(line)
-    return buf.getvalue()
+    return text_of(buf)
 
 
 def _plan_tail(plan: PlanReport) -> list[str]:
@@ -729,4 +738,4 @@ def render_info_terminal(infos: Sequence[DumpInfo], *, width: int = 80, color: b
             legend.append(" non-zero pages")
             con.print(legend)
         con.print()
-    return buf.getvalue()
+    return text_of(buf)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from rich import box
 from rich.table import Table
 
-from dengine_cli.render import console, short_names, size_text
+from dengine_cli.render import console, short_names, size_text, text_of
 
 if TYPE_CHECKING:
     from dengine_cli.store.apply import ApplyResult
@@ -46,7 +46,7 @@ def render_apply(result: ApplyResult, width: int | None = None) -> str:
     mismatched = sum(vm.size_mismatches for vm in result.vms)
     if mismatched:
         lines.append(f"note: {mismatched} pages encoded to another size than the plan measured")
-    return buf.getvalue() + "\n".join(lines) + "\n"
+    return text_of(buf) + "\n".join(lines) + "\n"
 
 
 def _row(name: str, pages: int, zero: int, plan: int, stored: int, paged_out: int) -> list[str]:

@@ -235,3 +235,31 @@ def test_a_closed_stdout_is_refused_in_one_line(
         "dengine: standard output: cannot write: it is closed (give a file, or /dev/null)"
     ]
     assert sorted(p.name for p in work.iterdir()) == ["cache"]
+
+
+def test_tables_in_a_pipe_end_their_lines_with_text(real_dump: Callable[[str], Path], work: Path) -> None:
+    """Tables on a pipe carry no padding after their last column: every line of `info`,
+    `analyze` (and `--matrix`), `plan`, `apply` and `verify` ends in what it prints, so `diff`,
+    `wc -L` and `column` see the text as drawn; the rows are all there."""
+    dumps = [str(real_dump("alpha.elf")), str(real_dump("beta.elf"))]
+    assert run("plan", "-o", "plan.json", *dumps, cwd=work).returncode == 0
+    commands = (
+        ["info", *dumps],
+        ["analyze", *dumps],
+        ["analyze", "--matrix", *dumps],
+        ["plan", *dumps],
+        ["apply", "plan.json", "-o", "store"],
+        ["verify", "store"],
+    )
+    for args in commands:
+        r = run(*args, cwd=work)
+        assert r.returncode == 0, (args, r.stderr)
+        text = r.stdout.decode()
+        lines = text.splitlines()
+        padded = [line for line in lines if line != line.rstrip()]
+        assert not padded, (args, padded[:3])
+        if args[0] == "verify":  # one summary line
+            assert lines[-1].startswith("store: ok: 2 VMs"), lines
+        else:
+            assert len(lines) > 3, args
+            assert "alpha.elf" in text and "beta.elf" in text, args
