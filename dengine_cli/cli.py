@@ -131,72 +131,74 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj = {"debug": debug, "quiet": quiet}
 
 
+def session_option(*names: str, **attrs: Any) -> Callable[[F], F]:
+    """An option of how dumps are read or pages worked on, which no command takes as an argument:
+    its value is kept in the context (:func:`session_value`), where :func:`open_options` and
+    :func:`command_settings` find it, so that every command that reads dumps has the same options
+    without a parameter for each."""
+    return click.option(*names, expose_value=False, callback=_keep_option, **attrs)
+
+
+def _keep_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[f"dengine.{param.name}"] = value
+    return value
+
+
+def session_value(name: str, default: Any = None) -> Any:
+    """The value of the session option ``name`` (its parameter name) on this command line."""
+    ctx = click.get_current_context(silent=True)
+    return (ctx.meta if ctx is not None else {}).get(f"dengine.{name}", default)
+
+
 def dump_options(f: F, *, format_alias: bool = False) -> F:
     """The options of every command that opens dumps.  ``--dump-format`` forces a reader; commands
     without an output format choice also take it as ``--format``."""
     names = ["--dump-format", "--format"] if format_alias else ["--dump-format"]
-    f = click.option(
+    f = session_option(
         *names,
         "dump_format",
         type=click.Choice(FORMAT_NAMES),
         default=None,
         help="Read the dumps as this format instead of detecting it by magic.",
     )(f)
-    f = click.option(
+    f = session_option(
         "--device-memory",
         is_flag=True,
         help="Keep device memory QEMU dumps carry beside RAM (VGA VRAM, BIOS flash).",
     )(f)
-    f = click.option(
+    f = session_option(
         "--tmp-dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
         help="Where compressed dumps are decompressed to (default: $TMPDIR).",
     )(f)
-    return reader_options(f)
-
-
-def reader_options(f: F) -> F:
-    """Reader options that commands do not take as arguments: kept in the context for
-    :func:`open_options` (so that every command taking dumps has them without a parameter)."""
-    f = click.option(
+    f = session_option(
         "--max-decompressed",
         type=ByteSize(),
         default=None,
         envvar="DENGINE_MAX_DECOMPRESSED",
-        expose_value=False,
-        callback=_keep_reader_option,
         help="The most a compressed dump may decompress to (default: 1T).",
     )(f)
-    f = click.option(
+    return session_option(
         "--partial",
         is_flag=True,
-        expose_value=False,
-        callback=_keep_reader_option,
         help="Read a dump cut short for the pages it holds (its name then says which), instead "
         "of refusing it.",
     )(f)
-    return f
-
-
-def _keep_reader_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    ctx.meta[f"dengine.{param.name}"] = value
-    return value
 
 
 def dump_options_with_format_alias(f: F) -> F:
     return dump_options(f, format_alias=True)
 
 
-def open_options(dump_format: str | None, device_memory: bool, tmp_dir: Path | None) -> OpenOptions:
-    ctx = click.get_current_context(silent=True)
-    meta = ctx.meta if ctx is not None else {}
+def open_options() -> OpenOptions:
+    """How this command line opens dumps (:func:`dump_options`)."""
     return OpenOptions(
-        format=dump_format,
-        device_memory=device_memory,
-        tmp_dir=tmp_dir,
-        max_decompressed=meta.get("dengine.max_decompressed"),
-        partial=bool(meta.get("dengine.partial")),
+        format=session_value("dump_format"),
+        device_memory=bool(session_value("device_memory")),
+        tmp_dir=session_value("tmp_dir"),
+        max_decompressed=session_value("max_decompressed"),
+        partial=bool(session_value("partial")),
     )
 
 
@@ -371,14 +373,12 @@ def formats_command() -> None:
 @click.argument("dumps", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @dump_options_with_format_alias
-def info_command(
-    dumps: tuple[str, ...], as_json: bool, dump_format: str | None, device_memory: bool, tmp_dir: Path | None
-) -> None:
+def info_command(dumps: tuple[str, ...], as_json: bool) -> None:
     """Show each dump's format, guest facts, physical ranges, pages present and zero pages."""
     from dengine_cli.inspect import describe, info_document
     from dengine_cli.render import render_info
 
-    options = open_options(dump_format, device_memory, tmp_dir)
+    options = open_options()
     infos: list[DumpInfo] = []
     for path in expand_dump_args(dumps):
         with _open(path, options) as dump, progress(dump.page_count, path.name) as tick:
@@ -404,13 +404,11 @@ def info_command(
     help="The flat image to write (file offset = guest physical address); - for standard output.",
 )
 @dump_options_with_format_alias
-def extract_command(
-    dump: str, output: Path, dump_format: str | None, device_memory: bool, tmp_dir: Path | None
-) -> None:
+def extract_command(dump: str, output: Path) -> None:
     """Write a dump's guest physical memory as a flat, sparse raw image."""
     from dengine_cli.inspect import extract
 
-    options = open_options(dump_format, device_memory, tmp_dir)
+    options = open_options()
     path = Path(dump)
     with _open(path, options) as d, progress(d.page_count, path.name) as tick:
         size = extract(d, output, tick)
@@ -420,7 +418,7 @@ def extract_command(
 
 def index_options(f: F) -> F:
     """Where caches live, how many CPUs and how much memory a command that reads pages uses."""
-    f = click.option(
+    f = session_option(
         "-j",
         "--jobs",
         type=click.IntRange(min=1),
@@ -428,14 +426,14 @@ def index_options(f: F) -> F:
         help="Threads and processes that hash pages, group partitions and measure codecs "
         "(default: every CPU).",
     )(f)
-    f = click.option(
+    f = session_option(
         "--index-dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
         envvar="DENGINE_INDEX_DIR",
         help="Where page indexes and sharing results are cached (default: $XDG_CACHE_HOME/dengine/index).",
     )(f)
-    f = click.option(
+    f = session_option(
         "--memory-limit",
         type=ByteSize(),
         default=None,
@@ -447,31 +445,27 @@ def index_options(f: F) -> F:
 
 
 def verify_option(f: F) -> F:
-    return click.option(
+    return session_option(
         "--verify",
         is_flag=True,
         help="Also compare the bytes of every page merged (default: equal 128-bit hashes, see the man page).",
     )(f)
 
 
-def settings_of(
-    options: OpenOptions,
-    index_dir: Path | None,
-    jobs: int | None,
-    memory_limit: int | None,
-    verify: bool = False,
-) -> Settings:
-    """The session settings the command line gave."""
+def command_settings(options: OpenOptions | None = None) -> Settings:
+    """The session settings this command line gives (:func:`index_options`, :func:`verify_option`
+    and ``options``, default :func:`open_options`)."""
     from dengine_cli.parallel import Workers
     from dengine_cli.session import Settings
 
+    options = options or open_options()
     return Settings(
         options=options,
-        index_dir=index_dir,
+        index_dir=session_value("index_dir"),
         tmp_dir=options.tmp_dir,
-        workers=Workers(jobs=jobs or 0),
-        memory_limit=memory_limit,
-        verify=verify,
+        workers=Workers(jobs=session_value("jobs") or 0),
+        memory_limit=session_value("memory_limit"),
+        verify=bool(session_value("verify")),
     )
 
 
@@ -518,12 +512,6 @@ class PageProgress:
 def index_command(
     dumps: tuple[str, ...],
     prune: bool,
-    index_dir: Path | None,
-    jobs: int | None,
-    memory_limit: int | None,
-    dump_format: str | None,
-    device_memory: bool,
-    tmp_dir: Path | None,
 ) -> None:
     """Build the page index of each dump ahead of time (later commands reuse it).
 
@@ -534,6 +522,7 @@ def index_command(
     from dengine_cli.session import Session
 
     if prune:
+        index_dir = session_value("index_dir")
         kept, removed, freed = prune_indexes(index_dir)
         _note(
             f"{index_dir or default_index_dir()}: removed {removed} stale cache files "
@@ -541,11 +530,11 @@ def index_command(
         )
         if not dumps:
             return
-    options = open_options(dump_format, device_memory, tmp_dir)
+    options = open_options()
     paths = distinct_dumps(expand_dump_args(dumps))
     bar = PageProgress("indexing")
     try:
-        with Session(paths, settings_of(options, index_dir, jobs, memory_limit), bar) as session:
+        with Session(paths, command_settings(options), bar) as session:
             indexes = session.indexes()
     finally:
         bar.close()
@@ -617,19 +606,12 @@ def analyze_command(
     ksm_max_page_sharing: int,
     ksm_use_zero_pages: bool,
     ksm_zero_pages_backed: bool,
-    verify: bool,
-    index_dir: Path | None,
-    jobs: int | None,
-    memory_limit: int | None,
-    dump_format: str | None,
-    device_memory: bool,
-    tmp_dir: Path | None,
 ) -> None:
     """Exact whole-page sharing within and across VMs: zero, shared, unique pages, footprint and
     savings per VM and in total, and what KSM would report."""
-    options = open_options(dump_format, device_memory, tmp_dir)
+    options = open_options()
     paths = distinct_dumps(expand_dump_args(dumps))
-    settings = settings_of(options, index_dir, jobs, memory_limit, verify)
+    settings = command_settings(options)
     bar = PageProgress("analyzing")
     de: PlanReport | None = None
     try:
@@ -731,13 +713,6 @@ def plan_command(
     output: Path | None,
     output_format: str,
     wide: bool,
-    verify: bool,
-    index_dir: Path | None,
-    jobs: int | None,
-    memory_limit: int | None,
-    dump_format: str | None,
-    device_memory: bool,
-    tmp_dir: Path | None,
 ) -> None:
     """The Difference Engine plan: per VM, what sharing, patching, compression and paging save
     under a policy, beside a baseline policy."""
@@ -745,7 +720,7 @@ def plan_command(
     from dengine_cli.policies import resolve_policy
     from dengine_cli.session import Session
 
-    options = open_options(dump_format, device_memory, tmp_dir)
+    options = open_options()
     paths = distinct_dumps(expand_dump_args(dumps))
     cap = _given("ksm_max_page_sharing", ksm_max_page_sharing)
     policy = _with_ksm_cap(resolve_policy(policy_name), cap)
@@ -755,7 +730,7 @@ def plan_command(
     history = parse_history(history_pairs, paths)
     if output is not None and sample is not None:
         raise click.BadParameter("a plan file needs an exact plan: drop --sample", param_hint="-o")
-    settings = settings_of(options, index_dir, jobs, memory_limit, verify)
+    settings = command_settings(options)
     bar = PageProgress("planning")
     try:
         with Session(paths, settings, bar) as session:
@@ -847,13 +822,6 @@ def report_command(
     ksm_max_page_sharing: int,
     ksm_use_zero_pages: bool,
     ksm_zero_pages_backed: bool,
-    verify: bool,
-    index_dir: Path | None,
-    jobs: int | None,
-    memory_limit: int | None,
-    dump_format: str | None,
-    device_memory: bool,
-    tmp_dir: Path | None,
 ) -> None:
     """One self-contained HTML report of DUMPS (or plan files from `plan -o`): each VM's memory
     under ksm, esx, de and any --policy side by side, the sharing matrix, savings against host
@@ -883,9 +851,7 @@ def report_command(
         command=("dengine", *getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:])),
         ksm=KsmModel(ksm_max_page_sharing, ksm_use_zero_pages, ksm_zero_pages_backed),
     )
-    settings = settings_of(
-        open_options(dump_format, device_memory, tmp_dir), index_dir, jobs, memory_limit, verify
-    )
+    settings = command_settings()
     bar = PageProgress("report")
     try:
         data = build_report(request, settings, bar, _note)
