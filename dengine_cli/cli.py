@@ -990,6 +990,15 @@ def apply_command(
         click.echo(render_apply(result), nl=False)
 
 
+decode_jobs_option = click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads that decode frames of a packed store (default: every CPU).",
+)
+
+
 @cli.command("restore")
 @click.argument("store", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("vms", nargs=-1)
@@ -1009,14 +1018,18 @@ def apply_command(
     show_default=True,
     help="raw: a flat image as `dengine extract` writes; elf: an ELF core, one PT_LOAD per present range.",
 )
-def restore_command(store: Path, vms: tuple[str, ...], output: Path, image_format: str) -> None:
+@decode_jobs_option
+def restore_command(
+    store: Path, vms: tuple[str, ...], output: Path, image_format: str, jobs: int | None
+) -> None:
     """Write VMs of a store back as memory images, byte for byte as they were; every page checked.
     VM: a name as `dengine apply` printed it, its file name, or its number (0 for the first;
     default: every VM)."""
+    from dengine_cli.parallel import Workers
     from dengine_cli.store.reader import StoreReader
     from dengine_cli.store.restore import restore_vm
 
-    reader = StoreReader(store)
+    reader = StoreReader(store, Workers(jobs=jobs or 0))
     made: list[Path] = []  # what this run made, removed if a VM fails: nothing partial at OUT
     try:
         chosen = [reader.vm(v) for v in vms] if vms else list(reader.vms)
@@ -1068,14 +1081,16 @@ def _restore_targets(names: Sequence[str], output: Path, image_format: str, seve
 @cli.command("verify")
 @click.argument("store", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every damaged gfn) instead of text.")
-def verify_command(store: Path, as_json: bool) -> None:
+@decode_jobs_option
+def verify_command(store: Path, as_json: bool, jobs: int | None) -> None:
     """Check every object, pack and VM image of a store against its checksums; report what is
     damaged (which VM, which gfn) and exit 7 if anything is."""
     from dengine_cli.errors import StoreDamaged
+    from dengine_cli.parallel import Workers
     from dengine_cli.store.verify import verify_store
 
     with progress(0, "verifying") as tick:
-        report = verify_store(store, tick)
+        report = verify_store(store, tick, Workers(jobs=jobs or 0))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -511,3 +511,35 @@ def test_apply_names_vms_in_its_table_as_the_plan_does(tmp_path: Path) -> None:
             assert not any("/" in name for name in rows), out
         pages = sum(int(rows[str(p) if expect_full else p.name][1]) for p in dirs)
         assert int(rows["total"][1]) == pages
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_restoring_every_vm_decodes_each_frame_once(
+    fleet: list[Path], planned: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int
+) -> None:
+    """One reader restores every VM of a packed store decoding each frame once: the frames of the
+    pages VMs share (kept in the first VM's frames) serve every VM, and frames decoded ahead by
+    several threads are the ones the restore goes on to use.  The images are still the dumps'."""
+    from dengine_cli.parallel import Workers
+    from dengine_cli.store.restore import restore_vm
+
+    store = tmp_path / "store"
+    apply(planned, store, "--pack")
+    decoded: list[int] = []
+    real = FrameCodec.decompress
+
+    def counted(self: FrameCodec, blob: bytes, pages: int) -> np.ndarray:  # type: ignore[type-arg]
+        decoded.append(len(blob))
+        return real(self, blob, pages)
+
+    monkeypatch.setattr(FrameCodec, "decompress", counted)
+    reader = StoreReader(store, Workers(jobs=jobs))
+    frames = len(reader.frames["frame"])
+    assert frames >= 3
+    try:
+        for k, (vm, dump) in enumerate(zip(reader.vms, fleet, strict=True)):
+            restore_vm(reader, vm, tmp_path / f"{k}.raw")
+            assert (tmp_path / f"{k}.raw").read_bytes() == extract(dump, tmp_path / f"{k}.want")
+    finally:
+        reader.close()
+    assert len(decoded) <= frames, (len(decoded), frames)

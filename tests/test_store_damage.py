@@ -282,3 +282,30 @@ def test_a_damaged_frame_is_one_problem_naming_every_page_it_hurts(packed: Path,
     assert len(patched)  # the fixture guests share and patch: what this test is about
     assert f"and {len(patched)} patched against them" in problem["problem"]
     assert sum(len(g) for g in problem["pages"].values()) == expected
+
+
+def test_a_damaged_frame_is_found_alike_by_any_number_of_threads(packed: Path, tmp_path: Path) -> None:
+    """Frames are decoded a few at a time by as many threads as `-j` gives: a frame that fails
+    among them fails again, alone, with the object that needs it named, so `verify` and `restore`
+    report the same damage whatever `-j` is."""
+    store = tmp_path / "store"
+    shutil.copytree(packed, store)
+    r = StoreReader(packed)
+    assert len(r.frames["frame"]) >= 3  # frames decoded together: what this test is about
+    pack = the_pack(store)
+    data = bytearray(pack.read_bytes())
+    data[int(r.frames["offset"][1]) + 10] ^= 0x20
+    pack.write_bytes(bytes(data))
+    found = []
+    for jobs in ("1", "3"):
+        code, out, err = invoke("verify", "--json", "-j", jobs, str(store))
+        assert code == EXIT_DAMAGED, err
+        (bad,) = [p for p in json.loads(out)["problems"] if p["problem"].startswith("object ")]
+        assert "frame 1 (pack 0 at " in bad["problem"] and "checksum mismatch" in bad["problem"]
+        assert bad["pages"], bad
+        found.append(bad)
+        out_file = tmp_path / f"out-{jobs}.raw"
+        code, _, err = invoke("restore", "-j", jobs, str(store), "-o", str(tmp_path / "all"))
+        assert code == EXIT_DAMAGED and "frame 1 (pack 0 at " in err, err
+        assert not (tmp_path / "all").exists() and not out_file.exists()
+    assert found[0] == found[1]

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import xxhash
 
 from dengine_cli.errors import StoreDamaged
+from dengine_cli.parallel import Workers
 from dengine_cli.store.catalog import VmRow
 from dengine_cli.store.layout import PACK_SUFFIX, PACKS, ZERO_PAGE_CHECKSUM
 from dengine_cli.store.reader import StoreReader
@@ -74,10 +75,13 @@ class VerifyReport:
         }
 
 
-def verify_store(store: Path | str, on_progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Every check of the store at ``store``.  A store with no catalog, or one that is not a
-    dengine catalog, raises (exit 3 / 7) rather than reporting."""
-    reader = StoreReader(store)
+def verify_store(
+    store: Path | str, on_progress: Callable[[int], None] | None = None, workers: Workers | None = None
+) -> VerifyReport:
+    """Every check of the store at ``store`` (frames decoded by ``workers``' threads).  A store
+    with no catalog, or one that is not a dengine catalog, raises (exit 3 / 7) rather than
+    reporting."""
+    reader = StoreReader(store, workers)
     problems: list[Problem] = []
     problems += _check_catalog(reader)
     problems += _check_packs(reader)
