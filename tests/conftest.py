@@ -104,3 +104,13 @@ def read_pages(dump: Any, batch: int) -> dict[int, bytes]:
         for g, p in zip(b.gfns.tolist(), b.pages, strict=True):
             out[g] = p.tobytes()
     return out
+
+
+def tmpfs(path: Path, size: int) -> bool:
+    """Mount a tmpfs of ``size`` bytes at ``path`` (made here); False where that cannot be done
+    (not root). The caller unmounts it (``umount``)."""
+    path.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return r.returncode == 0

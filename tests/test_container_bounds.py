@@ -29,7 +29,7 @@ from dengine_cli.errors import (
 from dengine_cli.formats import container, open_dump
 from dengine_cli.formats.base import OpenOptions, Source
 from tests.builders.libvirt_save import build_save, compress, data_area
-from tests.conftest import REPO
+from tests.conftest import REPO, tmpfs
 
 PAGE = 4096
 BLOCK = 128 << 10  # zstd's largest block (Block_Maximum_Size)
@@ -159,14 +159,6 @@ def test_raw_image_named_inside_a_container(tmp_path: Path, suffix: str) -> None
     other.write_bytes(packed.read_bytes())
     with pytest.raises(FormatError, match="expected the magic of a known dump format"):
         open_dump(other, OpenOptions(tmp_dir=tmp_path))
-
-
-def tmpfs(path: Path, size: int) -> bool:
-    path.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
-    return r.returncode == 0
 
 
 def test_free_space_of_the_temporary_folder_is_kept(tmp_path: Path) -> None:

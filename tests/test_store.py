@@ -22,6 +22,7 @@ from dengine_cli.cli import cli
 from dengine_cli.errors import (
     EXIT_BAD_DUMP,
     EXIT_DAMAGED,
+    EXIT_OUTPUT,
     EXIT_STALE,
     EXIT_UNREADABLE,
     EXIT_UNSUPPORTED,
@@ -42,7 +43,7 @@ from dengine_cli.store.reader import StoreReader
 from dengine_cli.store.writer import StoreWriter
 from tests.builders.lime import build_lime
 from tests.builders.xc_core import build_xc_core
-from tests.conftest import FIXTURES, needs_oracle, oracle_pages, page_digests, read_pages
+from tests.conftest import FIXTURES, needs_oracle, oracle_pages, page_digests, read_pages, tmpfs
 from tests.vms import design_vms, write_raw_images
 
 
@@ -543,3 +544,26 @@ def test_restoring_every_vm_decodes_each_frame_once(
     finally:
         reader.close()
     assert len(decoded) <= frames, (len(decoded), frames)
+
+
+def test_a_restore_that_runs_out_of_space_leaves_nothing(
+    fleet: list[Path], planned: Path, tmp_path: Path
+) -> None:
+    """The images are written by a thread of their own while the next pages are decoded: a write
+    that fails (a full disk) is still one line naming the output, exit 6, and no image, partial
+    or temporary, is left; the store's files are untouched."""
+    store = tmp_path / "store"
+    apply(planned, store, "--pack")
+    small = tmp_path / "small"
+    if not tmpfs(small, 1 << 20):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = small / "vm.raw"
+        code, _, err = invoke("restore", str(store), "0", "-o", str(out))
+        assert code == EXIT_OUTPUT, err
+        assert err.startswith(f"dengine: {out}: cannot write: ") and err.count("\n") == 1, err
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+    code, _, err = invoke("verify", str(store))
+    assert code == 0, err
