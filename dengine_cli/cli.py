@@ -958,8 +958,19 @@ FRAME_CODEC_NAMES = ("auto", "xz-x86", "xz", "xz-words", "xz-x86-6", "xz-6", "zs
     default=None,
     help="Threads that encode pages (default: every CPU).",
 )
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace the store already at STORE, once the new one is complete (without it, refused).",
+)
 def apply_command(
-    plan_file: Path, store: Path, pack: bool, frame_codec: str | None, output_format: str, jobs: int | None
+    plan_file: Path,
+    store: Path,
+    pack: bool,
+    frame_codec: str | None,
+    output_format: str,
+    jobs: int | None,
+    replace: bool,
 ) -> None:
     """Write the page store a plan file describes (`dengine plan -o PLAN`) and print, per VM, the
     bytes it really takes beside the plan's estimate."""
@@ -979,6 +990,7 @@ def apply_command(
             frame_codec=frame_codec,
             workers=Workers(jobs=jobs or 0),
             on_progress=bar,
+            replace=replace,
         )
     finally:
         bar.close()

@@ -210,7 +210,7 @@ def test_a_plan_that_lies_about_a_page_is_refused(real_dump: Callable[[str], Pat
     store = tmp_path / "store"
     apply(plan_file, store)
     before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
-    code, _, err = invoke("apply", str(lie), "-o", str(store))
+    code, _, err = invoke("apply", "--replace", str(lie), "-o", str(store))
     assert code == EXIT_STALE, err
     assert {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
@@ -303,13 +303,24 @@ def test_an_unknown_vm_lists_a_few_by_number(tmp_path: Path) -> None:
     assert (tmp_path / "nine.raw").read_bytes() == extract(paths[9], tmp_path / "nine-extracted.raw")
 
 
-def test_applying_again_replaces_the_store(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+def test_a_store_is_replaced_only_when_asked(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    """A store may be the only copy of a fleet whose dumps are gone: `apply -o` onto it is
+    refused (exit 6, the store untouched); with --replace the new store replaces it, once it is
+    complete, and the old packs go."""
     store = tmp_path / "store"
     first = plan([real_dump("alpha.elf")], tmp_path / "a")
     apply(first, store)
     old_packs = set(os.listdir(store / "packs"))
+    before = {p.name: p.read_bytes() for p in store.rglob("*") if p.is_file()}
     second = plan([real_dump("beta.elf"), real_dump("alpha.elf")], tmp_path / "b")
-    doc = apply(second, store, "--pack")
+    code, _, err = invoke("apply", str(second), "-o", str(store), "--pack")
+    assert code == EXIT_OUTPUT, err
+    assert err == (
+        f"dengine: {store}: cannot write: a dengine store is there already (--replace replaces it "
+        "once the new one is complete)\n"
+    )
+    assert {p.name: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    doc = apply(second, store, "--pack", "--replace")
     assert [Path(vm["name"]).name for vm in doc["vms"]] == ["beta.elf", "alpha.elf"]
     assert not old_packs & set(os.listdir(store / "packs"))
     code, out, err = invoke("verify", "--json", str(store))
@@ -346,7 +357,7 @@ def test_a_store_another_apply_holds_is_waited_for_then_refused(
     holder = hold_apply_lock(store, 30)
     try:
         with pytest.raises(OutputError, match=r"another dengine apply is writing this store \(waited 0.2 s"):
-            StoreWriter(store, lock_wait=0.2)
+            StoreWriter(store, lock_wait=0.2, replace=True)
     finally:
         holder.kill()
         holder.wait()
@@ -355,7 +366,7 @@ def test_a_store_another_apply_holds_is_waited_for_then_refused(
     second = plan([real_dump("beta.elf")], tmp_path / "b")
     holder = hold_apply_lock(store, 0.5)
     try:
-        doc = apply(second, store)
+        doc = apply(second, store, "--replace")
     finally:
         holder.wait()
     assert [Path(vm["name"]).name for vm in doc["vms"]] == ["beta.elf"]

@@ -42,7 +42,7 @@ def make_plan(dumps: list[Path], out: Path, idx: Path) -> Path:
 
 
 def apply_argv(plan: Path, store: Path, pack: bool) -> list[str]:
-    return [sys.executable, "-m", "dengine_cli", "-q", "apply", str(plan), "-o", str(store),
+    return [sys.executable, "-m", "dengine_cli", "-q", "apply", "--replace", str(plan), "-o", str(store),
             *(["--pack"] if pack else [])]  # fmt: skip
 
 
@@ -93,7 +93,7 @@ def test_sigkill_at_random_points(plans: tuple[Path, Path], tmp_path: Path) -> N
                 verify_store(store)
             seen["none"] += 1
         # The next apply completes over whatever was left, and leaves nothing stray.
-        code, _, err = invoke("apply", str(new_plan), "-o", str(store))
+        code, _, err = invoke("apply", "--replace", str(new_plan), "-o", str(store))
         assert code == 0, err
         report = verify_store(store)
         assert report.ok and report.notes == [], report.notes

@@ -158,10 +158,12 @@ def apply_plan(
     frame_codec: str | None = None,
     workers: Workers | None = None,
     on_progress: Progress | None = None,
+    replace: bool = False,
 ) -> ApplyResult:
-    """Write the store of the plan file at ``plan_path`` into the directory ``store`` (replacing
-    the store there, if any, only once the new one is complete).  ``frame_codec``: with
-    ``pack``, the codec of frames (default ``auto``: per frame, LZMA2 or zstd-9)."""
+    """Write the store of the plan file at ``plan_path`` into the directory ``store``; a store
+    already there is refused, or with ``replace`` replaced only once the new one is complete.
+    ``frame_codec``: with ``pack``, the codec of frames (default ``auto``: per frame, LZMA2 or
+    zstd-9)."""
     started = time.perf_counter()
     plan = read_plan(plan_path)
     check_dumps_unchanged(plan)
@@ -176,7 +178,7 @@ def apply_plan(
                 raise StalePlan(
                     plan.path, f"VM {vm.vm} ({vm.name}): the dump's present pages are not the plan's"
                 )
-        with StoreWriter(store) as writer:
+        with StoreWriter(store, replace=replace) as writer:
             run = _Apply(plan, dumps, writer, pack, frame_codec, workers, on_progress)
             result = run.write()
     finally:

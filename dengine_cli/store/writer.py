@@ -80,11 +80,14 @@ class StoreWriter:
     """One apply's writing of the store at ``store``: :attr:`packs` to append page data to,
     :meth:`commit` to write the catalog and make it the store.  Leaving the ``with`` block
     without a commit removes what this apply wrote: its packs, and for a new store the
-    directories it made (an error leaves no store skeleton behind; a kill may)."""
+    directories it made (an error leaves no store skeleton behind; a kill may).  A complete
+    store already at ``store`` is refused unless ``replace``: it may be the only copy of a
+    fleet whose dumps are gone, and ``-o`` naming the wrong directory would lose it."""
 
-    def __init__(self, store: Path, lock_wait: float = LOCK_WAIT) -> None:
+    def __init__(self, store: Path, lock_wait: float = LOCK_WAIT, *, replace: bool = False) -> None:
         self.store = store
         self.lock_wait = lock_wait
+        self.replace = replace
         self.run = os.urandom(16)
         self._lock_fd: int | None = None
         self._tmp: Path | None = None
@@ -104,6 +107,11 @@ class StoreWriter:
                              not p.name.startswith(TMP_PREFIX))  # fmt: skip
             if foreign:
                 raise OutputError(store, f"is a directory but not a dengine store (it holds {foreign[0]!r})")
+            if not self.replace and os.path.lexists(store / CATALOG):
+                raise OutputError(
+                    store,
+                    "a dengine store is there already (--replace replaces it once the new one is complete)",
+                )
         try:
             (store / PACKS).mkdir(parents=True, exist_ok=True)
             fsync_dir(store)
