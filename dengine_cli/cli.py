@@ -930,7 +930,7 @@ FRAME_CODEC_NAMES = ("auto", "xz-x86", "xz", "xz-words", "xz-x86-6", "xz-6", "zs
     "store",
     required=True,
     type=click.Path(path_type=Path),
-    help="The store directory to write (an existing store there is replaced once the new one is complete).",
+    help="The store directory to write (a store already there is refused unless --replace).",
 )
 @click.option(
     "--pack",
