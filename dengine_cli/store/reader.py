@@ -160,12 +160,7 @@ class ObjectDecoder:
         order = np.argsort(self._frame_key(objs), kind="stable")
         self._upcoming = self._frames_in_order(objs[order])
         frame_of = self._framed_frame(objs)
-        groups: dict[int, npt.NDArray[np.int64]] = {}
-        framed = np.flatnonzero(frame_of >= 0)
-        if len(framed):
-            cut = np.argsort(frame_of[framed], kind="stable")
-            keys, starts = np.unique(frame_of[framed][cut], return_index=True)
-            groups = dict(zip(keys.tolist(), np.split(framed[cut], starts[1:]), strict=True))
+        groups = _by_frame(frame_of)
         done = np.zeros(len(objs), dtype=np.bool_)
         frames = frame_of.tolist()
         for i in order.tolist():
@@ -399,6 +394,16 @@ class ObjectDecoder:
                 f"{packs.size(pack):#x}"
             )
         return packs.bytes_at(pack, at, n)
+
+
+def _by_frame(frame_of: npt.NDArray[np.int64]) -> dict[int, npt.NDArray[np.int64]]:
+    """The indexes into ``frame_of`` of each frame named there (-1: none), in order."""
+    framed = np.flatnonzero(frame_of >= 0)
+    if not len(framed):
+        return {}
+    cut = framed[np.argsort(frame_of[framed], kind="stable")]
+    keys, starts = np.unique(frame_of[cut], return_index=True)
+    return dict(zip(keys.tolist(), np.split(cut, starts[1:]), strict=True))
 
 
 def _frame_codec(codecs: dict[str, FrameCodec], frame: int, name: str) -> FrameCodec:
