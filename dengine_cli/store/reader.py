@@ -5,9 +5,10 @@ checksum.
 apply replacing the store meanwhile cannot take them away).  :class:`ObjectDecoder` decodes
 objects one at a time (a patch's reference first, a frame once for all its pages, kept while
 recently used) and says what is wrong with one that does not decode to its checksum, without
-ever returning its bytes.  The frames a batch of objects needs are decoded first, by several
-threads at once (LZMA2 and zstd let go of the GIL while they decode): decoding frames is most of
-a restore's and a verify's time.
+ever returning its bytes.  A batch of objects is decoded in the order of the frames it needs;
+when a frame is not decoded yet, the next ones the batch needs are decoded beside it by other
+threads (LZMA2 and zstd let go of the GIL while they decode), and the whole pages of a frame are
+copied and checked in one pass.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ from dengine_cli.store.writer import store_lock
 #: of a bench dump decode 103-140 frames of a store of 85, and `verify` 212; 64 frames, 47-60
 #: (each frame it needs once) and 90.
 FRAME_CACHE = 64
+
+
+#: Frames decoded at once, at most, whatever the threads: a quarter of the cache, so that what
+#: is decoded ahead does not push out what the batch still needs.
+DECODE_AHEAD = FRAME_CACHE // 4
 
 
 class _FrameError(Exception):
@@ -157,9 +163,11 @@ class ObjectDecoder:
         their reference's), so that each frame is decoded once per call."""
         out = np.zeros((len(objs), PAGE_SIZE), dtype=np.uint8)
         bad: dict[int, str] = {}
-        order = np.argsort(self._frame_key(objs), kind="stable")
-        self._upcoming = self._frames_in_order(objs[order])
-        frame_of = self._framed_frame(objs)
+        ref_frame, own_frame, whole = self._frames_needed(objs)
+        # By the first frame each needs: its reference's, else its own.
+        order = np.argsort(np.where(ref_frame >= 0, ref_frame, own_frame), kind="stable")
+        self._upcoming = _first_needed(ref_frame[order], own_frame[order])
+        frame_of = np.where(whole, own_frame, -1)
         groups = _by_frame(frame_of)
         done = np.zeros(len(objs), dtype=np.bool_)
         frames = frame_of.tolist()
@@ -177,14 +185,27 @@ class ObjectDecoder:
         self._upcoming = {}
         return out, bad
 
-    def _framed_frame(self, objs: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """The frame of each of ``objs`` that is a whole page in a frame (-1 for the others)."""
+    def _frames_needed(
+        self, objs: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """Per object: the frame of its reference (a patch's; -1: none, or not in a frame), its
+        own frame (-1: none), and whether it is a whole page in a frame."""
         n = len(self.codec)
-        frame_of = np.full(len(objs), -1, dtype=np.int64)
+        ref_frame = np.full(len(objs), -1, dtype=np.int64)
+        own_frame = np.full(len(objs), -1, dtype=np.int64)
         valid = np.flatnonzero((objs >= 0) & (objs < n))
-        whole = valid[self.codec[objs[valid]] == FRAMED]
-        frame_of[whole] = self.where[objs[whole]]
-        return frame_of
+        o = objs[valid]
+        codec = self.codec[o]
+        own = np.isin(codec, (FRAMED, FRAMED_XOR))
+        own_frame[valid[own]] = self.where[o[own]]
+        ref = self.reference[o]
+        has_ref = (ref >= 0) & (ref < n)
+        at, ref = valid[has_ref], ref[has_ref]
+        framed_ref = np.isin(self.codec[ref], (FRAMED, FRAMED_XOR))
+        ref_frame[at[framed_ref]] = self.where[ref[framed_ref]]
+        whole = np.zeros(len(objs), dtype=np.bool_)
+        whole[valid[codec == FRAMED]] = True
+        return ref_frame, own_frame, whole
 
     def _framed_pages(
         self,
@@ -211,30 +232,11 @@ class ObjectDecoder:
         out[at[good]] = rows[good]
         done[at[good]] = True
 
-    def _frames_in_order(self, objs: npt.NDArray[np.int64]) -> dict[int, int]:
-        """The frames decoding ``objs`` in this order needs (a patch's reference's, then its
-        own), each by its place in the order they are first needed."""
-        n = len(self.codec)
-        o = objs[(objs >= 0) & (objs < n)]
-        ref = self.reference[o]
-        ref = np.where((ref >= 0) & (ref < n), ref, -1)
-        # Per object, its reference's frame and its own (-1: none), in decoding order.
-        need = np.full((len(o), 2), -1, dtype=np.int64)
-        for col, which in enumerate((ref, o)):
-            ok = which >= 0
-            framed = ok.copy()
-            framed[ok] = np.isin(self.codec[which[ok]], (FRAMED, FRAMED_XOR))
-            need[framed, col] = self.where[which[framed]]
-        flat = need.reshape(-1)
-        frames, first = np.unique(flat[flat >= 0], return_index=True)
-        ordered = frames[np.argsort(first)].tolist()
-        return {f: k for k, f in enumerate(ordered)}
-
     def _decode_ahead(self, frame: int) -> None:
         """With more than one thread, decode ``frame`` and the next frames this batch will need
         that are not cached (one a thread) at once, into the cache.  A frame that fails is left
         out, to fail again, with the object that needs it named, when it is decoded alone."""
-        threads = self.workers.count
+        threads = min(self.workers.count, DECODE_AHEAD)
         at = self._upcoming.get(frame)
         if threads < 2 or at is None:
             return
@@ -259,18 +261,6 @@ class ObjectDecoder:
             return self._decode_frame(frame, {})
         except _FrameError:
             return None
-
-    def _frame_key(self, objs: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """The frame each object's decoding needs (-1: none)."""
-        n = len(self.codec)
-        valid = (objs >= 0) & (objs < n)
-        key = np.full(len(objs), -1, dtype=np.int64)
-        o = objs[valid]
-        ref = self.reference[o]
-        target = np.where((ref >= 0) & (ref < n), ref, o)
-        framed = np.isin(self.codec[target], (FRAMED, FRAMED_XOR))
-        key[np.flatnonzero(valid)[framed]] = self.where[target[framed]].astype(np.int64)
-        return key
 
     def page(self, obj: int, depth: int = 0) -> bytes:
         """The checked page of object ``obj``; :class:`BadObject` when it cannot be had."""
@@ -394,6 +384,14 @@ class ObjectDecoder:
                 f"{packs.size(pack):#x}"
             )
         return packs.bytes_at(pack, at, n)
+
+
+def _first_needed(ref_frame: npt.NDArray[np.int64], own_frame: npt.NDArray[np.int64]) -> dict[int, int]:
+    """The frames objects in this order need (each its reference's, then its own; -1: none),
+    each by its place in the order they are first needed."""
+    flat = np.stack((ref_frame, own_frame), axis=1).reshape(-1)
+    frames, first = np.unique(flat[flat >= 0], return_index=True)
+    return {f: k for k, f in enumerate(frames[np.argsort(first)].tolist())}
 
 
 def _by_frame(frame_of: npt.NDArray[np.int64]) -> dict[int, npt.NDArray[np.int64]]:
