@@ -18,7 +18,7 @@ from dengine_cli.engine.plan.measure import compressed_sizes, patch_sizes, sprea
 from dengine_cli.errors import FormatError
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import OpenOptions
-from dengine_cli.parallel import Workers, fork_map, fork_usable
+from dengine_cli.parallel import Behind, Workers, fork_map, fork_usable
 from tests.vms import design_vms, write_raw_images
 
 RAW = OpenOptions(format="raw")
@@ -256,3 +256,53 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_behind_works_every_item_in_order_on_its_own_thread() -> None:
+    seen: list[tuple[int, str]] = []
+
+    def work(k: int) -> None:
+        time.sleep(0.001 * (k % 3))
+        seen.append((k, threading.current_thread().name))
+
+    with Behind(work, ahead=2) as behind:
+        for k in range(50):
+            behind.put(k)
+    assert [k for k, _ in seen] == list(range(50))  # all done on leaving, in order
+    assert {name for _, name in seen} == {"dengine-behind"}
+    assert "dengine-behind" not in {t.name for t in threading.enumerate()}
+
+
+def test_behind_raises_a_failed_item_in_the_caller_and_works_no_later_one() -> None:
+    done: list[int] = []
+
+    def work(k: int) -> None:
+        if k == 3:
+            raise OSError(28, "No space left on device")
+        done.append(k)
+
+    with pytest.raises(OSError, match="No space left"), Behind(work, ahead=1) as behind:
+        for k in range(1000):
+            behind.put(k)
+    assert done == [0, 1, 2]
+    assert "dengine-behind" not in {t.name for t in threading.enumerate()}
+
+
+def test_behind_finishes_the_item_it_is_on_when_the_caller_fails() -> None:
+    """The caller's exception goes through once the item being worked on is done (the image it
+    writes is still open then); which of the waiting items are skipped depends on timing."""
+    done: list[int] = []
+    started = threading.Event()
+
+    def work(k: int) -> None:
+        started.set()
+        time.sleep(0.05)
+        done.append(k)
+
+    with pytest.raises(KeyError), Behind(work, ahead=3) as behind:
+        for k in range(3):
+            behind.put(k)
+        started.wait(5)
+        raise KeyError("the caller failed")
+    assert done[:1] == [0] and done == list(range(len(done)))
+    assert "dengine-behind" not in {t.name for t in threading.enumerate()}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dengine_cli.parallel.forked import fork_map, fork_usable
-from dengine_cli.parallel.threads import map_in_threads, stream_in_threads
+from dengine_cli.parallel.threads import Behind, map_in_threads, stream_in_threads
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -80,4 +80,4 @@ class Workers:
         return fork_map(work, items, processes)
 
 
-__all__ = ["Workers", "cpu_count", "fork_map", "fork_usable", "map_in_threads", "stream_in_threads"]
+__all__ = ["Behind", "Workers", "cpu_count", "fork_map", "fork_usable", "map_in_threads", "stream_in_threads"]

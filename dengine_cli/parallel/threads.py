@@ -7,9 +7,10 @@ about 10 ms, a few percent of a whole ``dengine analyze``.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -128,3 +129,43 @@ def stream_in_threads(
             cond.notify_all()
         for helper in helpers:
             helper.join()
+
+
+class Behind(Generic[T]):
+    """``work(item)`` for each item :meth:`put`, in order, on one thread of its own while the
+    caller goes on (writing what the caller decodes): at most ``ahead`` items wait.
+
+    Leaving the ``with`` block waits until every item put is done, or, when the block raised,
+    only until the item being worked on is.  The first exception ``work`` raises is raised in the
+    caller, at the next :meth:`put` or on leaving the block; later items are not worked on."""
+
+    def __init__(self, work: Callable[[T], object], ahead: int = 2) -> None:
+        self._work = work
+        self._items: queue.Queue[tuple[T] | None] = queue.Queue(maxsize=max(1, ahead))
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="dengine-behind", daemon=True)
+
+    def __enter__(self) -> Behind[T]:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        self._stop = kind is not None
+        self._items.put(None)
+        self._thread.join()
+        if kind is None and self._error is not None:
+            raise self._error
+
+    def put(self, item: T) -> None:
+        if self._error is not None:
+            raise self._error
+        self._items.put((item,))
+
+    def _run(self) -> None:
+        while (held := self._items.get()) is not None:
+            if self._error is None and not self._stop:
+                try:
+                    self._work(held[0])
+                except BaseException as e:  # raised in the caller
+                    self._error = e

@@ -5,15 +5,14 @@ Both are sparse: a zero page is a hole.  Every page is checked against its check
 decoded and the VM's image checksum at the end; the image is written under a temporary name in
 the output's directory and renamed only when every check passed, so a damaged store never leaves
 a wrong image behind (:class:`~dengine_cli.errors.StoreDamaged`, exit 7, names the VM and gfn).
-Chunks of pages are written by a thread of their own while the next chunk is decoded (writing
-the four bench dumps' images took a third of their restore).
+Chunks of pages are written by a thread of their own while the next chunk is decoded
+(:class:`~dengine_cli.parallel.Behind`; writing the four bench dumps' images took a third of
+their restore).
 """
 
 from __future__ import annotations
 
-import queue
 import struct
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +24,7 @@ import xxhash
 from dengine_cli.errors import OutputError, StoreDamaged
 from dengine_cli.outputs import atomic_output, set_size
 from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.parallel import Behind
 from dengine_cli.store.catalog import VmRow
 from dengine_cli.store.layout import ZERO_PAGE_CHECKSUM
 from dengine_cli.store.reader import StoreReader
@@ -93,7 +93,11 @@ def _write_pages(
         raise StoreDamaged(reader.store, f"VM {vm.name}: its page map lists pages outside its ranges")
     decoder = reader.decoder()
     offsets = _file_offsets(vm, gfns, place)
-    with _Writer(f) as writer:
+
+    def write(chunk: tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]) -> None:
+        _write_runs(f, *chunk)
+
+    with Behind(write, CHUNKS_AHEAD) as writer:
         for lo in range(0, len(gfns), CHUNK):
             hi = min(lo + CHUNK, len(gfns))
             pages, bad = decoder.pages(objs[lo:hi])
@@ -101,7 +105,7 @@ def _write_pages(
                 i = min(bad)
                 raise StoreDamaged(reader.store, f"VM {vm.name} gfn {int(gfns[lo + i]):#x}: {bad[i]}")
             sums[at[lo:hi]] = decoder.checksum[objs[lo:hi]]
-            writer.put(pages, offsets[lo:hi])
+            writer.put((pages, offsets[lo:hi]))
             if on_progress is not None:
                 on_progress(hi - lo)
     pairs = np.stack((present, sums), axis=1).astype("<u8")
@@ -120,46 +124,6 @@ def _file_offsets(
     k = np.searchsorted(ranges[:, 0], g, side="right") - 1
     out: npt.NDArray[np.int64] = place[k] + (g - ranges[k, 0]) * PAGE_SIZE
     return out
-
-
-class _Writer:
-    """Writes chunks of pages to ``f`` in the order they are given, on a thread of its own (a
-    write lets go of the GIL).  Leaving the ``with`` block waits until everything given is
-    written, or, when the block raised, until the chunk being written is; a write that failed
-    raises in the caller, at the next chunk given or at the end."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.chunks: queue.Queue[tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]] | None] = queue.Queue(
-            maxsize=CHUNKS_AHEAD
-        )
-        self.error: BaseException | None = None
-        self.stop = False
-        self.thread = threading.Thread(target=self._run, name="dengine-restore-write", daemon=True)
-
-    def __enter__(self) -> _Writer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        self.stop = kind is not None
-        self.chunks.put(None)
-        self.thread.join()
-        if kind is None and self.error is not None:
-            raise self.error
-
-    def put(self, pages: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.chunks.put((pages, offsets))
-
-    def _run(self) -> None:
-        while (chunk := self.chunks.get()) is not None:
-            if self.error is None and not self.stop:
-                try:
-                    _write_runs(self.f, *chunk)
-                except BaseException as e:  # raised in the caller
-                    self.error = e
 
 
 def _write_runs(f: BinaryIO, pages: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64]) -> None:
