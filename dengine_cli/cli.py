@@ -144,10 +144,11 @@ def _keep_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
-def session_value(name: str, default: Any = None) -> Any:
-    """The value of the session option ``name`` (its parameter name) on this command line."""
+def session_value(name: str) -> Any:
+    """The value of the session option ``name`` (its parameter name) on this command line
+    (``None`` outside a command)."""
     ctx = click.get_current_context(silent=True)
-    return (ctx.meta if ctx is not None else {}).get(f"dengine.{name}", default)
+    return (ctx.meta if ctx is not None else {}).get(f"dengine.{name}")
 
 
 def dump_options(f: F, *, format_alias: bool = False) -> F:
