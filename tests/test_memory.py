@@ -16,7 +16,7 @@ from dengine_cli.engine.sharing.pipeline import Shape
 from dengine_cli.formats.base import OpenOptions
 from dengine_cli.parallel import Workers
 from dengine_cli.session import Session, Settings
-from dengine_cli.session.memory import plan_memory
+from dengine_cli.session.memory import PARTITION_PAGES, plan_memory
 from tests.vms import design_vms, write_raw_images
 
 RAW = OpenOptions(format="raw")
@@ -52,9 +52,11 @@ def test_a_small_limit_spills_and_cuts_partitions() -> None:
     assert small.spill_runs and small.ids_in_file and small.shape.bits >= 1
     roomy = plan_memory(1 << 30, total_pages=9000, nonzero_pages=8000, threads=2)
     assert not roomy.spill_runs and not roomy.ids_in_file and roomy.shape.bits == 0
-    # Partitions stay small whatever the limit, so that threads share the work.
-    large = plan_memory(64 << 30, total_pages=1 << 26, nonzero_pages=1 << 25, threads=2)
-    assert large.shape.partitions >= 1 << 25 >> 20
+    # Partitions stay small whatever the limit (cache-sized, and shared by the threads), also
+    # for one thread.
+    for threads in (1, 2):
+        large = plan_memory(64 << 30, total_pages=1 << 26, nonzero_pages=1 << 25, threads=threads)
+        assert (1 << 25) // large.shape.partitions <= PARTITION_PAGES
 
 
 def test_runs_really_wait_in_files_while_sharing(tmp_path: Path, fleet: list[Path]) -> None:

@@ -141,6 +141,33 @@ def test_an_error_here_stops_the_workers(tmp_path: Path) -> None:
     assert children() == before
 
 
+def test_the_wait_for_workers_wakes_when_one_exits() -> None:
+    """The poll :func:`fork_map` waits on between progress reports has an event for a worker
+    once it exits (it does not sleep out the interval), none while it runs."""
+    from dengine_cli.parallel.forked import _ExitWatch
+
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("no pidfds on this platform")
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.read(go_r, 1)
+        os._exit(0)
+    os.close(go_r)
+    try:
+        with _ExitWatch({pid: -1}) as watch:
+            assert watch.poll is not None
+            assert watch.poll.poll(0) == []  # still running
+            os.write(go_w, b"x")
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
+            assert [fd for fd, _ in watch.poll.poll(0)] == [watch.fds[pid]]
+            watch.forget(pid)
+            assert not watch.fds
+    finally:
+        os.close(go_w)
+        os.waitpid(pid, 0)
+
+
 def test_no_fork_while_another_thread_runs() -> None:
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)

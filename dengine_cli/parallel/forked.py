@@ -333,23 +333,80 @@ def _child(work: Callable[[], None], err_w: int, parent: int) -> None:  # pragma
         os._exit(code)
 
 
+#: Seconds between progress reports while this process waits for its workers.
+REPORT_SECONDS = 0.01
+
+
 def _wait(children: dict[int, int], report: Callable[[], None]) -> None:
-    """Wait for every child, reporting progress; raise the first failure."""
-    while children:
-        for pid in list(children):
-            got, status = os.waitpid(pid, os.WNOHANG)
-            if got == 0:
-                continue
-            err_r = children.pop(pid)
-            try:
-                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+    """Wait for every child, reporting progress every :data:`REPORT_SECONDS`; raise the first
+    failure.  The wait between reports ends as soon as a child exits (a pidfd of each, polled):
+    sleeping the whole interval lost 5 ms on average after the last worker was done."""
+    with _ExitWatch(children) as watch:
+        while children:
+            for pid in list(children):
+                got, status = os.waitpid(pid, os.WNOHANG)
+                if got == 0:
                     continue
-                raise _failure(err_r, status)
-            finally:
-                os.close(err_r)
-        if children:
-            report()
-            time.sleep(0.01)
+                err_r = children.pop(pid)
+                watch.forget(pid)
+                try:
+                    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                        continue
+                    raise _failure(err_r, status)
+                finally:
+                    os.close(err_r)
+            if children:
+                report()
+                watch.wait(REPORT_SECONDS)
+
+
+class _ExitWatch:
+    """A poll over pidfds of the children (Linux 5.3 and later; a pidfd is readable once its
+    process has exited).  Where pidfds cannot be had, :meth:`wait` sleeps the whole timeout."""
+
+    def __init__(self, children: dict[int, int]) -> None:
+        self.fds: dict[int, int] = {}
+        self.poll: Any = None
+        if not hasattr(os, "pidfd_open"):
+            return
+        import select
+
+        poll = select.poll()
+        for pid in children:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # no pidfds here, or the child is already reaped
+                self.close()
+                return
+            self.fds[pid] = fd
+            poll.register(fd, select.POLLIN)
+        self.poll = poll
+
+    def __enter__(self) -> _ExitWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait(self, seconds: float) -> None:
+        """Until a child exits or ``seconds`` have passed."""
+        if self.poll is None:
+            time.sleep(seconds)
+        else:
+            self.poll.poll(seconds * 1000)
+
+    def forget(self, pid: int) -> None:
+        fd = self.fds.pop(pid, None)
+        if fd is not None and self.poll is not None:
+            self.poll.unregister(fd)
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        self.poll = None
 
 
 class WorkerKilled(RuntimeError):
