@@ -164,3 +164,49 @@ def test_the_length_check_sees_a_long_function(tmp_path: Path) -> None:
     body = "\n".join(f"    x{k} = {k}" for k in range(81))
     (tmp_path / "engine" / "long.py").write_text(f"def long():\n{body}\n")
     assert long_functions(tmp_path) == ["engine/long.py:1 long (82 lines)"]
+
+
+#: What starts threads or processes: only the execution layer (``dengine_cli.parallel``) may.
+CONCURRENCY_NAMES = {"ThreadPoolExecutor", "ProcessPoolExecutor", "Thread", "fork", "Process", "Pool"}
+CONCURRENCY_MODULES = ("multiprocessing",)
+
+
+def workers_started_outside(root: Path, layer: str = "parallel") -> list[str]:
+    """Places outside ``root/layer`` that start threads or processes themselves: a use of
+    ``os.fork``, ``threading.Thread``, an executor or :mod:`multiprocessing`."""
+    found = []
+    for file in sorted(root.rglob("*.py")):
+        if file.relative_to(root).parts[0] == layer:
+            continue
+        for node in ast.walk(ast.parse(file.read_text())):
+            if _starts_workers(node):
+                found.append(f"{file.relative_to(root)}:{getattr(node, 'lineno', 0)}")
+    return found
+
+
+def _starts_workers(node: ast.AST) -> bool:
+    if isinstance(node, ast.Import):
+        return any(a.name.split(".")[0] in CONCURRENCY_MODULES for a in node.names)
+    if isinstance(node, ast.ImportFrom):
+        module = (node.module or "").split(".")[0]
+        return module in CONCURRENCY_MODULES or bool({a.name for a in node.names} & CONCURRENCY_NAMES)
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr in CONCURRENCY_NAMES
+        and isinstance(node.value, ast.Name)
+        and node.value.id in ("os", "threading", "futures")
+    )
+
+
+def test_only_the_execution_layer_starts_threads_or_processes() -> None:
+    assert workers_started_outside(PACKAGE) == []
+
+
+def test_the_concurrency_check_sees_a_thread_and_a_pool(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    (tmp_path / "parallel").mkdir()
+    (tmp_path / "store" / "a.py").write_text(
+        "import threading\nfrom concurrent.futures import ThreadPoolExecutor\nt = threading.Thread()\n"
+    )
+    (tmp_path / "parallel" / "b.py").write_text("import os\nos.fork()\n")
+    assert workers_started_outside(tmp_path) == ["store/a.py:2", "store/a.py:3"]

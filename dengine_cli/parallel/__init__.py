@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from dengine_cli.parallel.forked import fork_map, fork_usable
-from dengine_cli.parallel.threads import Behind, map_in_threads, stream_in_threads
+from dengine_cli.parallel.threads import Behind, map_in_threads, stream_in_threads, task_pool
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -75,9 +78,23 @@ class Workers:
         (:func:`~dengine_cli.parallel.threads.stream_in_threads`)."""
         return stream_in_threads(work, items, self.count, ahead=ahead)
 
+    def tasks(self) -> ThreadPoolExecutor:
+        """A pool of ``count`` threads taking tasks one at a time
+        (:func:`~dengine_cli.parallel.threads.task_pool`); use it as a context manager."""
+        return task_pool(self.count)
+
     def forked(self, work: Callable[[T], R], items: Sequence[T], processes: int) -> list[R]:
         """``[work(item) for item in items]`` by ``processes`` processes, this one included."""
         return fork_map(work, items, processes)
 
 
-__all__ = ["Behind", "Workers", "cpu_count", "fork_map", "fork_usable", "map_in_threads", "stream_in_threads"]
+__all__ = [
+    "Behind",
+    "Workers",
+    "cpu_count",
+    "fork_map",
+    "fork_usable",
+    "map_in_threads",
+    "stream_in_threads",
+    "task_pool",
+]

@@ -10,7 +10,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -129,6 +132,16 @@ def stream_in_threads(
             cond.notify_all()
         for helper in helpers:
             helper.join()
+
+
+def task_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads that take tasks one at a time (``submit``), whose results
+    the caller takes in an order of its own: for a pass that hands out work of several kinds as
+    it goes (apply's encoded batches and compressed frames).  :mod:`concurrent.futures` is
+    imported here, by the commands that use it only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dengine-task")
 
 
 class Behind(Generic[T]):

@@ -26,7 +26,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,7 +233,7 @@ class _Apply:
     def write(self) -> ApplyResult:
         threads = max(1, self.workers.count)
         batches: collections.deque[Future[Encoded]] = collections.deque()
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dengine-apply") as pool:
+        with self.workers.tasks() as pool:
             self._pool = pool
             for batch in self._batches():
                 job = pool.submit(encode_batch, batch, self.compression, self.patch, self.pack, self.probe)
