@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 import zstandard
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dengine_cli.cli import cli
 from dengine_cli.errors import (
@@ -30,6 +33,7 @@ from dengine_cli.errors import (
     OutputError,
 )
 from dengine_cli.formats import open_dump
+from dengine_cli.pages import CHECKSUMMERS, PAGE_SIZE, page_checksums
 from dengine_cli.store.frames import (
     AUTO_LZMA2,
     LZMA2_GAIN,
@@ -578,3 +582,31 @@ def test_a_restore_that_runs_out_of_space_leaves_nothing(
         subprocess.run(["umount", str(small)], check=False)
     code, _, err = invoke("verify", str(store))
     assert code == 0, err
+
+
+@given(
+    st.integers(0, 40),
+    st.integers(0, 64),
+    st.sampled_from(CHECKSUMMERS),
+    st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=60, deadline=None)
+def test_page_checksums_are_each_rows_xxh3_64(n: int, gap: int, by: str, seed: int) -> None:
+    """The store's page checksums, from C or Python, are xxhash's xxh3-64 of each row, for rows
+    at any stride (a QEMU stream's pages are 4104 bytes apart) and for zero rows."""
+    rng = np.random.default_rng(seed)
+    flat = rng.integers(0, 256, n * (PAGE_SIZE + gap), dtype=np.uint8)
+    rows = np.lib.stride_tricks.as_strided(flat, shape=(n, PAGE_SIZE), strides=(PAGE_SIZE + gap, 1))
+    if n:
+        rows[rng.integers(0, n)] = 0
+    sums = page_checksums(rows, by=by)
+    assert sums.dtype == np.uint64 and len(sums) == n
+    assert [int(s) for s in sums] == [xxhash.xxh3_64_intdigest(rows[i].tobytes()) for i in range(n)]
+
+
+def test_page_checksums_refuse_what_is_not_rows_of_pages() -> None:
+    with pytest.raises(ValueError, match="not built here"):
+        page_checksums(np.zeros((1, PAGE_SIZE), dtype=np.uint8), by="rust")
+    if "c" in CHECKSUMMERS:
+        with pytest.raises(ValueError, match="rows of 4096 bytes"):
+            page_checksums(np.zeros((2, 100), dtype=np.uint8))

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-import xxhash
 
 from dengine_cli.codecs import CompressionCodec, PatchCodec
 from dengine_cli.codecs.base import zero_rows
 from dengine_cli.engine.plan.model import COMPRESS, PATCH, SWAP, WHOLE, ZERO
-from dengine_cli.pages import PageArray
+from dengine_cli.pages import PageArray, page_checksums
 from dengine_cli.store.frames import incompressible
 from dengine_cli.store.layout import ZERO_PAGE_CHECKSUM
 
@@ -71,12 +70,11 @@ def encode_batch(
     ``xor``, for frames; with ``probe`` too, whole and paged-out pages are tested for
     :func:`~dengine_cli.store.frames.incompressible` (compressed ones compress, by the plan)."""
     pages, actions = batch.pages, batch.actions
-    sums = np.full(len(pages), ZERO_PAGE_CHECKSUM, dtype=np.uint64)
+    # Every row's checksum in one pass (a zero page's costs less than copying out the others);
+    # a page planned as zero has the zero page's, and is checked to be zero just below.
+    sums = page_checksums(pages)
     zero_planned = actions == ZERO
-    nonzero = np.flatnonzero(~zero_planned)
-    sums[nonzero] = np.fromiter(
-        map(xxhash.xxh3_64_intdigest, pages[nonzero]), dtype=np.uint64, count=len(nonzero)
-    )
+    sums[zero_planned] = ZERO_PAGE_CHECKSUM
     zp = np.flatnonzero(zero_planned)
     not_zero = zp[~zero_rows(pages[zp])] if len(zp) else zp
     stored = np.flatnonzero(stored_mask(actions))

@@ -28,7 +28,7 @@ import zstandard
 
 from dengine_cli.codecs import CodecError, CompressionCodec, PatchCodec, codec_by_id
 from dengine_cli.errors import UsageError
-from dengine_cli.pages import PAGE_SIZE
+from dengine_cli.pages import PAGE_SIZE, page_checksums
 from dengine_cli.parallel import Workers
 from dengine_cli.store.catalog import Catalog, Columns, VmRow
 from dengine_cli.store.frames import FrameCodec
@@ -227,7 +227,7 @@ class ObjectDecoder:
         inside = slots < len(pages)
         at, slots = at[inside], slots[inside]
         rows = pages[slots]
-        sums = np.fromiter(map(xxhash.xxh3_64_intdigest, rows), dtype=np.uint64, count=len(rows))
+        sums = page_checksums(rows)
         good = sums == self.checksum[objs[at]].astype(np.uint64)
         out[at[good]] = rows[good]
         done[at[good]] = True
