@@ -335,3 +335,36 @@ def test_a_framed_page_whose_checksum_is_wrong(packed: Path, tmp_path: Path) -> 
     others = [p for p in doc["problems"] if p["problem"].startswith("object ") and p is not hurt[0]]
     assert others == [], others
     restore_refuses(store, tmp_path, "0", f"object {obj}: checksum mismatch")
+
+
+@pytest.mark.parametrize("which", ["delta", "reference"])
+def test_a_framed_patch_whose_page_or_reference_checksum_is_wrong(
+    packed: Path, tmp_path: Path, which: str
+) -> None:
+    """Patched pages in frames (XOR deltas against whole pages in frames) are rebuilt and checked
+    a pair of frames at a time; one whose own checksum, or its reference's, does not match is
+    still reported on its own, by VM and gfn, and `restore` refuses its VM, while the other
+    patches of those frames pass."""
+    store = tmp_path / "store"
+    shutil.copytree(packed, store)
+    r = StoreReader(store)
+    v = next(k for k in range(len(r.vms)) if (r.objects["codec"][where_pages(store, k)[1]] == 0xF1).any())
+    gfns, objs, o = where_pages(store, v)
+    deltas = np.flatnonzero(o["codec"][objs] == 0xF1)
+    assert len(deltas) > 2
+    obj = int(objs[deltas[len(deltas) // 2]])
+    ref = int(o["reference"][obj])
+    assert o["codec"][ref] == 0xF0  # a whole page in a frame: the path this test is about
+    hurt_obj = obj if which == "delta" else ref
+
+    def wrong(cols: dict) -> None:  # type: ignore[type-arg]
+        cols["checksum"][hurt_obj] ^= 1
+
+    rewrite_objects(store, wrong)
+    doc = verify(store)
+    hurt = [p for p in doc["problems"] if p["problem"].startswith("object ")]
+    assert len(hurt) == 1, hurt  # the other patches of the same frames pass
+    assert hurt[0]["problem"].startswith(f"object {hurt_obj}: checksum mismatch"), hurt
+    # The patched page is among the pages it hurts, by VM and gfn.
+    assert f"{int(gfns[objs == obj][0]):#x}" in hurt[0]["pages"][r.vms[v].name]
+    restore_refuses(store, tmp_path, str(v), "checksum mismatch")

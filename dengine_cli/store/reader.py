@@ -163,18 +163,23 @@ class ObjectDecoder:
         their reference's), so that each frame is decoded once per call."""
         out = np.zeros((len(objs), PAGE_SIZE), dtype=np.uint8)
         bad: dict[int, str] = {}
-        ref_frame, own_frame, whole = self._frames_needed(objs)
+        ref_frame, own_frame, whole, delta = self._frames_needed(objs)
         # By the first frame each needs: its reference's, else its own.
         order = np.argsort(np.where(ref_frame >= 0, ref_frame, own_frame), kind="stable")
         self._upcoming = _first_needed(ref_frame[order], own_frame[order])
         frame_of = np.where(whole, own_frame, -1)
         groups = _by_frame(frame_of)
+        # Deltas by the pair of frames they need (their reference's, their own).
+        pair_of = np.where(delta, ref_frame * (int(own_frame.max(initial=0)) + 1) + own_frame, -1)
+        pairs = _by_frame(pair_of)
         done = np.zeros(len(objs), dtype=np.bool_)
-        frames = frame_of.tolist()
+        frames, pair_list = frame_of.tolist(), pair_of.tolist()
         for i in order.tolist():
-            frame = frames[i]
+            frame, pair = frames[i], pair_list[i]
             if frame >= 0 and frame in groups:
                 self._framed_pages(objs, groups.pop(frame), frame, out, done)
+            elif pair >= 0 and pair in pairs:
+                self._delta_pages(objs, pairs.pop(pair), int(ref_frame[i]), int(own_frame[i]), out, done)
             if done[i]:
                 continue
             obj = int(objs[i])
@@ -187,9 +192,10 @@ class ObjectDecoder:
 
     def _frames_needed(
         self, objs: npt.NDArray[np.int64]
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
         """Per object: the frame of its reference (a patch's; -1: none, or not in a frame), its
-        own frame (-1: none), and whether it is a whole page in a frame."""
+        own frame (-1: none), whether it is a whole page in a frame, and whether it is a delta in
+        a frame against a whole page in a frame."""
         n = len(self.codec)
         ref_frame = np.full(len(objs), -1, dtype=np.int64)
         own_frame = np.full(len(objs), -1, dtype=np.int64)
@@ -205,7 +211,9 @@ class ObjectDecoder:
         ref_frame[at[framed_ref]] = self.where[ref[framed_ref]]
         whole = np.zeros(len(objs), dtype=np.bool_)
         whole[valid[codec == FRAMED]] = True
-        return ref_frame, own_frame, whole
+        delta = np.zeros(len(objs), dtype=np.bool_)
+        delta[at[(self.codec[ref] == FRAMED) & (codec[has_ref] == FRAMED_XOR)]] = True
+        return ref_frame, own_frame, whole, delta
 
     def _framed_pages(
         self,
@@ -227,8 +235,43 @@ class ObjectDecoder:
         inside = slots < len(pages)
         at, slots = at[inside], slots[inside]
         rows = pages[slots]
-        sums = page_checksums(rows)
-        good = sums == self.checksum[objs[at]].astype(np.uint64)
+        good = page_checksums(rows) == self.checksum[objs[at]].astype(np.uint64)
+        if good.all():  # the rows copied once more, not twice (a restore copies every page)
+            out[at] = rows
+            done[at] = True
+        else:
+            out[at[good]] = rows[good]
+            done[at[good]] = True
+
+    def _delta_pages(
+        self,
+        objs: npt.NDArray[np.int64],
+        at: npt.NDArray[np.int64],
+        ref_frame: int,
+        own_frame: int,
+        out: npt.NDArray[np.uint8],
+        done: npt.NDArray[np.bool_],
+    ) -> None:
+        """The patched pages ``objs[at]``, XOR deltas all in ``own_frame`` against whole pages
+        all in ``ref_frame``, rebuilt and checked (the references too) in one pass: one at a
+        time each cost two page decodes and two checksums in Python, a sixth of a restore of the
+        bench dumps.  Any whose frames, slots or checksums are wrong is left to :meth:`page`."""
+        o = objs[at]
+        r = self.reference[o]
+        try:
+            bases = self._frame(int(r[0]), ref_frame)
+            deltas = self._frame(int(o[0]), own_frame)
+        except BadObject:
+            return
+        ref_slots = self.offset[r].astype(np.int64)
+        own_slots = self.offset[o].astype(np.int64)
+        inside = (ref_slots < len(bases)) & (own_slots < len(deltas))
+        at, o, r = at[inside], o[inside], r[inside]
+        base_rows = bases[ref_slots[inside]]
+        rows = np.bitwise_xor(base_rows, deltas[own_slots[inside]])
+        good = (page_checksums(base_rows) == self.checksum[r].astype(np.uint64)) & (
+            page_checksums(rows) == self.checksum[o].astype(np.uint64)
+        )
         out[at[good]] = rows[good]
         done[at[good]] = True
 
