@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dengine_cli.errors import UnreadableFile
 from dengine_cli.formats import open_dump
-from dengine_cli.formats.base import SCAN_PAGES, Dump, OpenOptions, PageBatch, Source
+from dengine_cli.formats.base import SCAN_PAGES, Dump, OpenOptions, PageBatch, PageTableDump, Source, map_file
 from dengine_cli.formats.raw import open_raw
 from dengine_cli.pages import PAGE_SIZE
 from dengine_cli.parallel.threads import map_in_threads, stream_in_threads
@@ -216,3 +218,45 @@ def test_a_dump_that_shrinks_while_scanned_is_an_error_not_a_crash(tmp_path: Pat
         f"{path}: cannot read: it changed while being read (163840 bytes then, 81920 now)"
     )
     assert err.value.exit_code == 3
+
+
+@given(st.integers(1, 300), st.integers(0, 3), st.integers(0, 2**32 - 1))
+@settings(max_examples=25, deadline=None)
+def test_a_raw_image_reads_as_the_general_page_table_reads_it(
+    pages: int, start_pages: int, seed: int
+) -> None:
+    """Raw images are opened without the general page table's checks (``PageTableDump.flat``):
+    the same gfns, offsets, runs and pages as a page table built the general way."""
+    import tempfile
+
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (start_pages + pages) * PAGE_SIZE, dtype=np.uint8)
+    data[PAGE_SIZE * int(rng.integers(0, pages + start_pages)) :][:PAGE_SIZE] = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.raw"
+        path.write_bytes(data.tobytes())
+        start = start_pages * PAGE_SIZE
+        source = Source(path, "x.raw", start=start)
+        flat = open_raw(source, OpenOptions())
+        n = pages
+        general = PageTableDump(
+            source,
+            flat.facts,
+            map_file(source)[start:],
+            np.arange(n, dtype=np.uint64),
+            np.arange(n, dtype=np.int64) * PAGE_SIZE,
+            file_offset=start,
+        )
+        assert isinstance(flat, PageTableDump)
+        assert np.array_equal(flat.gfns, general.gfns) and np.array_equal(flat.offsets, general.offsets)
+        assert np.array_equal(flat._run_starts, general._run_starts)
+        assert np.array_equal(flat._long_starts, general._long_starts)
+        got = [(b.gfns.copy(), b.pages.copy()) for b in flat.batches(97)]
+        want = [(b.gfns.copy(), b.pages.copy()) for b in general.batches(97)]
+        assert all(np.array_equal(g, w) for (g, _), (w, _) in zip(got, want, strict=True))
+        assert all(np.array_equal(g, w) for (_, g), (_, w) in zip(got, want, strict=True))
+        pick = rng.integers(0, n, 20).astype(np.int64)
+        assert np.array_equal(flat.pages_at(flat.gfns[pick]), general.pages_at(general.gfns[pick]))
+        assert np.array_equal(flat.pages_at(flat.gfns[pick]), data[start:].reshape(-1, PAGE_SIZE)[pick])
+        flat.close()
+        general.close()

@@ -8,8 +8,6 @@ count as present zero pages (a flat image cannot say a page is absent).
 
 from __future__ import annotations
 
-import numpy as np
-
 from dengine_cli.formats.base import Dump, GuestFacts, OpenOptions, PageTableDump, Source, map_file
 from dengine_cli.formats.registry import FormatSpec
 from dengine_cli.pages import PAGE_SIZE
@@ -33,13 +31,10 @@ def open_raw(source: Source, options: OpenOptions) -> Dump:
     usable = len(buf) - len(buf) % PAGE_SIZE
     if usable == 0:
         raise source.error(source.start, expected="at least one 4096-byte page", found=f"{len(buf)} bytes")
-    n = usable // PAGE_SIZE
-    gfns = np.arange(n, dtype=np.uint64)
-    offsets = np.arange(n, dtype=np.int64) * PAGE_SIZE
     facts = GuestFacts(format="raw", memory_bytes=usable)
     if len(buf) != usable:
         facts.skipped.append(f"{len(buf) - usable} trailing bytes past the last whole page")
-    return PageTableDump(source, facts, buf[:usable], gfns, offsets, file_offset=source.start)
+    return PageTableDump.flat(source, facts, buf[:usable], file_offset=source.start)
 
 
 FORMAT = FormatSpec(
