@@ -254,8 +254,9 @@ class ObjectDecoder:
     ) -> None:
         """The patched pages ``objs[at]``, XOR deltas all in ``own_frame`` against whole pages
         all in ``ref_frame``, rebuilt and checked (the references too) in one pass: one at a
-        time each cost two page decodes and two checksums in Python, a sixth of a restore of the
-        bench dumps.  Any whose frames, slots or checksums are wrong is left to :meth:`page`."""
+        time each cost two page decodes, copies and checksums in Python (restoring the four
+        bench dumps made 504 k Python calls, now 51 k; 1.76 -> 1.60 s).  Any whose frames,
+        slots or checksums are wrong is left to :meth:`page`."""
         o = objs[at]
         r = self.reference[o]
         try:
