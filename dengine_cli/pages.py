@@ -10,7 +10,9 @@ import numpy as np
 import numpy.typing as npt
 
 try:
-    from dengine_cli import _pagehash  # type: ignore[attr-defined]
+    # The C page hasher (dengine_cli/_pagehash.c): loaded here once, for the index's hashes
+    # (dengine_cli.engine.index) and the store's checksums (page_checksums).
+    from dengine_cli import _pagehash as _pagehash  # type: ignore[attr-defined]
 except ImportError:  # not built (no compiler or no libxxhash-dev where dengine was installed)
     _pagehash = None
 
@@ -39,6 +41,8 @@ def page_checksums(pages: PageArray, *, by: str = CHECKSUMMERS[0]) -> npt.NDArra
     :data:`CHECKSUMMERS`)."""
     if by not in CHECKSUMMERS:
         raise ValueError(f"page checksums by {by!r} are not built here (built: {', '.join(CHECKSUMMERS)})")
+    if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE:
+        raise ValueError(f"pages must be rows of {PAGE_SIZE} bytes, not an array of shape {pages.shape}")
     sums = np.empty(len(pages), dtype=np.uint64)
     if not len(pages):
         return sums

@@ -26,12 +26,7 @@ import numpy.typing as npt
 import xxhash
 
 from dengine_cli.formats.base import Dump
-from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE, GfnArray, PageArray
-
-try:
-    from dengine_cli import _pagehash  # type: ignore[attr-defined]
-except ImportError:  # not built (no compiler or no libxxhash-dev where dengine was installed)
-    _pagehash = None
+from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE, GfnArray, PageArray, _pagehash
 
 #: The page hashers built here: ``"c"`` (``dengine_cli/_pagehash.c``), when it was built, and
 #: ``"python"`` (xxhash called once a page); both give the same hashes and zero flags.

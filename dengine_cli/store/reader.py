@@ -235,13 +235,7 @@ class ObjectDecoder:
         inside = slots < len(pages)
         at, slots = at[inside], slots[inside]
         rows = pages[slots]
-        good = page_checksums(rows) == self.checksum[objs[at]].astype(np.uint64)
-        if good.all():  # the rows copied once more, not twice (a restore copies every page)
-            out[at] = rows
-            done[at] = True
-        else:
-            out[at[good]] = rows[good]
-            done[at[good]] = True
+        _take_checked(out, done, at, rows, page_checksums(rows) == self.checksum[objs[at]].astype(np.uint64))
 
     def _delta_pages(
         self,
@@ -273,8 +267,7 @@ class ObjectDecoder:
         good = (page_checksums(base_rows) == self.checksum[r].astype(np.uint64)) & (
             page_checksums(rows) == self.checksum[o].astype(np.uint64)
         )
-        out[at[good]] = rows[good]
-        done[at[good]] = True
+        _take_checked(out, done, at, rows, good)
 
     def _decode_ahead(self, frame: int) -> None:
         """With more than one thread, decode ``frame`` and the next frames this batch will need
@@ -428,6 +421,24 @@ class ObjectDecoder:
                 f"{packs.size(pack):#x}"
             )
         return packs.bytes_at(pack, at, n)
+
+
+def _take_checked(
+    out: npt.NDArray[np.uint8],
+    done: npt.NDArray[np.bool_],
+    at: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.uint8],
+    good: npt.NDArray[np.bool_],
+) -> None:
+    """The ``rows`` whose checks passed (``good``) into their slots ``at`` of ``out``, marked
+    ``done``; when all passed, copied once more rather than twice (a restore copies every
+    page)."""
+    if good.all():
+        out[at] = rows
+        done[at] = True
+    else:
+        out[at[good]] = rows[good]
+        done[at[good]] = True
 
 
 def _first_needed(ref_frame: npt.NDArray[np.int64], own_frame: npt.NDArray[np.int64]) -> dict[int, int]:
