@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from dengine_cli.formats import open_dump
 from dengine_cli.pages import CHECKSUMMERS, PAGE_SIZE, page_checksums
 from dengine_cli.store.frames import (
     AUTO_LZMA2,
+    FRAME_PAGES,
+    LZMA2_FAST,
     LZMA2_GAIN,
     SAMPLE_PAGES,
     FrameCodec,
@@ -439,18 +442,24 @@ def test_incompressible_probe() -> None:
 
 
 def test_frames_round_trip_whatever_the_dictionary() -> None:
-    """LZMA2 frames made with the fast mode's own dictionary (explicit --frame-codec) or with a
-    frame-sized one (auto) decode with the same decoder, byte for byte."""
+    """LZMA2 frames made with the fast mode's own dictionary (explicit --frame-codec), with the
+    wider one (auto), or with a frame-sized one (the stores written before 2026-12) decode with
+    the same decoder, byte for byte; the wider dictionary finds repeats the fast mode's misses."""
     rng = np.random.default_rng(11)
     words = rng.integers(97, 123, (1024, 4096), dtype=np.uint8)
     words[:, ::7] = 32
-    pages = np.concatenate([words[:512], words[:512]])  # repeats 2 MiB apart
+    pages = np.concatenate([words[:128], words[:128]])  # repeats 512 KiB apart
     for name in ("xz", "xz-x86", "xz-words", "xz-6", "zstd-9", "stored"):
-        for window in (False, True):
-            blob = FrameCodec(name, frame_window=window).compress(pages)
-            assert np.array_equal(FrameCodec(name).decompress(blob, len(pages)), pages), (name, window)
-    wide = len(FrameCodec("xz", frame_window=True).compress(pages))
-    assert wide < 0.6 * len(FrameCodec("xz").compress(pages))  # the repeats are found
+        for wide in (False, True):
+            blob = FrameCodec(name, wide_dictionary=wide).compress(pages)
+            assert np.array_equal(FrameCodec(name).decompress(blob, len(pages)), pages), (name, wide)
+    wide_size = len(FrameCodec("xz", wide_dictionary=True).compress(pages))
+    assert wide_size < 0.6 * len(FrameCodec("xz").compress(pages))  # the repeats are found
+    far = np.concatenate([words[:512], words[:512]])  # repeats 2 MiB apart
+    older = {**LZMA2_FAST, "dict_size": FRAME_PAGES * 4096}
+    blob = lzma.compress(far.tobytes(), format=lzma.FORMAT_RAW, filters=[older])
+    assert len(blob) < 0.6 * len(FrameCodec("xz", wide_dictionary=True).compress(far))
+    assert np.array_equal(FrameCodec("xz").decompress(blob, len(far)), far)
 
 
 def test_auto_chooses_the_codec_that_suits_the_frame() -> None:
@@ -468,7 +477,7 @@ def test_auto_chooses_the_codec_that_suits_the_frame() -> None:
     records = rec.view(np.uint8).reshape(1024, 4096)
     weights = np.r_[np.full(16, 0.05), np.full(240, 0.2 / 240)]
     skewed = rng.choice(256, size=(1024, 4096), p=weights).astype(np.uint8)
-    lzma2 = [FrameCodec(name, frame_window=True) for name in AUTO_LZMA2]
+    lzma2 = [FrameCodec(name, wide_dictionary=True) for name in AUTO_LZMA2]
     zstd = FrameCodec("zstd-9")
     for pages, expect in ((records, set(AUTO_LZMA2)), (skewed, {"zstd-9"})):
         chosen = choose_codec(pages, lzma2, zstd)
@@ -486,7 +495,7 @@ def test_auto_takes_the_lzma2_codec_its_sample_makes_smallest() -> None:
     rec = values[rng.integers(0, 64, (1024 * 128, 4))]
     rec[:, 2] = rng.integers(0, 1 << 20, len(rec)).astype(np.uint64)
     pages = np.ascontiguousarray(rec).view(np.uint8).reshape(1024, 4096)
-    lzma2 = [FrameCodec("xz", frame_window=True), FrameCodec("xz-6")]
+    lzma2 = [FrameCodec("xz", wide_dictionary=True), FrameCodec("xz-6")]
     step = len(pages) // SAMPLE_PAGES
     sample = np.ascontiguousarray(pages[::step][:SAMPLE_PAGES])
     sizes = {c.name: len(c.compress(sample)) for c in lzma2}

@@ -460,11 +460,11 @@ class _Apply:
         )
 
 
-def _codec(codecs: dict[str, FrameCodec], name: str, frame_window: bool = False) -> FrameCodec:
-    """The frame codec ``name`` from a thread's ``codecs`` (LZMA2 with a frame-sized
-    dictionary: ``frame_window``), made the first time."""
-    key = f"{name}:{frame_window}"
+def _codec(codecs: dict[str, FrameCodec], name: str, wide_dictionary: bool = False) -> FrameCodec:
+    """The frame codec ``name`` from a thread's ``codecs`` (LZMA2 with the wider
+    dictionary: ``wide_dictionary``), made the first time."""
+    key = f"{name}:{wide_dictionary}"
     found = codecs.get(key)
     if found is None:
-        found = codecs[key] = FrameCodec(name, frame_window=frame_window)
+        found = codecs[key] = FrameCodec(name, wide_dictionary=wide_dictionary)
     return found

@@ -21,7 +21,7 @@ frames: LZMA2 fast with BCJ 69.4 MB in 12 CPU seconds, preset 1 68.2 MB in 21 s.
 Guest memory is mostly code and data of x86 programs, and LZMA's literal coding models them
 better than zstd does at any speed, but not every frame: on frames of long matches zstd-9 is as
 small in a third of the time.  The default, :data:`AUTO`, chooses per frame
-(:func:`choose_codec`): LZMA2 (with a frame-sized dictionary; plain, or modelling 8-byte words)
+(:func:`choose_codec`): LZMA2 (with a 1 MiB dictionary; plain, or modelling 8-byte words)
 or zstd-9; every frame records its own codec.  Scan order is the best order found for frames:
 sorting a VM's pages by a min-hash of their 64-bit words, so that pages with words in common
 share frames, made the first bench dump's frames 13 % larger (37.0 -> 42.0 MB; by the first
@@ -61,10 +61,16 @@ LZMA2_FAST: dict[str, Any] = {
     "nice_len": 32,
     "depth": 4,
 }
-#: The same with a dictionary the size of a frame (under :data:`AUTO`): matches anywhere in the
-#: frame, as zstd-9's window has; 1.5 % smaller on the bench dumps, 40 % more time.  Decoding
-#: always uses this dictionary size, which decodes frames made with the smaller one too.
-LZMA2_FAST_FRAME: dict[str, Any] = {**LZMA2_FAST, "dict_size": FRAME_PAGES * PAGE_SIZE}
+#: The dictionary of LZMA2 fast mode under :data:`AUTO`: 1 MiB, a quarter of a frame, where the
+#: fast mode's own is 256 KiB.  Measured on the bench dumps' frames (2026-12-06, CPU seconds of
+#: one core, best of 3): 256 KiB 54.32 MB in 7.8 s, 1 MiB 54.04 MB in 8.8 s, 2 MiB 53.98 MB in
+#: 9.7 s, a frame's 4 MiB 53.98 MB in 10.2 s: the larger hash chains miss the CPU's caches,
+#: and what the last 3 MiB find is worth 0.1 % of the store.
+LZMA2_DICT_SIZE = 1 << 20
+LZMA2_FAST_WIDE: dict[str, Any] = {**LZMA2_FAST, "dict_size": LZMA2_DICT_SIZE}
+#: What frames of LZMA2 fast mode are decoded with: a frame-sized dictionary, which decodes
+#: frames encoded with any smaller one (stores written before 2026-12 used 4 MiB).
+LZMA2_FAST_DECODE: dict[str, Any] = {**LZMA2_FAST, "dict_size": FRAME_PAGES * PAGE_SIZE}
 
 #: LZMA2 fast mode modelling positions in 8-byte words (``xz-words``): no literal context
 #: (``lc=0``), literal and match states by the position in a 64-bit word (``lp=3, pb=3``).
@@ -79,7 +85,7 @@ FRAME_CODECS = ("auto", "xz-x86", "xz", "xz-words", "xz-x86-6", "xz-6", "zstd-3"
 #: Per frame, one of the LZMA2 fast codecs :data:`AUTO_LZMA2` or zstd-9, whichever the frame's
 #: pages favour (:func:`choose_codec`).
 AUTO = "auto"
-#: The LZMA2 codecs :data:`AUTO` chooses among, with a frame-sized dictionary.  Not ``xz-x86``:
+#: The LZMA2 codecs :data:`AUTO` chooses among, with :data:`LZMA2_DICT_SIZE`.  Not ``xz-x86``:
 #: the BCJ filter made the smallest LZMA2 frame of only 1 of the bench dumps' 62 and took a
 #: sample compression more a frame (see :func:`choose_codec`).
 AUTO_LZMA2 = ("xz", "xz-words")
@@ -109,7 +115,7 @@ def incompressible(pages: PageArray) -> npt.NDArray[np.bool_]:
 
 def choose_codec(pages: PageArray, lzma2: Sequence[FrameCodec], zstd: FrameCodec) -> FrameCodec:
     """The codec of one frame under :data:`AUTO`: of the LZMA2 fast codecs ``lzma2`` (a
-    frame-sized dictionary each), the one that makes :data:`SAMPLE_PAGES` pages spread evenly
+    dictionary of :data:`LZMA2_DICT_SIZE` each), the one that makes :data:`SAMPLE_PAGES` pages spread evenly
     over the frame smallest, when it comes out :data:`LZMA2_GAIN` smaller than ``zstd``
     (zstd-9) or more; else ``zstd``, which takes a third of the time.
 
@@ -147,14 +153,15 @@ class FrameCodec:
     :data:`FRAME_CODECS`, or :data:`STORED`).  zstd contexts are not for two threads: one object
     per thread."""
 
-    def __init__(self, name: str, *, frame_window: bool = False) -> None:
-        """``frame_window``: LZMA2 fast mode encodes with :data:`LZMA2_FAST_FRAME`."""
+    def __init__(self, name: str, *, wide_dictionary: bool = False) -> None:
+        """``wide_dictionary``: LZMA2 fast mode encodes with :data:`LZMA2_FAST_WIDE` (a dictionary
+        of :data:`LZMA2_DICT_SIZE`, not the fast mode's 256 KiB)."""
         if (name not in FRAME_CODECS and name != STORED) or name == AUTO:
             raise ValueError(f"unknown frame codec {name!r}")
         self.name = name
         six: dict[str, Any] | None = {"id": lzma.FILTER_LZMA2, "preset": 6} if name.endswith("-6") else None
-        self._filters = self._chain(name, six or (LZMA2_FAST_FRAME if frame_window else LZMA2_FAST))
-        self._decoding = self._chain(name, six or LZMA2_FAST_FRAME)
+        self._filters = self._chain(name, six or (LZMA2_FAST_WIDE if wide_dictionary else LZMA2_FAST))
+        self._decoding = self._chain(name, six or LZMA2_FAST_DECODE)
         self._level = int(name.split("-")[1]) if name.startswith("zstd-") else 0
         self._compressor: zstandard.ZstdCompressor | None = None
         self._decompressor: zstandard.ZstdDecompressor | None = None
