@@ -247,10 +247,13 @@ def progress(total: int, desc: str) -> Iterator[Callable[[int], None]]:
 
 class ByteSize(click.ParamType[int]):
     """A memory size: bytes, or a number with K, M, G, T (powers of 1024; ``KiB``, ``GB``... all
-    read as binary units, as memory is sold)."""
+    read as binary units, as memory is sold).  A number without a unit under
+    :attr:`BARE_MINIMUM` is refused: ``--memory-limit 8`` is far likelier a forgotten ``G`` than
+    8 bytes (``8B`` says bytes)."""
 
     name = "size"
     UNITS: ClassVar[dict[str, int]] = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    BARE_MINIMUM = 1 << 20
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
@@ -266,6 +269,9 @@ class ByteSize(click.ParamType[int]):
             self.fail(f"{value!r}: a size must be positive", param, ctx)
         if size == float("inf"):
             self.fail(f"{value!r} is not a size (examples: 512G, 65536M, 1.5T)", param, ctx)
+        if size < self.BARE_MINIMUM and not any(c.isalpha() for c in str(value)):
+            hint = f"give a unit ({number}M, {number}G; {number}B for bytes)"
+            self.fail(f"{value!r} would be {int(size)} bytes: {hint}", param, ctx)
         return int(size)
 
 

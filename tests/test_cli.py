@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -222,6 +223,11 @@ def test_a_reader_that_went_away_is_exit_141_not_an_internal_error(
             "65536M, 1.5T); see 'dengine analyze --help'",
         ),
         (
+            ["analyze", "--memory-limit", "8", "a.raw"],
+            "dengine: analyze: Invalid value for '--memory-limit': '8' would be 8 bytes: give a unit "
+            "(8M, 8G; 8B for bytes); see 'dengine analyze --help'",
+        ),
+        (
             ["index", "-j", "0", "a.raw"],
             "dengine: index: Invalid value for '-j' / '--jobs': 0 is not in the range x>=1; "
             "see 'dengine index --help'",
@@ -291,3 +297,17 @@ def test_a_known_magic_with_a_header_no_reader_takes_says_so(
     code, _, err = run("info", "--dump-format", reader, str(path))
     assert code == EXIT_BAD_DUMP and len(err.splitlines()) == 1
     assert err.startswith(f"dengine: {path}: at offset") and "says what is wrong" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("8B", 8), ("64K", 64 << 10), ("1048576", 1 << 20), ("1.5G", 3 << 29), ("2 MiB", 2 << 20)],
+)
+def test_sizes_with_a_unit_or_of_a_mebibyte_and_more(text: str, size: int) -> None:
+    """A unit says what a number is (``8B``: bytes, as the tests' tiny memory limits are
+    given); a bare number is taken as bytes from 1 MiB on, and refused below (a forgotten unit)."""
+    from dengine_cli.cli import ByteSize
+
+    assert ByteSize().convert(text, None, None) == size
+    with pytest.raises(click.BadParameter, match="give a unit"):
+        ByteSize().convert(str((1 << 20) - 1), None, None)

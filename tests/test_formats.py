@@ -21,10 +21,11 @@ from dengine_cli.formats import (
     kdump,
     libvirt_save,
     lime,
+    open_dump,
     qemu_stream,
     xc_core,
 )
-from dengine_cli.formats.base import Source
+from dengine_cli.formats.base import OpenOptions, Source
 from tests.builders.xc_core import pre_elf_xc_core
 
 # What the readers themselves know their files start with (not taken from the table, so that a
@@ -87,3 +88,17 @@ def test_reading_an_elf_dump_imports_no_other_reader(real_dump: Callable[[str], 
     assert "dengine_cli.formats.elf" in loaded and "dengine_cli.formats.xc_core" in loaded
     for other in ("kdump", "qemu_stream", "libvirt_save", "lime", "domain_xml"):
         assert f"dengine_cli.formats.{other}" not in loaded
+
+
+def test_a_raw_image_says_what_it_left_past_its_last_page(tmp_path: Path) -> None:
+    """Bytes past the last whole page of an image read as raw (``--dump-format raw``: the name
+    alone claims only whole pages) are counted, in the singular for one."""
+    for extra, words in ((1, "1 trailing byte past"), (3, "3 trailing bytes past")):
+        path = tmp_path / f"x{extra}.raw"
+        path.write_bytes(b"\x01" * (2 * 4096 + extra))
+        dump = open_dump(path, OpenOptions(format="raw"))
+        try:
+            assert dump.page_count == 2
+            assert [s for s in dump.facts.skipped if "trailing" in s] == [f"{words} the last whole page"]
+        finally:
+            dump.close()

@@ -33,7 +33,8 @@ def open_raw(source: Source, options: OpenOptions) -> Dump:
         raise source.error(source.start, expected="at least one 4096-byte page", found=f"{len(buf)} bytes")
     facts = GuestFacts(format="raw", memory_bytes=usable)
     if len(buf) != usable:
-        facts.skipped.append(f"{len(buf) - usable} trailing bytes past the last whole page")
+        extra = len(buf) - usable
+        facts.skipped.append(f"{extra} trailing byte{'' if extra == 1 else 's'} past the last whole page")
     return PageTableDump.flat(source, facts, buf[:usable], file_offset=source.start)
 
 
