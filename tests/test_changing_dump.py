@@ -86,6 +86,74 @@ def test_rewritten_in_place_same_size(tmp_path: Path, real_dump: Callable[[str],
             hash_dump(dump)
 
 
+def _rewrite_last_page(path: Path) -> None:
+    """Write over the file's last 4096 bytes in place (same size), its mtime a second on: a
+    change a pass can only see by looking again after it read them."""
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.seek(st.st_size - 4096)
+        f.write(b"\xee" * 4096)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.parametrize("name", ["alpha.elf", "alpha.kdump", "alpha.qevm"])
+@pytest.mark.parametrize("how", ["scan", "batches"])
+def test_written_while_the_last_batch_is_read(
+    tmp_path: Path, real_dump: Callable[[str], Path], name: str, how: str
+) -> None:
+    """The check before each batch cannot see a write made while the last one is read: the
+    pass checks once more after it, so it never ends as if it had read one state of the file."""
+    path = copy(real_dump, name, tmp_path)
+    with open_dump(path) as dump:
+        batches = getattr(dump, how)(1024)
+        seen = 0
+        with pytest.raises(UnreadableFile, match=r"it changed while being read \(modified, same size\)$"):
+            for batch in batches:
+                seen += len(batch)
+                if seen == dump.page_count:
+                    _rewrite_last_page(path)
+        assert seen == dump.page_count
+
+
+def test_apply_refuses_a_dump_written_during_its_pass(
+    tmp_path: Path, real_dump: Callable[[str], Path]
+) -> None:
+    """apply's worker threads read mapped pages after its pass asked for the next batch: a dump
+    written while the last batches are encoded is found before the store is committed, and no
+    store is left (exit 3 through the CLI's error)."""
+    from click.testing import CliRunner
+
+    from dengine_cli.cli import cli
+    from dengine_cli.store.apply import apply_plan
+
+    path = copy(real_dump, "alpha.elf", tmp_path)
+    plan_file, store = tmp_path / "plan.json", tmp_path / "store"
+    made = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "plan",
+            "--baseline",
+            "none",
+            "--index-dir",
+            str(tmp_path / "i"),
+            "-o",
+            str(plan_file),
+            str(path),
+        ],
+    )
+    assert made.exit_code == 0, made.output
+
+    def on_progress(what: str, done: int, total: int) -> None:
+        if done == total:
+            _rewrite_last_page(path)
+
+    with pytest.raises(UnreadableFile, match=r"changed while being read \(modified, same size\)") as e:
+        apply_plan(plan_file, store, pack=True, on_progress=on_progress)
+    assert e.value.exit_code == EXIT_UNREADABLE
+    assert not store.exists()
+
+
 def test_replaced_or_removed_file_is_read_from_the_mapping(
     tmp_path: Path, real_dump: Callable[[str], Path]
 ) -> None:

@@ -203,7 +203,10 @@ class Dump(ABC):
         self, max_pages: int = BATCH_PAGES, *, start: int = 0, stop: int | None = None
     ) -> Iterator[PageBatch]:
         """Every present page once, in ascending gfn order, at most ``max_pages`` per batch;
-        ``start``/``stop`` limit it to the pages at those positions of :attr:`gfns`."""
+        ``start``/``stop`` limit it to the pages at those positions of :attr:`gfns`.  The file
+        is checked unchanged (:meth:`check_unchanged`) before each batch and after the last, so
+        a pass that runs to its end has read one state of the file.  A batch may be a view of the
+        mapping: a caller that reads it after asking for the next checks again when done."""
         n = len(self.gfns) if stop is None else min(stop, len(self.gfns))
         lo = max(start, 0)
         while lo < n:
@@ -211,6 +214,8 @@ class Dump(ABC):
             self.check_unchanged()
             yield PageBatch(self.gfns[lo:hi], self._pages(lo, hi))
             lo = hi
+        # And once the last batch was looked at: a write while it was read is a change too.
+        self.check_unchanged()
 
     def scan(
         self, max_pages: int = BATCH_PAGES, *, start: int = 0, stop: int | None = None
@@ -540,6 +545,7 @@ class PageTableDump(Dump):
                     self._pread(fd, into.reshape(-1), first + (at - lo) * PAGE_SIZE)
                     yield PageBatch(self.gfns[at : at + k], into)
                 lo = hi
+            self.check_unchanged()  # a write while the last batch was read
         finally:
             os.close(fd)
 

@@ -653,6 +653,7 @@ class KdumpDump(Dump):
                 hi = min(lo + max_pages, n)
                 self.check_unchanged()
                 yield PageBatch(self.gfns[lo:hi], self._read(np.arange(lo, hi, dtype=np.int64), fd))
+            self.check_unchanged()  # a write while the last batch was read
         finally:
             os.close(fd)
 

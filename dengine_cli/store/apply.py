@@ -245,6 +245,10 @@ class _Apply:
                 self._take(batches.popleft().result())
             self._flush_frames(final=True)
             self._write_frames(limit=0)
+        # The worker threads read mapped pages after the pass asked for the next batch: a dump
+        # written to meanwhile would leave an image of no one state of it in the store.
+        for dump in self.dumps:
+            dump.check_unchanged()
         self._check_shared()
         return self._commit()
 
