@@ -269,8 +269,10 @@ class ByteSize(click.ParamType[int]):
             self.fail(f"{value!r}: a size must be positive", param, ctx)
         if size == float("inf"):
             self.fail(f"{value!r} is not a size (examples: 512G, 65536M, 1.5T)", param, ctx)
-        if size < self.BARE_MINIMUM and not any(c.isalpha() for c in str(value)):
-            hint = f"give a unit ({number}M, {number}G; {number}B for bytes)"
+        said_bytes = str(value).strip().upper().endswith("B")  # 8B, 8 KiB, 8GB
+        if size < self.BARE_MINIMUM and not unit and not said_bytes:
+            given = str(value).strip()
+            hint = f"give a unit ({given}M, {given}G; {given}B for bytes)"
             self.fail(f"{value!r} would be {int(size)} bytes: {hint}", param, ctx)
         return int(size)
 

@@ -309,5 +309,6 @@ def test_sizes_with_a_unit_or_of_a_mebibyte_and_more(text: str, size: int) -> No
     from dengine_cli.cli import ByteSize
 
     assert ByteSize().convert(text, None, None) == size
-    with pytest.raises(click.BadParameter, match="give a unit"):
-        ByteSize().convert(str((1 << 20) - 1), None, None)
+    for bare in (str((1 << 20) - 1), "1e3", "8.5"):
+        with pytest.raises(click.BadParameter, match="give a unit"):
+            ByteSize().convert(bare, None, None)
