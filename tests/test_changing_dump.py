@@ -76,19 +76,14 @@ def test_truncated_after_open_every_read_path(
 def test_rewritten_in_place_same_size(tmp_path: Path, real_dump: Callable[[str], Path]) -> None:
     path = copy(real_dump, "alpha.elf", tmp_path)
     with open_dump(path) as dump:
-        st = path.stat()
-        with path.open("r+b") as f:
-            f.seek(st.st_size - 4096)
-            f.write(b"\xff" * 4096)
-        # The write's mtime, a second on (the clock may not have ticked since the open).
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        _rewrite_last_page(path)
         with pytest.raises(UnreadableFile, match=r"it changed while being read \(modified, same size\)$"):
             hash_dump(dump)
 
 
 def _rewrite_last_page(path: Path) -> None:
-    """Write over the file's last 4096 bytes in place (same size), its mtime a second on: a
-    change a pass can only see by looking again after it read them."""
+    """Write over the file's last 4096 bytes in place (same size), its mtime a second on (the
+    clock may not have ticked since the open)."""
     st = path.stat()
     with path.open("r+b") as f:
         f.seek(st.st_size - 4096)
