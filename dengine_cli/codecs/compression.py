@@ -30,10 +30,11 @@ lz4         8-10 us                8-11 us                      52.7 %
 Within a run the loop and the batch cost the same on non-zero pages: the codecs' own work
 dominates the 1-2 us of Python per call.  The batch wins on zero pages, which cost nothing (their
 size is known): on a batch that is half zero pages, zstd-1 costs 10 us and lz4 5 us per page.
-Tried and not kept: zstd's ``ZstdCompressor.multi_compress_to_buffer`` (compresses many inputs in
-C, optionally on threads, marked experimental) measured the same as the loop on one thread and no
-faster on two of these loaded cores; LZ4 into a preallocated buffer (``compress_block_into``) and
-zlib with an 8 KiB window were no faster.
+zstd's batch is ``ZstdCompressor.multi_compress_to_buffer`` on the calling thread (see
+:func:`zstd_sizes`): alone it measured the same as the loop, and its threads no faster on two of
+these loaded cores, but with two threads measuring a plan the loop's Python between pages made
+each wait for the other.  Tried and not kept: LZ4 into a preallocated buffer
+(``compress_block_into``) and zlib with an 8 KiB window were no faster.
 """
 
 from __future__ import annotations
@@ -76,15 +77,30 @@ class ZstdCodec(CompressionCodec):
         return len(self._compressor.compress(page.data))
 
     def _sizes(self, rows: PageArray) -> SizeArray:
-        # This thread's context looked up once, and pages as slices of one memoryview (iterating
-        # ndarray rows and the per-call context lookup measured 1-6 us a page more, beside zstd-1's
-        # 31 us on the bench dumps' pages).
-        compress = self._compressor.compress
-        data = np.ascontiguousarray(rows).reshape(-1).data
-        starts = range(0, len(rows) * PAGE_SIZE, PAGE_SIZE)
-        return np.fromiter(
-            (len(compress(data[i : i + PAGE_SIZE])) for i in starts), dtype=np.int32, count=len(rows)
-        )
+        return zstd_sizes(self._compressor, rows)
+
+
+def zstd_sizes(compressor: zstandard.ZstdCompressor, rows: PageArray) -> SizeArray:
+    """``len(compressor.compress(row))`` of each row of an ``(n, 4096)`` array, in one call
+    that compresses every row in C (``multi_compress_to_buffer`` on this thread: the same
+    context, parameters and frames as ``compress()``, so the same sizes; tests compare them).
+
+    One ``compress()`` a page costs the same on one thread, but holds the GIL between pages
+    (the slice, the call, ``len``): with two threads measuring a plan, each waited for the
+    other's Python between its pages.  Measured over the bench dumps' 19,801 patches and 17,827
+    compressed pages (2026-12-07, 2 threads): the plan's patching 150-200 -> 130-150 ms, its
+    compression 125-175 -> 115-130 ms."""
+    n = len(rows)
+    if n == 0:
+        return np.zeros(0, dtype=np.int32)
+    data = np.ascontiguousarray(rows).reshape(-1)
+    segments = np.empty((n, 2), dtype=np.uint64)
+    segments[:, 0] = np.arange(0, n * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64)
+    segments[:, 1] = PAGE_SIZE
+    frames = compressor.multi_compress_to_buffer(
+        zstandard.BufferWithSegments(data.data, segments.data), threads=1
+    )
+    return np.fromiter((len(frames[i]) for i in range(n)), dtype=np.int32, count=n)
 
 
 class ZstdContexts:

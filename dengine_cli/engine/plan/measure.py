@@ -27,6 +27,16 @@ from dengine_cli.parallel.forked import MAX_TASKS
 #: Pages (or page pairs) measured per chunk by a forked worker, and by a thread.
 CHUNK = 1024
 THREAD_CHUNK = 256
+#: Page pairs read at a time to measure their patches: the pages read (up to 2 a pair), the
+#: references and pages in pair order and the codec's work (an XOR) come to 2.5 MiB for 128
+#: pairs.  glibc gives memory freed back to the kernel once the free memory at the top of the
+#: heap passes twice the largest block it has freed (here 2-4 MiB), so 256 pairs at a time
+#: (5 MiB) had every chunk's pages fresh from the kernel, zeroed and faulted in again: 30 k
+#: page faults and 60-90 ms of system time over the bench dumps' 19,801 pairs, against 700
+#: faults and 20-40 ms at 128 (2026-12-07).
+READ_PAIRS = 128
+#: Pages read at a time to measure their compression (1 MiB), for the same reason.
+READ_PAGES = 256
 
 SizeArray = npt.NDArray[np.int32]
 _I64 = npt.NDArray[np.int64]
@@ -67,20 +77,32 @@ def measure_patches(
     ref_pos: _I64,
 ) -> SizeArray:
     """Patch sizes (``limit`` for any at or above it) of page i against reference i, both given
-    as (vm, position)."""
-    n = len(page_vm)
-    both, row = read_pages(
-        dumps, tables, np.concatenate((page_vm, ref_vm)), np.concatenate((page_pos, ref_pos))
-    )
-    return patch_codec(codec_name).patch_sizes(both[row[n:]], both[row[:n]], limit=limit)
+    as (vm, position); :data:`READ_PAIRS` pairs read at a time."""
+    codec = patch_codec(codec_name)
+    sizes = np.empty(len(page_vm), dtype=np.int32)
+    for lo in range(0, len(page_vm), READ_PAIRS):
+        hi = min(lo + READ_PAIRS, len(page_vm))
+        n = hi - lo
+        both, row = read_pages(
+            dumps,
+            tables,
+            np.concatenate((page_vm[lo:hi], ref_vm[lo:hi])),
+            np.concatenate((page_pos[lo:hi], ref_pos[lo:hi])),
+        )
+        sizes[lo:hi] = codec.patch_sizes(both[row[n:]], both[row[:n]], limit=limit)
+    return sizes
 
 
 def measure_compression(
     dumps: Sequence[Dump], tables: Sequence[HasGfns], codec_name: str, vm: _I64, pos: _I64
 ) -> SizeArray:
-    """Compressed sizes of the pages at (vm, position)."""
-    pages, row = read_pages(dumps, tables, vm, pos)
-    sizes: SizeArray = compression_codec(codec_name).compressed_sizes(pages)[row]
+    """Compressed sizes of the pages at (vm, position); :data:`READ_PAGES` pages read at a time."""
+    codec = compression_codec(codec_name)
+    sizes = np.empty(len(vm), dtype=np.int32)
+    for lo in range(0, len(vm), READ_PAGES):
+        hi = min(lo + READ_PAGES, len(vm))
+        pages, row = read_pages(dumps, tables, vm[lo:hi], pos[lo:hi])
+        sizes[lo:hi] = codec.compressed_sizes(pages)[row]
     return sizes
 
 
