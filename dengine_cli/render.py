@@ -213,19 +213,24 @@ def _savings_text(vm: VmPlan) -> str:
     return text
 
 
+def _counted(n: int, one: str, many: str | None = None) -> str:
+    """``1 block``, ``2 blocks``."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def _plan_notes(plan: PlanReport) -> str:
     """What a reader must know to trust a plan's figures."""
     notes = []
     p = plan.policy
-    det = p.detector.to_dict()
     notes.append(
         f"policy {p.name}: "
         + ("share across VMs" if p.cross_vm else "share within each VM")
         + (f", patch with {p.patch_codec} under {p.patch_threshold} B" if p.patch else "")
         + (f", compress with {p.compression_codec} under {p.compression_threshold} B" if p.compress else "")
         + (
-            f"; similarity: {det.get('indexes')} indexes of {det.get('blocks_per_index')} blocks, "
-            f"{det.get('candidates_per_bucket')} candidate(s) per bucket, seed {det.get('seed')}"
+            f"; similarity: {_counted(p.detector.indexes, 'index', 'indexes')} of "
+            f"{_counted(p.detector.blocks_per_index, 'block')}, "
+            f"{_counted(p.detector.candidates, 'candidate')} per bucket, seed {p.detector.seed}"
             if p.patch
             else ""
         )
