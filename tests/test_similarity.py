@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dengine_cli.engine.similarity import BLOCK_SIZE, HashSimilarityDetector, candidate_pairs
+from dengine_cli.engine.similarity import (
+    BLOCK_SIZE,
+    DRAWN,
+    HashSimilarityDetector,
+    candidate_pairs,
+    draw_blocks,
+)
 from dengine_cli.pages import PAGE_SIZE
 
 
@@ -23,6 +33,26 @@ def test_offsets_are_seeded_aligned_and_distinct() -> None:
     assert len(others) > 10
     d = det.to_dict()
     assert d["offsets"] == list(det.offsets) and d["seed"] == 0 and d["block_size"] == 64
+
+
+@pytest.mark.parametrize(("seed", "blocks"), sorted(DRAWN))
+def test_the_written_out_draws_are_numpys(seed: int, blocks: int) -> None:
+    # The table spares commands numpy.random's import; the offsets must be what it would draw.
+    assert list(DRAWN[(seed, blocks)]) == draw_blocks(seed, blocks)
+    det = HashSimilarityDetector(indexes=blocks, seed=seed)
+    assert det.offsets == tuple(b * BLOCK_SIZE for b in draw_blocks(seed, blocks))
+
+
+def test_the_default_plan_does_not_import_numpy_random(tmp_path: Path) -> None:
+    # In a fresh interpreter: loading the default policies and drawing their detector.
+    code = (
+        "import sys; import dengine_cli.policies as p; p.named_policy('de').detector.offsets; "
+        "print('numpy.random' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(

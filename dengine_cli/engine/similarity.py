@@ -18,10 +18,11 @@ Semantics (deterministic and vectorized):
   before the page patched against it, so its fate is known when the page comes).
 
 Offsets are 64-byte *aligned* blocks (block numbers 0..63 of a 4 KiB page) chosen without
-repetition by a seeded :class:`numpy.random.Generator`.  The paper uses random offsets; aligned
-ones lose nothing for similarity (a change of a few bytes touches a given block with the same
-probability wherever the blocks lie) and let the block words be read as aligned ``uint64``
-columns of the page array, which is what makes the hashing run at millions of pages a second.
+repetition by a seeded :class:`numpy.random.Generator` (:func:`draw_blocks`).  The paper uses
+random offsets; aligned ones lose nothing for similarity (a change of a few bytes touches a
+given block with the same probability wherever the blocks lie) and let the block words be read
+as aligned ``uint64`` columns of the page array, which is what makes the hashing run at millions
+of pages a second.
 The seed and the offsets are part of every plan's report.
 
 Block hash: multiply-xor over the 8 little-endian 64-bit words of a block (``h = (h ^ w) * P``
@@ -57,6 +58,24 @@ _S33 = np.uint64(33)
 KeyArray = npt.NDArray[np.uint64]
 
 
+def draw_blocks(seed: int, blocks: int) -> list[int]:
+    """The block numbers of a detector: ``blocks`` of the page's 64, without repetition, drawn by
+    ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    return [int(b) for b in rng.choice(BLOCKS_PER_PAGE, size=blocks, replace=False)]
+
+
+#: :func:`draw_blocks` of the default detectors (seed 0; k * s of 1 to 4), written out:
+#: ``numpy.random`` took 10-14 ms to import, at every start of a command that loads a policy
+#: (tests/test_similarity.py checks the table against the draw).
+DRAWN: dict[tuple[int, int], tuple[int, ...]] = {
+    (0, 1): (54,),
+    (0, 2): (53, 40),
+    (0, 3): (40, 32, 52),
+    (0, 4): (17, 32, 51, 39),
+}
+
+
 def _avalanche(h: KeyArray) -> KeyArray:
     h ^= h >> _S33
     h *= _FMIX1
@@ -87,9 +106,10 @@ class HashSimilarityDetector:
             raise ValueError(f"at most {BLOCKS_PER_PAGE} blocks per page (k * s = {blocks})")
         if self.seed < 0:
             raise ValueError("the seed must not be negative")
-        rng = np.random.default_rng(self.seed)
-        chosen = rng.choice(BLOCKS_PER_PAGE, size=blocks, replace=False)
-        object.__setattr__(self, "offsets", tuple(int(b) * BLOCK_SIZE for b in chosen))
+        chosen = DRAWN.get((self.seed, blocks))
+        if chosen is None:
+            chosen = tuple(draw_blocks(self.seed, blocks))
+        object.__setattr__(self, "offsets", tuple(b * BLOCK_SIZE for b in chosen))
 
     @property
     def block_count(self) -> int:
