@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from dengine_cli.cli import cli
 from dengine_cli.engine.sharing.model import SharingReport
 from dengine_cli.parallel import Workers
 from dengine_cli.render import render_sharing
+from tests.commands import invoke
 from tests.vms import write_raw_image
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -70,11 +69,6 @@ def simple_count(paths: list[Path], cross_vm: bool) -> list[dict[str, int]]:
         seen_global |= seen_here
         out.append(row)
     return out
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, list(args))
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.mark.parametrize("cross_vm", [True, False])

@@ -12,20 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from dengine_cli.cli import cli
 from dengine_cli.errors import EXIT_USAGE
 from dengine_cli.formats import open_dump
+from tests.commands import invoke_quiet as invoke
 from tests.conftest import read_pages
 from tests.vms import write_raw_images
 
 PAGE = 4096
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, ["--quiet", *args])
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture

@@ -11,15 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from dengine_cli.cli import cli
 from dengine_cli.errors import EXIT_USAGE
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, list(args))
-    return r.exit_code, r.stdout, r.stderr
+from tests.commands import invoke
 
 
 @pytest.fixture

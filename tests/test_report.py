@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dengine_cli.cli import cli
 from dengine_cli.engine.index import PageIndex
 from dengine_cli.errors import UsageError
 from dengine_cli.parallel import Workers
@@ -29,6 +27,7 @@ from dengine_cli.policies import named_policy
 from dengine_cli.report.build import ReportData, ReportRequest, build_report, series_csv
 from dengine_cli.report.snapshots import dumps_to_group, group_by_guest, parse_vm_option, snapshot_changes
 from dengine_cli.session import Settings
+from tests.commands import invoke
 from tests.vms import write_raw_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,11 +145,6 @@ def test_the_json_names_its_inputs_and_versions(report_data: ReportData) -> None
     assert inputs[str(ALPHA)]["index_digest"] != inputs[str(LATER)]["index_digest"]
     assert inputs[str(ALPHA)]["size"] == ALPHA.stat().st_size
     assert [vm["name"] for vm in doc["vms"]] == ["beta.elf.zst", "alpha"]
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_report_command_writes_html_json_and_csv(tmp_path: Path) -> None:

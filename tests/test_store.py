@@ -18,11 +18,9 @@ import numpy as np
 import pytest
 import xxhash
 import zstandard
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dengine_cli.cli import cli
 from dengine_cli.errors import (
     EXIT_BAD_DUMP,
     EXIT_DAMAGED,
@@ -50,13 +48,9 @@ from dengine_cli.store.reader import StoreReader
 from dengine_cli.store.writer import StoreWriter
 from tests.builders.lime import build_lime
 from tests.builders.xc_core import build_xc_core
+from tests.commands import invoke_quiet as invoke
 from tests.conftest import FIXTURES, needs_oracle, oracle_pages, page_digests, read_pages, tmpfs
 from tests.vms import design_vms, write_raw_images
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, ["--quiet", *args])
-    return r.exit_code, r.stdout, r.stderr
 
 
 def extract(dump: Path, out: Path) -> bytes:

@@ -12,19 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from dengine_cli.cli import FRAME_CODEC_NAMES, cli
+from dengine_cli.cli import FRAME_CODEC_NAMES
 from dengine_cli.errors import EXIT_DAMAGED
 from dengine_cli.store.catalog import decode_columns, encode_columns
 from dengine_cli.store.frames import FRAME_CODECS
 from dengine_cli.store.layout import OBJECT_COLUMNS, PAGE_COLUMNS, signed
 from dengine_cli.store.reader import StoreReader
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, ["--quiet", *args])
-    return r.exit_code, r.stdout, r.stderr
+from tests.commands import invoke_quiet as invoke
 
 
 def fixture_store(real_dump: Callable[[str], Path], tmp: Path, pack: bool) -> Path:

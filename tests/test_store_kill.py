@@ -18,19 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from dengine_cli.cli import cli
 from dengine_cli.errors import UnreadableFile
 from dengine_cli.store.verify import verify_store
+from tests.commands import invoke_quiet as invoke
 
 KILL_POINTS = 20
 SEED = 20240601
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, ["--quiet", *args])
-    return r.exit_code, r.stdout, r.stderr
 
 
 def make_plan(dumps: list[Path], out: Path, idx: Path) -> Path:
