@@ -79,3 +79,38 @@ def test_info_json_of_every_fixture(real_dump: Callable[[str], Path]) -> None:
     assert by_name["alpha.qevm"]["machine"].startswith("pc-i440fx")
     assert by_name["beta.qevm"]["machine"].startswith("pc-q35")
     assert by_name["alpha.elf"]["pages_present"] == 32 * 1024 * 1024 // 4096 - 32  # less the VGA window
+
+
+@pytest.mark.parametrize("name", ["alpha.elf", "alpha.kdump", "alpha.qevm", "beta.qevm"])
+def test_a_page_table_moved_to_a_file_reads_the_same_pages(
+    name: str, real_dump: Callable[[str], Path], tmp_path: Path
+) -> None:
+    # The session moves open dumps' page tables to mapped files past a quarter of the memory
+    # limit (Session._bound_page_tables): every way of reading must give the same pages.
+    from dengine_cli.formats import open_dump
+
+    with open_dump(real_dump(name)) as kept, open_dump(real_dump(name)) as moved:
+        moved.map_page_table(tmp_path)
+        assert moved.page_table_bytes == kept.page_table_bytes > 0
+        for attr in type(moved).PAGE_ARRAYS:
+            array = getattr(moved, attr)
+            assert not array.flags.writeable
+            assert _mapping_of(array.ctypes.data).startswith(f"{tmp_path}/")  # an unlinked file
+            assert np.array_equal(array, getattr(kept, attr))
+        assert not list(tmp_path.iterdir())  # the file is unlinked from the start
+        for a, b in zip(kept.batches(1000), moved.batches(1000), strict=True):
+            assert np.array_equal(a.gfns, b.gfns) and np.array_equal(a.pages, b.pages)
+        for a, b in zip(kept.scan(777), moved.scan(777), strict=True):
+            assert np.array_equal(a.gfns, b.gfns) and np.array_equal(a.pages, b.pages)
+        some = kept.gfns[:: max(1, len(kept.gfns) // 300)][::-1]
+        assert np.array_equal(kept.pages_at(some), moved.pages_at(some))
+
+
+def _mapping_of(address: int) -> str:
+    """The path of what is mapped at ``address`` in this process (/proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) > 5 else ""
+    return ""

@@ -127,3 +127,23 @@ def test_prune_removes_spills_left_by_a_killed_command_only(tmp_path: Path) -> N
         assert running.dir.exists()
     assert not left.exists()
     assert removed == 1 and freed == 100
+
+
+def test_page_tables_leave_memory_past_a_quarter_of_the_limit(tmp_path: Path, fleet: list[Path]) -> None:
+    from dengine_cli.policies import named_policy
+
+    de = named_policy("de")
+    plans = []
+    # Indexes built in this session (groups of dumps kept open for the plan), then cached.
+    for limit, index_dir in ((64 << 10, "small"), (64 << 10, "small"), (None, "roomy")):
+        settings = Settings(
+            options=RAW, index_dir=tmp_path / index_dir, tmp_dir=tmp_path / "tmp", memory_limit=limit
+        )
+        with Session(fleet, settings) as session:
+            _, plan = session.plan(de)
+            dumps = session.dumps()
+            moved = [not d.gfns.flags.writeable and not d.offsets.flags.writeable for d in dumps]
+            assert moved == [limit is not None] * len(fleet)
+            plans.append(plan.to_dict())
+        assert not list((tmp_path / "tmp").iterdir())  # unlinked files, gone with the session
+    assert plans[0] == plans[1] == plans[2]

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import mmap
 import os
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -293,6 +294,40 @@ class Dump(ABC):
         """Runs of consecutive present gfns as ``(first_gfn, page_count)``."""
         return gfn_runs(self.gfns)
 
+    #: The per-page arrays a reader keeps (attribute names): its page table, which
+    #: :meth:`map_page_table` can move out of the process's memory.
+    PAGE_ARRAYS: tuple[str, ...] = ("gfns",)
+
+    @property
+    def page_table_bytes(self) -> int:
+        """Bytes of the per-page arrays (:attr:`PAGE_ARRAYS`) held now."""
+        return sum(int(getattr(self, name).nbytes) for name in self.PAGE_ARRAYS)
+
+    def map_page_table(self, directory: Path) -> None:
+        """Move the page table (:attr:`PAGE_ARRAYS`) into a file under ``directory``, mapped
+        read-only in its place: page cache, which the kernel writes back and drops under
+        pressure, instead of this process's memory.  The file is unlinked from the start
+        (``O_TMPFILE``), so it goes with the mapping, whatever ends the process.  A reader opened
+        over every dump of a fleet holds 16-21 bytes a page (gfn, offset and what its format
+        needs); the session moves them past a quarter of the memory limit."""
+        arrays = [(name, np.ascontiguousarray(getattr(self, name))) for name in self.PAGE_ARRAYS]
+        starts, total = [], 0
+        for _, a in arrays:
+            starts.append(total)
+            total += -(-a.nbytes // 64) * 64
+        if total == 0:
+            return
+        with tempfile.TemporaryFile(dir=directory) as f:
+            for (_, a), at in zip(arrays, starts, strict=True):
+                f.seek(at)
+                a.tofile(f)
+            f.truncate(total)
+            f.flush()
+            mapping = mmap.mmap(f.fileno(), total, access=mmap.ACCESS_READ)
+        for (name, a), at in zip(arrays, starts, strict=True):
+            mapped = np.frombuffer(mapping, dtype=a.dtype, count=a.size, offset=at)
+            setattr(self, name, mapped.reshape(a.shape))
+
     def close(self) -> None:  # noqa: B027 - optional hook, most readers hold only a mapping
         """Release the file mapping (readers with more to release extend this)."""
 
@@ -400,6 +435,8 @@ class PageTableDump(Dump):
     this: a sorted gfn array and a parallel array of byte offsets (:data:`ZERO_PAGE` for zero pages
     stored nowhere).  Runs of pages stored back to back come out as views of the mapping.
     """
+
+    PAGE_ARRAYS = ("gfns", "offsets")
 
     def __init__(
         self,

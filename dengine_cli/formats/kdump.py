@@ -601,6 +601,8 @@ class KdumpDump(Dump):
     """Pages of a kdump file: stored ones gathered from the mapping in one numpy step, compressed
     ones decompressed one by one (identical descriptors, e.g. QEMU's shared zero page, once)."""
 
+    PAGE_ARRAYS = ("gfns", "_codec", "_size", "_file_off")
+
     def __init__(
         self,
         source: Source,

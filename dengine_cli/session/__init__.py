@@ -24,6 +24,7 @@ from dengine_cli.cache import sharing_store
 from dengine_cli.cache.keys import default_index_dir
 from dengine_cli.engine.index import PageIndex, Progress
 from dengine_cli.engine.sharing.model import ContentIds, SharingReport
+from dengine_cli.errors import OutputError
 from dengine_cli.formats.base import Dump, OpenOptions
 from dengine_cli.pages import BATCH_PAGES
 from dengine_cli.parallel import Workers
@@ -75,6 +76,8 @@ class Session:
         self.settings = settings or Settings()
         self.on_progress = on_progress
         self._opened: dict[int, Dump] = {}
+        #: Of ``_opened``, the dumps whose page tables are mapped from a file.
+        self._mapped_tables: set[int] = set()
         self._indexes: list[PageIndex] | None = None
         self._extra: dict[str, PageIndex] = {}
 
@@ -89,6 +92,7 @@ class Session:
             batch_pages=s.batch_pages,
             group_pages=group_pages if group_pages is not None else index_group_pages(s.limit),
             on_progress=self.on_progress,
+            on_kept=self._map_page_tables,
         )
 
     def indexes(self, also: Sequence[Path | str] = (), *, keep_open: bool = False) -> list[PageIndex]:
@@ -106,6 +110,7 @@ class Session:
                     self._opened[i] = dump
                 else:
                     dump.close()
+            self._bound_page_tables(self._opened)
             self._indexes = built[: len(self.paths)]
             for p, index in zip(also, built[len(self.paths) :], strict=True):
                 self._extra[str(p)] = index
@@ -122,12 +127,34 @@ class Session:
         for i, path in enumerate(self.paths):
             if i not in self._opened:
                 self._opened[i] = open_dump(path, self.settings.options)
+                self._bound_page_tables(self._opened)
         return [self._opened[i] for i in range(len(self.paths))]
+
+    def _bound_page_tables(self, opened: dict[int, Dump]) -> None:
+        """Past a quarter of the memory limit, the page tables of the ``opened`` dumps (16-21
+        bytes a page: 64 MiB for a fleet of 16 GiB) are moved to mapped files
+        (:meth:`Dump.map_page_table`), and those of dumps opened later as they open; the figures
+        are the same."""
+        if sum(d.page_table_bytes for d in opened.values()) > self.settings.limit // 4:
+            self._map_page_tables(opened)
+
+    def _map_page_tables(self, opened: dict[int, Dump]) -> None:
+        """The page tables of the ``opened`` dumps moved to mapped files (those not already)."""
+        held = [i for i in opened if i not in self._mapped_tables]
+        folder = self.settings.tmp_dir or self.settings.cache_dir
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in held:
+                opened[i].map_page_table(folder)
+                self._mapped_tables.add(i)
+        except OSError as e:
+            raise OutputError(folder, f"cannot map page tables: {e.strerror or e}") from e
 
     def close(self) -> None:
         for dump in self._opened.values():
             dump.close()
         self._opened.clear()
+        self._mapped_tables.clear()
 
     def __enter__(self) -> Session:
         return self

@@ -45,6 +45,7 @@ class IndexBuild:
         batch_pages: int = BATCH_PAGES,
         group_pages: int | None = None,
         on_progress: Progress | None = None,
+        on_kept: Callable[[dict[int, Dump]], None] | None = None,
     ) -> None:
         self.options = options or OpenOptions()
         self.index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
@@ -52,6 +53,10 @@ class IndexBuild:
         self.batch_pages = batch_pages
         self.group_pages = group_pages
         self.on_progress = on_progress
+        #: Called with the dumps kept open so far before each group but the first: their page
+        #: tables were half of the last group's memory (``INDEX_BYTES_PER_PAGE`` of session.memory), which the
+        #: next group needs (the session moves them to mapped files).
+        self.on_kept = on_kept
 
     def indexes(
         self, paths: Sequence[Path | str], keep_open: dict[int, Dump] | None = None
@@ -74,7 +79,9 @@ class IndexBuild:
             for i, index in zip(containers, self._containers(paths, containers, keep_open), strict=True):
                 result[i] = index
         plain = [i for i in todo if i not in containers]
-        for group in self._groups(paths, plain, keep_open):
+        for k, group in enumerate(self._groups(paths, plain, keep_open)):
+            if k and keep_open is not None and self.on_kept is not None:
+                self.on_kept(keep_open)
             for i, index in zip(group, self._group(paths, group, keys, files, keep_open), strict=True):
                 result[i] = index
         done = [r for r in result if r is not None]
