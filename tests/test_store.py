@@ -243,6 +243,17 @@ def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> Non
     k = d["action"].index(3)
     d["reference"][k] = [0, 10**9]
     cases.append((EXIT_BAD_DUMP, "is not a page the plan keeps whole", dangling))
+    for column, at, value, message in (
+        ("action", 0, 9, "an action code outside 0..5"),
+        ("gfn", 0, -1, "bad page columns"),
+        ("reference", k, [0, 1, 2], "bad page columns"),
+        ("reference", k, None, "page with reference None"),
+        ("size", 0, 1.5, "bad page columns"),
+        ("reference", k, [0, 2.5], "bad page columns"),
+    ):
+        odd = json.loads(json.dumps(doc))
+        odd["pages"][0][column][at] = value
+        cases.append((EXIT_BAD_DUMP, message, odd))
     codec = json.loads(json.dumps(doc))
     codec["policy"]["patch"]["codec"] = "nope"
     cases.append((EXIT_BAD_DUMP, "policy.patch.codec: unknown patch codec 'nope': known codecs are", codec))
@@ -251,9 +262,11 @@ def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> Non
     cases.append(
         (EXIT_BAD_DUMP, "policy.compression: expected an object with enabled and codec", no_compression)
     )
-    for case in cases:
-        if len(case) == 3:
-            bad.write_text(json.dumps(case[2]))
+    # Each document written as json.dumps writes it (its columns are then read by json.loads) and
+    # with the columns as the plan writer writes them (read by numpy: store/plancolumns.py).
+    for case in [*cases, *((*c[:2], c[2], (",", ": ")) for c in cases if len(c) == 3)]:
+        if len(case) >= 3:
+            bad.write_text(json.dumps(case[2], separators=case[3] if len(case) == 4 else None))
         code, _, err = invoke("apply", str(bad), "-o", str(tmp_path / "store"))
         assert code == case[0], err
         assert err.startswith(f"dengine: {bad}: ") and case[1] in err, err

@@ -23,6 +23,7 @@ from dengine_cli.codecs import UnknownCodec, compression_codec, patch_codec
 from dengine_cli.engine.plan.model import ACTIONS, PATCH, SCHEMA, SHARE, WHOLE
 from dengine_cli.errors import EXIT_BAD_DUMP, EXIT_UNSUPPORTED, BadPlanFile, StalePlan, UnreadableFile
 from dengine_cli.formats.base import OpenOptions
+from dengine_cli.store.plancolumns import Column, column_of, split_columns
 
 I64 = npt.NDArray[np.int64]
 
@@ -92,11 +93,11 @@ def read_plan(path: Path | str) -> PlanFile:
         text = path.read_bytes()
     except OSError as e:
         raise UnreadableFile(path, e.strerror or str(e)) from e
+    rest, token, columns = split_columns(text)
     try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        where = f" at offset {e.pos:#x}" if isinstance(e, json.JSONDecodeError) else ""
-        raise BadPlanFile(path, f"not a JSON document{where}: {e}") from None
+        doc = json.loads(rest)
+    except (ValueError, UnicodeDecodeError):
+        doc, columns = _whole_document(path, text), []  # the error as the file has it
     if not isinstance(doc, dict):
         raise BadPlanFile(path, "not a dengine plan file (a JSON object with a schema)")
     schema = doc.get("schema")
@@ -119,9 +120,18 @@ def read_plan(path: Path | str) -> PlanFile:
     pages = doc.pop("pages")
     if not isinstance(pages, list) or not isinstance(doc.get("vms"), list) or len(pages) != len(doc["vms"]):
         raise BadPlanFile(path, "the per-page plan does not list one entry per VM")
-    vms = tuple(_vm(path, v, entry) for v, entry in enumerate(pages))
+    vms = tuple(_vm(path, v, entry, token, columns) for v, entry in enumerate(pages))
     _check_references(path, vms)
     return PlanFile(path, doc, vms)
+
+
+def _whole_document(path: Path, text: bytes) -> Any:
+    """The file parsed by ``json.loads`` alone, or its JSON error with the file's offset."""
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        where = f" at offset {e.pos:#x}" if isinstance(e, json.JSONDecodeError) else ""
+        raise BadPlanFile(path, f"not a JSON document{where}: {e}") from None
 
 
 def _check_policy(path: Path, policy: Any) -> None:
@@ -142,7 +152,7 @@ def _check_policy(path: Path, policy: Any) -> None:
                 raise BadPlanFile(path, f"policy.{part}.codec: {e}") from None
 
 
-def _vm(path: Path, v: int, entry: Any) -> PlannedVm:
+def _vm(path: Path, v: int, entry: Any, token: str, columns: list[Column]) -> PlannedVm:
     if not isinstance(entry, dict) or entry.get("vm") != v:
         raise BadPlanFile(path, f"pages[{v}] is not the page plan of VM {v}")
     dump = entry.get("dump")
@@ -153,12 +163,19 @@ def _vm(path: Path, v: int, entry: Any) -> PlannedVm:
             "dengine): make the plan again",
         )
     try:
-        gfns = np.asarray(entry["gfn"], dtype=np.uint64)
-        actions = np.asarray(entry["action"], dtype=np.int64)
-        sizes = np.asarray(entry["size"], dtype=np.int64)
-        refs = entry["reference"]
-        has = np.fromiter((r is not None for r in refs), dtype=np.bool_, count=len(refs))
-        pairs = np.asarray([r for r in refs if r is not None], dtype=np.int64).reshape(-1, 2)
+        gfns = _column(entry["gfn"], np.uint64, token, columns)
+        actions = _column(entry["action"], np.int64, token, columns)
+        sizes = _column(entry["size"], np.int64, token, columns)
+        refs = column_of(entry["reference"], token, columns)
+        if refs is not None and refs.ndim == 2:
+            has, pairs = refs[:, 0] == 1, refs[refs[:, 0] == 1, 1:]
+        else:
+            refs = entry["reference"]
+            given = [r for r in refs if r is not None]
+            if not all(type(r) is list and len(r) == 2 and all(type(x) is int for x in r) for r in given):
+                raise ValueError("a reference is null or [vm, gfn]")
+            has = np.fromiter((r is not None for r in refs), dtype=np.bool_, count=len(refs))
+            pairs = np.asarray(given, dtype=np.int64).reshape(-1, 2)
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise BadPlanFile(path, f"VM {v}: bad page columns: {e}") from None
     n = len(gfns)
@@ -175,11 +192,22 @@ def _vm(path: Path, v: int, entry: Any) -> PlannedVm:
     need = (actions == SHARE) | (actions == PATCH)
     if not np.array_equal(need, has):
         k = int(np.argmax(need != has))
+        ref = pairs[int(np.count_nonzero(has[:k]))].tolist() if has[k] else None
         raise BadPlanFile(
-            path, f"VM {v} gfn {int(gfns[k]):#x}: a {ACTIONS[actions[k]]} page with reference {refs[k]!r}"
+            path, f"VM {v} gfn {int(gfns[k]):#x}: a {ACTIONS[actions[k]]} page with reference {ref!r}"
         )
     return PlannedVm(v, str(entry.get("name", dump["path"])), dump, gfns, actions.astype(np.uint8),
                      ref_vm, ref_gfn, sizes)  # fmt: skip
+
+
+def _column(value: Any, dtype: type[np.integer[Any]], token: str, columns: list[Column]) -> npt.NDArray[Any]:
+    """A page column: read by :func:`split_columns` already, or a list ``json.loads`` made."""
+    found = column_of(value, token, columns)
+    if found is not None and found.ndim == 1:
+        return found.astype(dtype, copy=False)
+    if not isinstance(value, list) or not all(type(x) is int for x in value):
+        raise ValueError("a column of integers expected")  # numpy would make 1.5 a 1
+    return np.asarray(value, dtype=dtype)
 
 
 def _check_references(path: Path, vms: tuple[PlannedVm, ...]) -> None:
