@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import mmap
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+#: Arrays in one file start at multiples of this (a cache line).
+_ALIGN = 64
 
 
 def unique(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -19,3 +25,79 @@ def unique(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
     keep[0] = True
     np.not_equal(flat[1:], flat[:-1], out=keep[1:])
     return flat[keep]
+
+
+def in_file(
+    arrays: Sequence[npt.NDArray[Any]], directory: Path, *, writable: bool = False
+) -> list[npt.NDArray[Any]]:
+    """The ``arrays`` copied into one file under ``directory`` and given back mapped from it, of
+    the same shapes and dtypes: page cache, which the kernel writes back and drops under
+    pressure, instead of this process's anonymous memory.  The file is unlinked from the start
+    (``O_TMPFILE`` where Linux has it), so it goes with the last mapped array, whatever ends the
+    process.  ``writable``: the mapping is shared and writable (what is written goes to the
+    file), else read-only.  ``OSError`` when the file cannot be written."""
+    flat = [np.ascontiguousarray(a) for a in arrays]
+    starts, total = [], 0
+    for a in flat:
+        starts.append(total)
+        total += -(-a.nbytes // _ALIGN) * _ALIGN
+    if total == 0:
+        return [a.copy() for a in flat]
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=directory) as f:
+        for a, at in zip(flat, starts, strict=True):
+            f.seek(at)
+            a.tofile(f)
+        f.truncate(total)
+        f.flush()
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        mapping = mmap.mmap(f.fileno(), total, access=access)
+    return [
+        np.frombuffer(mapping, dtype=a.dtype, count=a.size, offset=at).reshape(a.shape)
+        for a, at in zip(flat, starts, strict=True)
+    ]
+
+
+class ArrayHome:
+    """Where a command keeps its large per-page arrays: this process's memory, or, given a
+    ``directory``, files there mapped in their place (:func:`in_file`), so that anonymous memory
+    stays bounded whatever the number of pages.  The arrays are the same either way."""
+
+    def __init__(
+        self, directory: Path | None = None, error: Callable[[OSError], Exception] | None = None
+    ) -> None:
+        """``error``: what to raise for an ``OSError`` of the files (default: itself)."""
+        self.directory = directory
+        self.error = error
+
+    @property
+    def in_files(self) -> bool:
+        return self.directory is not None
+
+    def hold(self, array: npt.NDArray[Any], *, writable: bool = False) -> npt.NDArray[Any]:
+        """``array`` where this home keeps arrays (itself, in memory)."""
+        if self.directory is None:
+            return array
+        try:
+            return in_file([array], self.directory, writable=writable)[0]
+        except OSError as e:
+            raise (self.error(e) if self.error is not None else e) from e
+
+    def full(self, n: int, value: Any, dtype: Any) -> npt.NDArray[Any]:
+        """A writable array of ``n`` times ``value`` (made in its file, never whole in memory)."""
+        if self.directory is None or n == 0:
+            return np.full(n, value, dtype=dtype)
+        import tempfile
+
+        nbytes = n * np.dtype(dtype).itemsize
+        try:
+            with tempfile.TemporaryFile(dir=self.directory) as f:
+                f.truncate(nbytes)
+                mapping = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_WRITE)
+        except OSError as e:
+            raise (self.error(e) if self.error is not None else e) from e
+        a = np.frombuffer(mapping, dtype=dtype, count=n)
+        if value != 0:
+            a.fill(value)
+        return a

@@ -1,13 +1,19 @@
-"""arrays.unique is np.unique for the 1-d integer arrays dengine gives it."""
+"""arrays.unique is np.unique for the 1-d integer arrays dengine gives it; arrays held in files
+are the arrays."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dengine_cli.arrays import unique
+from dengine_cli.arrays import ArrayHome, in_file, unique
 
 
 @given(
@@ -22,3 +28,50 @@ def test_unique_is_np_unique(values: np.ndarray) -> None:
     want = np.unique(values)
     assert got.dtype == want.dtype
     assert got.tolist() == want.tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        hnp.arrays(
+            dtype=st.sampled_from([np.int64, np.uint64, np.uint32, np.uint8, np.bool_]),
+            shape=hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=70),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.booleans(),
+)
+def test_arrays_in_a_file_are_the_arrays(arrays: list[np.ndarray], writable: bool) -> None:  # type: ignore[type-arg]
+    with tempfile.TemporaryDirectory() as d:
+        got = in_file(arrays, Path(d), writable=writable)
+        assert not os.listdir(d)  # unlinked from the start
+        for a, b in zip(arrays, got, strict=True):
+            assert b.dtype == a.dtype and b.shape == a.shape
+            assert np.array_equal(a, b)
+            assert b.flags.writeable == writable or b.size == 0
+
+
+def test_a_writable_home_array_takes_writes_and_a_read_only_one_refuses_them(tmp_path: Path) -> None:
+    home = ArrayHome(tmp_path)
+    filled = home.full(10_000, -1, np.int64)
+    assert filled.tolist() == [-1] * 10_000
+    filled[5] = 7
+    assert int(filled.sum()) == -9_999 + 7
+    zeros = home.full(3, 0, np.uint32)
+    assert zeros.tolist() == [0, 0, 0]
+    held = home.hold(np.arange(5))
+    with pytest.raises(ValueError, match="read-only"):
+        held[0] = 1
+    assert ArrayHome().hold(arr := np.arange(3)) is arr  # no directory: memory, the same array
+
+
+def test_a_home_that_cannot_write_raises_its_own_error(tmp_path: Path) -> None:
+    class Nowhere(Exception):
+        pass
+
+    home = ArrayHome(tmp_path / "missing", lambda e: Nowhere(str(e.strerror)))
+    with pytest.raises(Nowhere, match="No such file"):
+        home.hold(np.arange(3))
+    with pytest.raises(Nowhere):
+        home.full(3, 0, np.uint8)

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import mmap
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any, Protocol, Self
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.arrays import in_file
 from dengine_cli.errors import FormatError, UnreadableFile
 from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE, GfnArray, OffsetArray, PageArray
 
@@ -310,23 +310,9 @@ class Dump(ABC):
         (``O_TMPFILE``), so it goes with the mapping, whatever ends the process.  A reader opened
         over every dump of a fleet holds 16-21 bytes a page (gfn, offset and what its format
         needs); the session moves them past a quarter of the memory limit."""
-        arrays = [(name, np.ascontiguousarray(getattr(self, name))) for name in self.PAGE_ARRAYS]
-        starts, total = [], 0
-        for _, a in arrays:
-            starts.append(total)
-            total += -(-a.nbytes // 64) * 64
-        if total == 0:
-            return
-        with tempfile.TemporaryFile(dir=directory) as f:
-            for (_, a), at in zip(arrays, starts, strict=True):
-                f.seek(at)
-                a.tofile(f)
-            f.truncate(total)
-            f.flush()
-            mapping = mmap.mmap(f.fileno(), total, access=mmap.ACCESS_READ)
-        for (name, a), at in zip(arrays, starts, strict=True):
-            mapped = np.frombuffer(mapping, dtype=a.dtype, count=a.size, offset=at)
-            setattr(self, name, mapped.reshape(a.shape))
+        names = self.PAGE_ARRAYS
+        for name, mapped in zip(names, in_file([getattr(self, n) for n in names], directory), strict=True):
+            setattr(self, name, mapped)
 
     def close(self) -> None:  # noqa: B027 - optional hook, most readers hold only a mapping
         """Release the file mapping (readers with more to release extend this)."""
