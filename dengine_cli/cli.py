@@ -973,6 +973,20 @@ FRAME_CODEC_NAMES = ("auto", "xz-x86", "xz", "xz-words", "xz-x86-6", "xz-6", "zs
     is_flag=True,
     help="Replace the store already at STORE, once the new one is complete (without it, refused).",
 )
+@click.option(
+    "--memory-limit",
+    type=ByteSize(),
+    default=None,
+    envvar="DENGINE_MEMORY_LIMIT",
+    help="Memory for page arrays (e.g. 512M); past half of it, the plan's columns, page "
+    "objects and open dumps' page tables live in files under --tmp-dir (default: a quarter of RAM).",
+)
+@click.option(
+    "--tmp-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where page arrays past --memory-limit go (default: the directory STORE is in).",
+)
 def apply_command(
     plan_file: Path,
     store: Path,
@@ -981,10 +995,13 @@ def apply_command(
     output_format: str,
     jobs: int | None,
     replace: bool,
+    memory_limit: int | None,
+    tmp_dir: Path | None,
 ) -> None:
     """Write the page store a plan file describes (`dengine plan -o PLAN`) and print, per VM, the
     bytes it really takes beside the plan's estimate."""
     from dengine_cli.parallel import Workers
+    from dengine_cli.session.memory import default_memory_limit
     from dengine_cli.store.apply import apply_plan
 
     if frame_codec is not None and not pack:
@@ -1001,6 +1018,8 @@ def apply_command(
             workers=Workers(jobs=jobs or 0),
             on_progress=bar,
             replace=replace,
+            memory_limit=memory_limit if memory_limit is not None else default_memory_limit(),
+            tmp_dir=tmp_dir,
         )
     finally:
         bar.close()

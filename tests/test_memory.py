@@ -17,6 +17,7 @@ from dengine_cli.formats.base import OpenOptions
 from dengine_cli.parallel import Workers
 from dengine_cli.session import Session, Settings
 from dengine_cli.session.memory import PARTITION_PAGES, plan_memory
+from tests.commands import invoke_quiet
 from tests.vms import design_vms, write_raw_images
 
 RAW = OpenOptions(format="raw")
@@ -147,3 +148,104 @@ def test_page_tables_leave_memory_past_a_quarter_of_the_limit(tmp_path: Path, fl
             plans.append(plan.to_dict())
         assert not list((tmp_path / "tmp").iterdir())  # unlinked files, gone with the session
     assert plans[0] == plans[1] == plans[2]
+
+
+# --- apply ---------------------------------------------------------------------------------------
+
+
+def _plan_file(tmp_path: Path, fleet: list[Path]) -> Path:
+    plan_file = tmp_path / "plan.json"
+    code, _, err = invoke_quiet("plan", "--baseline", "none", "--index-dir", str(tmp_path / "idx"),
+                                "--dump-format", "raw", "-o", str(plan_file), *map(str, fleet))  # fmt: skip
+    assert code == 0, err
+    return plan_file
+
+
+def _catalog_rows(store: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of a store's catalog but what names the apply run (its id, time, plan path)
+    and the pack rows (their headers hold the run id)."""
+    import sqlite3
+
+    db = sqlite3.connect(store / "catalog.sqlite")
+    try:
+        tables = ("vm", "frame", "chunk")
+        rows = {t: db.execute(f"select * from {t} order by 1, 2").fetchall() for t in tables}
+        rows["meta"] = db.execute(
+            "select * from meta where key not in ('run', 'created', 'plan_file') order by key"
+        ).fetchall()
+    finally:
+        db.close()
+    return rows
+
+
+def _pack_data(store: Path) -> list[bytes]:
+    from dengine_cli.store.layout import PACK_HEADER
+
+    return [p.read_bytes()[PACK_HEADER.size :] for p in sorted((store / "packs").iterdir())]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_apply_past_the_limit_holds_its_arrays_in_files_and_writes_the_same_store(
+    tmp_path: Path, fleet: list[Path], pack: bool
+) -> None:
+    plan_file = _plan_file(tmp_path, fleet)
+    (tmp_path / "tmp").mkdir()
+    docs = {}
+    small = ["--memory-limit", "1M", "--tmp-dir", str(tmp_path / "tmp")]
+    limits = {"roomy": ["--memory-limit", "4G"], "small": small}
+    for name, extra in limits.items():
+        args = ["apply", "--format", "json", str(plan_file), "-o", str(tmp_path / name), *extra]
+        code, out, err = invoke_quiet(*args, *(["--pack"] if pack else []))
+        assert code == 0, err
+        docs[name] = json.loads(out)
+        assert not list((tmp_path / "tmp").iterdir())  # unlinked files, gone with the command
+    assert (docs["roomy"]["arrays_in_files"], docs["small"]["arrays_in_files"]) == (False, True)
+    for key in ("vms", "data_bytes", "objects", "frames", "frame_codecs"):
+        assert docs["roomy"][key] == docs["small"][key], key
+    assert _catalog_rows(tmp_path / "roomy") == _catalog_rows(tmp_path / "small")
+    assert _pack_data(tmp_path / "roomy") == _pack_data(tmp_path / "small")
+    code, out, err = invoke_quiet("verify", str(tmp_path / "small"))
+    assert code == 0, err + out
+
+
+def test_a_plan_read_past_the_limit_lives_in_mapped_files(tmp_path: Path, fleet: list[Path]) -> None:
+    import mmap
+
+    from dengine_cli.arrays import ArrayHome
+    from dengine_cli.store.objects import ObjectPlan
+    from dengine_cli.store.planread import read_plan
+
+    plan_file = _plan_file(tmp_path, fleet)
+
+    def mapped(a: np.ndarray) -> bool:  # type: ignore[type-arg]
+        base = a
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+
+    in_memory = read_plan(plan_file)
+    in_files = read_plan(plan_file, ArrayHome(tmp_path))
+    for a, b in zip(in_memory.vms, in_files.vms, strict=True):
+        for column in ("gfns", "actions", "ref_vm", "ref_gfn", "sizes"):
+            x, y = getattr(a, column), getattr(b, column)
+            assert x.dtype == y.dtype and np.array_equal(x, y), column
+            assert not mapped(x) and mapped(y), column
+    objects = ObjectPlan(in_files, ArrayHome(tmp_path))
+    assert all(mapped(a) for a in [*objects.at_position, *objects.page_object, *objects.columns().values()])
+    assert not list(tmp_path.glob("tmp*"))  # nothing named left in the directory
+
+
+def test_apply_with_nowhere_to_hold_its_arrays_says_so_and_writes_nothing(
+    tmp_path: Path, fleet: list[Path]
+) -> None:
+    from dengine_cli.errors import EXIT_OUTPUT
+
+    plan_file = _plan_file(tmp_path, fleet)
+    missing = tmp_path / "no" / "such"
+    limit = ["--memory-limit", "1M", "--tmp-dir", str(missing)]
+    code, _, err = invoke_quiet("apply", str(plan_file), "-o", str(tmp_path / "store"), *limit)
+    assert code == EXIT_OUTPUT
+    assert err.startswith(f"dengine: {missing}: cannot write: page arrays past the memory limit: ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "store").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "plan.json"]

@@ -36,9 +36,10 @@ import numpy.typing as npt
 import xxhash
 
 from dengine_cli import __version__
+from dengine_cli.arrays import ArrayHome
 from dengine_cli.codecs import CompressionCodec, PatchCodec, compression_codec, patch_codec
 from dengine_cli.engine.plan.model import COMPRESS, PATCH, SHARE, ZERO
-from dengine_cli.errors import StalePlan
+from dengine_cli.errors import OutputError, StalePlan
 from dengine_cli.formats import open_dump
 from dengine_cli.formats.base import Dump
 from dengine_cli.pages import PAGE_SIZE
@@ -71,6 +72,21 @@ BATCH = 2048
 #: LZMA2, a batch a few milliseconds, and waiting for a frame before handing out the next batch
 #: left the other thread idle a third of the time.
 FRAMES_AHEAD = 2
+#: What a batch in flight holds at most: its pages, its patched pages' references and its
+#: encoded blobs (each at most a page a page).
+BATCH_BYTES = 3 * BATCH * PAGE_SIZE
+#: What a frame in flight holds at most: its pages, its encoding and the LZMA2 encoder's state
+#: (about 7.5 times the 1 MiB dictionary for hc4).
+FRAME_BYTES = 2 * FRAME_PAGES * PAGE_SIZE + (8 << 20)
+
+#: What ``apply`` holds a page while it writes, in bytes: the plan's columns as read (48) and as
+#: used (33), the page's object number twice (16), its checksum (8) and the open dump's page
+#: table (16-21).  Measured on the 16-guest bench fleet: 120 bytes a page beside 50 MiB of
+#: batches and frames in flight.
+APPLY_BYTES_PER_PAGE = 125
+#: The fewest bytes of plan file text a page takes (``1,`` ``0,`` ``null,`` ``0,``): the file's
+#: size over this bounds its pages before it is read.
+PLAN_TEXT_BYTES_PER_PAGE = 11
 
 #: ``on_progress(what, done, total)``.
 Progress = Callable[[str, int, int], None]
@@ -120,6 +136,8 @@ class ApplyResult:
     #: Frames per codec used (``auto`` chooses per frame).
     frame_codecs: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: Whether the per-page arrays were held in mapped files (past the memory limit).
+    arrays_in_files: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -147,6 +165,7 @@ class ApplyResult:
             "stored_frames": self.stored_frames,
             "frame_codecs": dict(self.frame_codecs),
             "seconds": round(self.seconds, 3),
+            "arrays_in_files": self.arrays_in_files,
         }
 
 
@@ -159,33 +178,69 @@ def apply_plan(
     workers: Workers | None = None,
     on_progress: Progress | None = None,
     replace: bool = False,
+    memory_limit: int | None = None,
+    tmp_dir: Path | None = None,
 ) -> ApplyResult:
     """Write the store of the plan file at ``plan_path`` into the directory ``store``; a store
     already there is refused, or with ``replace`` replaced only once the new one is complete.
     ``frame_codec``: with ``pack``, the codec of frames (default ``auto``: per frame, LZMA2 or
-    zstd-9)."""
+    zstd-9).  ``memory_limit``: past half of it (:func:`array_home`), the per-page arrays live
+    in mapped files under ``tmp_dir`` (default: the store's parent directory); the store is
+    the same."""
     started = time.perf_counter()
-    plan = read_plan(plan_path)
+    store = Path(store)
+    home = array_home(Path(plan_path), memory_limit, tmp_dir or store.absolute().parent)
+    plan = read_plan(plan_path, home)
     check_dumps_unchanged(plan)
     workers = workers or Workers()
-    store = Path(store)
     dumps: list[Dump] = []
     try:
         for vm in plan.vms:
             dump = open_dump(vm.path, vm.options)
             dumps.append(dump)
+            if home.directory is not None:
+                _map_page_table(dump, home.directory)
             if not np.array_equal(np.asarray(dump.gfns), vm.gfns):
                 raise StalePlan(
                     plan.path, f"VM {vm.vm} ({vm.name}): the dump's present pages are not the plan's"
                 )
         with StoreWriter(store, replace=replace) as writer:
-            run = _Apply(plan, dumps, writer, pack, frame_codec, workers, on_progress)
+            run = _Apply(plan, dumps, writer, pack, frame_codec, workers, on_progress, home, memory_limit)
             result = run.write()
     finally:
         for d in dumps:
             d.close()
     result.seconds = time.perf_counter() - started
+    result.arrays_in_files = home.in_files
     return result
+
+
+def array_home(plan_path: Path, memory_limit: int | None, directory: Path) -> ArrayHome:
+    """Where apply keeps its per-page arrays: in files under ``directory`` when the most pages
+    the plan file can hold (its size over :data:`PLAN_TEXT_BYTES_PER_PAGE`) at
+    :data:`APPLY_BYTES_PER_PAGE` pass half of ``memory_limit`` (the other half is for the
+    batches and frames in flight); in memory without a limit."""
+    if memory_limit is None:
+        return ArrayHome()
+    try:
+        size = plan_path.stat().st_size
+    except OSError:
+        return ArrayHome()  # read_plan says why
+    pages = size // PLAN_TEXT_BYTES_PER_PAGE
+    if pages * APPLY_BYTES_PER_PAGE <= memory_limit // 2:
+        return ArrayHome()
+    return ArrayHome(directory, lambda e: _cannot_hold(directory, e))
+
+
+def _cannot_hold(directory: Path, e: OSError) -> OutputError:
+    return OutputError(directory, f"page arrays past the memory limit: {e.strerror or e}")
+
+
+def _map_page_table(dump: Dump, directory: Path) -> None:
+    try:
+        dump.map_page_table(directory)
+    except OSError as e:
+        raise _cannot_hold(directory, e) from e
 
 
 class _Apply:
@@ -200,15 +255,18 @@ class _Apply:
         frame_codec: str | None,
         workers: Workers,
         on_progress: Progress | None,
+        home: ArrayHome,
+        memory_limit: int | None = None,
     ) -> None:
         self.plan = plan
+        self.memory_limit = memory_limit
         self.dumps = dumps
         self.writer = writer
         self.pack = pack
         self.workers = workers
         self.on_progress = on_progress
-        self.objects = ObjectPlan(plan)
-        self.sums = [np.zeros(len(vm.gfns), dtype=np.uint64) for vm in plan.vms]
+        self.objects = ObjectPlan(plan, home)
+        self.sums = [home.full(len(vm.gfns), 0, np.uint64) for vm in plan.vms]
         pol = plan.policy
         self.compression: CompressionCodec | None = (
             compression_codec(plan.compression_codec) if pol["compression"]["enabled"] else None
@@ -231,16 +289,16 @@ class _Apply:
     # --- the pass over the pages -----------------------------------------------------------
 
     def write(self) -> ApplyResult:
-        threads = max(1, self.workers.count)
+        batches_ahead, frames_ahead = self._ahead()
         batches: collections.deque[Future[Encoded]] = collections.deque()
         with self.workers.tasks() as pool:
             self._pool = pool
             for batch in self._batches():
                 job = pool.submit(encode_batch, batch, self.compression, self.patch, self.pack, self.probe)
                 batches.append(job)
-                while len(batches) > 2 * threads:
+                while len(batches) > batches_ahead:
                     self._take(batches.popleft().result())
-                self._write_frames(limit=FRAMES_AHEAD * threads)
+                self._write_frames(limit=frames_ahead)
             while batches:
                 self._take(batches.popleft().result())
             self._flush_frames(final=True)
@@ -251,6 +309,18 @@ class _Apply:
             dump.check_unchanged()
         self._check_shared()
         return self._commit()
+
+    def _ahead(self) -> tuple[int, int]:
+        """Batches and frames in flight at most: two batches and :data:`FRAMES_AHEAD` frames a
+        thread, fewer when they would not fit half the memory limit (at :data:`BATCH_BYTES`
+        and :data:`FRAME_BYTES` each)."""
+        threads = max(1, self.workers.count)
+        batches, frames = 2 * threads, FRAMES_AHEAD * threads
+        if self.memory_limit is not None:
+            half = self.memory_limit // 2
+            batches = max(1, min(batches, half // BATCH_BYTES))
+            frames = max(1, min(frames, half // FRAME_BYTES))
+        return batches, frames
 
     def _batches(self) -> Iterator[Batch]:
         total = sum(len(vm.gfns) for vm in self.plan.vms)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.arrays import ArrayHome
 from dengine_cli.engine.plan.model import PATCH, SHARE, ZERO
 from dengine_cli.store.encode import stored_mask
 from dengine_cli.store.planread import PlanFile
@@ -23,27 +24,28 @@ I64 = npt.NDArray[np.int64]
 class ObjectPlan:
     """Object numbers of a plan's pages and the object columns."""
 
-    def __init__(self, plan: PlanFile) -> None:
+    def __init__(self, plan: PlanFile, home: ArrayHome | None = None) -> None:
+        home = home or ArrayHome()
         self.plan = plan
         self.at_position: list[I64] = []
         self.owner: list[tuple[int, int]] = []
         first = 0
         for vm in plan.vms:
             stored = stored_mask(vm.actions)
-            ids = np.full(len(vm.gfns), -1, dtype=np.int64)
+            ids = home.full(len(vm.gfns), -1, np.int64)
             count = int(stored.sum())
             ids[stored] = first + np.arange(count, dtype=np.int64)
             self.at_position.append(ids)
             self.owner.append((first, first + count))
             first += count
         self.count = first
-        self.codec = np.zeros(first, dtype=np.uint8)
-        self.where = np.zeros(first, dtype=np.uint32)
-        self.offset = np.zeros(first, dtype=np.uint64)
-        self.length = np.zeros(first, dtype=np.uint32)
-        self.reference = np.full(first, -1, dtype=np.int64)
-        self.checksum = np.zeros(first, dtype=np.uint64)
-        self.page_object = [self._page_objects(v) for v in range(len(plan.vms))]
+        self.codec = home.full(first, 0, np.uint8)
+        self.where = home.full(first, 0, np.uint32)
+        self.offset = home.full(first, 0, np.uint64)
+        self.length = home.full(first, 0, np.uint32)
+        self.reference = home.full(first, -1, np.int64)
+        self.checksum = home.full(first, 0, np.uint64)
+        self.page_object = [home.hold(self._page_objects(v)) for v in range(len(plan.vms))]
 
     def objects_of(self, ref_vm: I64, ref_gfn: I64) -> I64:
         """The objects of the pages at ``(ref_vm, ref_gfn)`` (read_plan checked they are pages

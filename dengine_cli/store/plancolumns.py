@@ -13,9 +13,11 @@ read by ``json.loads``, as before, with the same checks after it.
 
 from __future__ import annotations
 
+import mmap
 import re
 import secrets
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,10 +33,13 @@ _LIST = ord(","), ord("["), ord("]"), ord("n")
 Column = npt.NDArray[Any]
 
 
-def split_columns(text: bytes) -> tuple[bytes, str, list[Column]]:
+def split_columns(
+    text: bytes | mmap.mmap, keep: Callable[[Column], Column] | None = None
+) -> tuple[bytes, str, list[Column]]:
     """``(rest, token, columns)``: ``text`` with every page column it could read replaced by
     ``{"$column": "TOKEN-K"}``, and column K as an array (uint64 gfns, int64 actions and sizes;
-    a reference column as an ``(n, 3)`` int64 array of has-reference, VM and gfn)."""
+    a reference column as an ``(n, 3)`` int64 array of has-reference, VM and gfn).  ``keep``:
+    where each column goes as soon as it is read (see :class:`~dengine_cli.arrays.ArrayHome`)."""
     token = secrets.token_hex(8)
     parts: list[bytes] = []
     columns: list[Column] = []
@@ -49,7 +54,7 @@ def split_columns(text: bytes) -> tuple[bytes, str, list[Column]]:
             continue  # left to json.loads
         end, column = found
         parts += [text[at:start], b'{"$column": "%s-%d"}' % (token.encode(), len(columns))]
-        columns.append(column)
+        columns.append(keep(column) if keep is not None else column)
         at = end
     parts.append(text[at:])
     return b"".join(parts), token, columns
@@ -63,7 +68,7 @@ def column_of(value: Any, token: str, columns: list[Column]) -> Column | None:
     return columns[int(k)] if tok == token and k.isdigit() and int(k) < len(columns) else None
 
 
-def _numbers(text: bytes, start: int, unsigned: bool) -> tuple[int, Column] | None:
+def _numbers(text: bytes | mmap.mmap, start: int, unsigned: bool) -> tuple[int, Column] | None:
     """A column of integers ``[1,2,3]`` from ``start``: (its end, its values)."""
     close = text.find(b"]", start)
     if close < 0:
@@ -75,7 +80,7 @@ def _numbers(text: bytes, start: int, unsigned: bool) -> tuple[int, Column] | No
     return None if values is None else (close + 1, values)
 
 
-def _reference(text: bytes, start: int) -> tuple[int, Column] | None:
+def _reference(text: bytes | mmap.mmap, start: int) -> tuple[int, Column] | None:
     """A reference column ``[null,[0,5],null]`` from ``start``: (its end, ``(n, 3)`` rows of
     has-reference, VM, gfn)."""
     if text[start + 1 : start + 2] == b"]":

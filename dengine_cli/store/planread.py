@@ -10,7 +10,11 @@ page the plan keeps whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.arrays import ArrayHome
 from dengine_cli.cache.keys import dump_identity
 from dengine_cli.codecs import UnknownCodec, compression_codec, patch_codec
 from dengine_cli.engine.plan.model import ACTIONS, PATCH, SCHEMA, SHARE, WHOLE
@@ -85,19 +90,19 @@ class PlanFile:
         return vm
 
 
-def read_plan(path: Path | str) -> PlanFile:
+def read_plan(path: Path | str, home: ArrayHome | None = None) -> PlanFile:
     """The plan file at ``path``, checked (:class:`BadPlanFile`, exit 4, or exit 5 for another
-    schema; :class:`UnreadableFile` when it cannot be read)."""
+    schema; :class:`UnreadableFile` when it cannot be read).  ``home``: where the page columns
+    are kept (default: in memory).  The file is read through a mapping: a plan of a large
+    fleet (18 bytes a page) is not also copied into this process's memory."""
     path = Path(path)
-    try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise UnreadableFile(path, e.strerror or str(e)) from e
-    rest, token, columns = split_columns(text)
-    try:
-        doc = json.loads(rest)
-    except (ValueError, UnicodeDecodeError):
-        doc, columns = _whole_document(path, text), []  # the error as the file has it
+    home = home or ArrayHome()
+    with _mapped(path) as text:
+        rest, token, columns = split_columns(text, home.hold if home.in_files else None)
+        try:
+            doc = json.loads(rest)
+        except (ValueError, UnicodeDecodeError):
+            doc, columns = _whole_document(path, bytes(text)), []  # the error as the file has it
     if not isinstance(doc, dict):
         raise BadPlanFile(path, "not a dengine plan file (a JSON object with a schema)")
     schema = doc.get("schema")
@@ -120,9 +125,27 @@ def read_plan(path: Path | str) -> PlanFile:
     pages = doc.pop("pages")
     if not isinstance(pages, list) or not isinstance(doc.get("vms"), list) or len(pages) != len(doc["vms"]):
         raise BadPlanFile(path, "the per-page plan does not list one entry per VM")
-    vms = tuple(_vm(path, v, entry, token, columns) for v, entry in enumerate(pages))
+    vms = tuple(_vm(path, v, entry, token, columns, home) for v, entry in enumerate(pages))
     _check_references(path, vms)
     return PlanFile(path, doc, vms)
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
+    """The file's bytes, mapped (an empty file as ``b""``, which cannot be mapped)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    except (OSError, ValueError) as e:
+        raise UnreadableFile(path, getattr(e, "strerror", None) or str(e)) from e
+    if mapping is None:
+        yield b""
+        return
+    try:
+        yield mapping
+    finally:
+        mapping.close()
 
 
 def _whole_document(path: Path, text: bytes) -> Any:
@@ -152,7 +175,7 @@ def _check_policy(path: Path, policy: Any) -> None:
                 raise BadPlanFile(path, f"policy.{part}.codec: {e}") from None
 
 
-def _vm(path: Path, v: int, entry: Any, token: str, columns: list[Column]) -> PlannedVm:
+def _vm(path: Path, v: int, entry: Any, token: str, columns: list[Column], home: ArrayHome) -> PlannedVm:
     if not isinstance(entry, dict) or entry.get("vm") != v:
         raise BadPlanFile(path, f"pages[{v}] is not the page plan of VM {v}")
     dump = entry.get("dump")
@@ -185,8 +208,8 @@ def _vm(path: Path, v: int, entry: Any, token: str, columns: list[Column]) -> Pl
         raise BadPlanFile(path, f"VM {v}: gfns are not in ascending order")
     if n and (actions.min() < 0 or actions.max() >= len(ACTIONS)):
         raise BadPlanFile(path, f"VM {v}: an action code outside 0..{len(ACTIONS) - 1}")
-    ref_vm = np.full(n, -1, dtype=np.int64)
-    ref_gfn = np.full(n, -1, dtype=np.int64)
+    ref_vm = home.full(n, -1, np.int64)
+    ref_gfn = home.full(n, -1, np.int64)
     ref_vm[has] = pairs[:, 0]
     ref_gfn[has] = pairs[:, 1]
     need = (actions == SHARE) | (actions == PATCH)
@@ -196,7 +219,7 @@ def _vm(path: Path, v: int, entry: Any, token: str, columns: list[Column]) -> Pl
         raise BadPlanFile(
             path, f"VM {v} gfn {int(gfns[k]):#x}: a {ACTIONS[actions[k]]} page with reference {ref!r}"
         )
-    return PlannedVm(v, str(entry.get("name", dump["path"])), dump, gfns, actions.astype(np.uint8),
+    return PlannedVm(v, str(entry.get("name", dump["path"])), dump, gfns, home.hold(actions.astype(np.uint8)),
                      ref_vm, ref_gfn, sizes)  # fmt: skip
 
 
