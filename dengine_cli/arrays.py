@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,9 @@ class ArrayHome:
             raise (self.error(e) if self.error is not None else e) from e
 
     def full(self, n: int, value: Any, dtype: Any) -> npt.NDArray[Any]:
-        """A writable array of ``n`` times ``value`` (made in its file, never whole in memory)."""
+        """A writable array of ``n`` times ``value`` (made in its file, never whole in memory;
+        the file's blocks are allocated first, so that no store into the mapping can find the
+        disk full)."""
         if self.directory is None or n == 0:
             return np.full(n, value, dtype=dtype)
         import tempfile
@@ -93,7 +96,9 @@ class ArrayHome:
         nbytes = n * np.dtype(dtype).itemsize
         try:
             with tempfile.TemporaryFile(dir=self.directory) as f:
-                f.truncate(nbytes)
+                # Blocks reserved now: a full disk is an error here, not SIGBUS at a store into
+                # a hole of the mapping later.
+                os.posix_fallocate(f.fileno(), 0, nbytes)
                 mapping = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_WRITE)
         except OSError as e:
             raise (self.error(e) if self.error is not None else e) from e

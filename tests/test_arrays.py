@@ -75,3 +75,21 @@ def test_a_home_that_cannot_write_raises_its_own_error(tmp_path: Path) -> None:
         home.hold(np.arange(3))
     with pytest.raises(Nowhere):
         home.full(3, 0, np.uint8)
+
+
+def test_a_full_disk_is_an_error_when_the_array_is_made_not_a_sigbus_later(tmp_path: Path) -> None:
+    # A writable mapping of a sparse file dies of SIGBUS at the first store the disk has no
+    # block for; full() reserves the blocks first, so a full disk is an OSError there and then.
+    import subprocess
+
+    from tests.conftest import tmpfs
+
+    disk = tmp_path / "small"
+    if not tmpfs(disk, 64 << 10):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            ArrayHome(disk).full(1 << 20, -1, np.int64)
+        assert not os.listdir(disk)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
