@@ -985,7 +985,8 @@ FRAME_CODEC_NAMES = ("auto", "xz-x86", "xz", "xz-words", "xz-x86-6", "xz-6", "zs
     "--tmp-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where page arrays past --memory-limit go (default: the directory STORE is in).",
+    help="Where page arrays past --memory-limit go (default: the directory STORE is in, or the "
+    "nearest existing one above it).",
 )
 def apply_command(
     plan_file: Path,

@@ -249,3 +249,16 @@ def test_apply_with_nowhere_to_hold_its_arrays_says_so_and_writes_nothing(
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "store").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "plan.json"]
+
+
+def test_apply_past_the_limit_into_a_store_whose_parents_it_makes(tmp_path: Path, fleet: list[Path]) -> None:
+    # The arrays go beside the store by default: the nearest directory that exists, as the
+    # store's own parents are made by apply.
+    plan_file = _plan_file(tmp_path, fleet)
+    store = tmp_path / "new" / "deeper" / "store"
+    code, out, err = invoke_quiet(
+        "apply", "--format", "json", str(plan_file), "-o", str(store), "--memory-limit", "1M"
+    )
+    assert code == 0, err
+    assert json.loads(out)["arrays_in_files"] is True
+    assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["store"]

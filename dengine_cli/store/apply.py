@@ -185,11 +185,11 @@ def apply_plan(
     already there is refused, or with ``replace`` replaced only once the new one is complete.
     ``frame_codec``: with ``pack``, the codec of frames (default ``auto``: per frame, LZMA2 or
     zstd-9).  ``memory_limit``: past half of it (:func:`array_home`), the per-page arrays live
-    in mapped files under ``tmp_dir`` (default: the store's parent directory); the store is
+    in mapped files under ``tmp_dir`` (default: the nearest existing directory above the store); the store is
     the same."""
     started = time.perf_counter()
     store = Path(store)
-    home = array_home(Path(plan_path), memory_limit, tmp_dir or store.absolute().parent)
+    home = array_home(Path(plan_path), memory_limit, tmp_dir or _existing_parent(store))
     plan = read_plan(plan_path, home)
     check_dumps_unchanged(plan)
     workers = workers or Workers()
@@ -230,6 +230,14 @@ def array_home(plan_path: Path, memory_limit: int | None, directory: Path) -> Ar
     if pages * APPLY_BYTES_PER_PAGE <= memory_limit // 2:
         return ArrayHome()
     return ArrayHome(directory, lambda e: _cannot_hold(directory, e))
+
+
+def _existing_parent(store: Path) -> Path:
+    """The nearest directory above ``store`` that exists now (apply makes the missing ones)."""
+    here = store.absolute().parent
+    while not here.is_dir() and here != here.parent:
+        here = here.parent
+    return here
 
 
 def _cannot_hold(directory: Path, e: OSError) -> OutputError:
