@@ -262,3 +262,24 @@ def test_apply_past_the_limit_into_a_store_whose_parents_it_makes(tmp_path: Path
     assert code == 0, err
     assert json.loads(out)["arrays_in_files"] is True
     assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["store"]
+
+
+def test_a_plan_file_on_a_pipe_is_read_whole(tmp_path: Path, fleet: list[Path]) -> None:
+    # The plan file is mapped when it can be; a pipe (`apply <(zstdcat plan.json.zst)`) cannot.
+    import os
+    import threading
+
+    from dengine_cli.store.planread import read_plan
+
+    plan_file = _plan_file(tmp_path, fleet[:1])
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(plan_file.read_bytes()))
+    writer.start()
+    try:
+        piped = read_plan(fifo)
+    finally:
+        writer.join()
+    mapped = read_plan(plan_file)
+    assert [vm.gfns.tolist() for vm in piped.vms] == [vm.gfns.tolist() for vm in mapped.vms]
+    assert [vm.actions.tolist() for vm in piped.vms] == [vm.actions.tolist() for vm in mapped.vms]

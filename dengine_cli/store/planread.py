@@ -14,6 +14,7 @@ import contextlib
 import json
 import mmap
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,15 +133,18 @@ def read_plan(path: Path | str, home: ArrayHome | None = None) -> PlanFile:
 
 @contextlib.contextmanager
 def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
-    """The file's bytes, mapped (an empty file as ``b""``, which cannot be mapped)."""
+    """The file's bytes, mapped; read whole when it cannot be mapped (a pipe such as
+    ``<(zstdcat plan.json.zst)``, an empty file)."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            st = os.fstat(f.fileno())
+            regular = stat.S_ISREG(st.st_mode) and st.st_size > 0
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if regular else None
+            text = f.read() if mapping is None else b""
     except (OSError, ValueError) as e:
         raise UnreadableFile(path, getattr(e, "strerror", None) or str(e)) from e
     if mapping is None:
-        yield b""
+        yield text
         return
     try:
         yield mapping
