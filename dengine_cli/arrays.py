@@ -66,11 +66,33 @@ class ArrayHome:
     stays bounded whatever the number of pages.  The arrays are the same either way."""
 
     def __init__(
-        self, directory: Path | None = None, error: Callable[[OSError], Exception] | None = None
+        self,
+        directory: Path | None = None,
+        error: Callable[[OSError], Exception] | None = None,
+        *,
+        work_bytes: int | None = None,
+        least_step: int = 1 << 12,
     ) -> None:
-        """``error``: what to raise for an ``OSError`` of the files (default: itself)."""
+        """``error``: what to raise for an ``OSError`` of the files (default: itself).
+        ``work_bytes``: the most the temporary arrays of one step of a computation may take
+        (``None``: no bound, each step works on all its items at once), and ``least_step`` the
+        fewest items a step takes whatever that bound; see :meth:`step`."""
         self.directory = directory
         self.error = error
+        self.work_bytes = work_bytes
+        self.least_step = least_step
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The error callback is a closure of the command line's: a copy sent to a worker
+        # raises OSError itself.
+        return (_home, (self.directory, self.work_bytes, self.least_step))
+
+    def step(self, bytes_per_item: int) -> int | None:
+        """Items a step may take at ``bytes_per_item`` of temporaries each (at least
+        ``least_step``); ``None`` when there is no bound."""
+        if self.work_bytes is None:
+            return None
+        return max(self.least_step, self.work_bytes // max(1, bytes_per_item))
 
     @property
     def in_files(self) -> bool:
@@ -85,15 +107,17 @@ class ArrayHome:
         except OSError as e:
             raise (self.error(e) if self.error is not None else e) from e
 
-    def full(self, n: int, value: Any, dtype: Any) -> npt.NDArray[Any]:
-        """A writable array of ``n`` times ``value`` (made in its file, never whole in memory;
-        the file's blocks are allocated first, so that no store into the mapping can find the
-        disk full)."""
-        if self.directory is None or n == 0:
-            return np.full(n, value, dtype=dtype)
+    def full(self, n: int | tuple[int, ...], value: Any, dtype: Any) -> npt.NDArray[Any]:
+        """A writable array of shape ``n`` filled with ``value`` (made in its file, never whole
+        in memory; the file's blocks are allocated first, so that no store into the mapping can
+        find the disk full)."""
+        shape = (n,) if isinstance(n, int) else tuple(n)
+        count = int(np.prod(shape, dtype=np.int64))
+        if self.directory is None or count == 0:
+            return np.full(shape, value, dtype=dtype)
         import tempfile
 
-        nbytes = n * np.dtype(dtype).itemsize
+        nbytes = count * np.dtype(dtype).itemsize
         try:
             with tempfile.TemporaryFile(dir=self.directory) as f:
                 # Blocks reserved now: a full disk is an error here, not SIGBUS at a store into
@@ -102,7 +126,11 @@ class ArrayHome:
                 mapping = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_WRITE)
         except OSError as e:
             raise (self.error(e) if self.error is not None else e) from e
-        a = np.frombuffer(mapping, dtype=dtype, count=n)
+        a = np.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
         if value != 0:
             a.fill(value)
         return a
+
+
+def _home(directory: Path | None, work_bytes: int | None, least_step: int) -> ArrayHome:
+    return ArrayHome(directory, work_bytes=work_bytes, least_step=least_step)

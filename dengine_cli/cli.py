@@ -748,10 +748,11 @@ def plan_command(
                 policy, history=history, host_memory=host_memory, sample=sample, seed=seed, baseline=baseline
             )
             identities = _dump_identities(paths, session.indexes(), options)
+            home = session.plan_home()
     finally:
         bar.close()
     if output is not None:
-        write_plan(report, output, identities)
+        write_plan(report, output, identities, home)
     if not is_stdout(output):
         _print_plan(report, output_format, wide)
     elif not _quiet():

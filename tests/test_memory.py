@@ -283,3 +283,116 @@ def test_a_plan_file_on_a_pipe_is_read_whole(tmp_path: Path, fleet: list[Path]) 
     mapped = read_plan(plan_file)
     assert [vm.gfns.tolist() for vm in piped.vms] == [vm.gfns.tolist() for vm in mapped.vms]
     assert [vm.actions.tolist() for vm in piped.vms] == [vm.actions.tolist() for vm in mapped.vms]
+
+
+@pytest.fixture(scope="module")
+def mixed_fleet(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three VMs of similar, text, duplicate, zero and random pages: patches and compression."""
+    from tests.vms import mixed_vms
+
+    return write_raw_images(tmp_path_factory.mktemp("mixed"), mixed_vms(5, [700, 600, 500]))
+
+
+def _is_mapped(a: np.ndarray) -> bool:  # type: ignore[type-arg]
+    import mmap
+
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+
+
+@pytest.mark.parametrize("extra", [[], ["--host-memory", "1M"], ["--baseline", "none", "--policy", "esx"]])
+def test_a_plan_past_the_limit_prints_and_writes_the_same(
+    tmp_path: Path, mixed_fleet: list[Path], extra: list[str]
+) -> None:
+    paths = [str(p) for p in mixed_fleet]
+    (tmp_path / "tmp").mkdir()
+    runs = {}
+    for name, limit in {
+        "roomy": [],
+        "small": ["--memory-limit", "64K", "--tmp-dir", str(tmp_path / "tmp")],
+    }.items():
+        out_file = tmp_path / f"{name}.json"
+        args = ["plan", "--format", "json", "--dump-format", "raw", "--index-dir", str(tmp_path / name)]
+        code, out, err = invoke_quiet(*args, *limit, *extra, "-o", str(out_file), *paths)
+        assert code == 0, err
+        runs[name] = (out, out_file.read_bytes())
+        assert not list((tmp_path / "tmp").iterdir())  # unlinked files, gone with the command
+    assert runs["roomy"] == runs["small"]
+    doc = json.loads(runs["small"][0])
+    if not extra:
+        assert doc["total"]["patched_pages"] > 0 and doc["total"]["compressed_pages"] > 0
+    if "--host-memory" in extra:
+        assert doc["total"]["paged_out_pages"] > 0
+
+
+def test_a_plan_past_the_limit_keeps_its_page_arrays_in_mapped_files(
+    tmp_path: Path, mixed_fleet: list[Path]
+) -> None:
+    from dengine_cli.policies import resolve_policy
+
+    de = resolve_policy("de")
+    reports = {}
+    for name, limit in {"roomy": None, "small": 64 << 10}.items():
+        settings = Settings(
+            options=RAW, index_dir=tmp_path / name, memory_limit=limit, tmp_dir=tmp_path / "t"
+        )
+        with Session(mixed_fleet, settings) as session:
+            _, reports[name] = session.plan(de, baseline=resolve_policy("ksm"))
+            assert session.plan_home().in_files is (name == "small")
+    for roomy, small in zip(reports["roomy"].pages, reports["small"].pages, strict=True):
+        for column in ("actions", "sizes", "patch_positions", "patch_ref_vm", "patch_ref_pos"):
+            x, y = getattr(roomy, column), getattr(small, column)
+            assert x.dtype == y.dtype and np.array_equal(x, y), column
+        assert _is_mapped(small.actions) and _is_mapped(small.sizes)
+        assert not _is_mapped(roomy.actions)
+    assert reports["roomy"].total == reports["small"].total
+    assert reports["roomy"].baseline is not None and reports["small"].baseline is not None
+    assert reports["roomy"].baseline.total == reports["small"].baseline.total
+    assert not list((tmp_path / "t").iterdir())
+
+
+def test_a_plan_with_nowhere_to_hold_its_arrays_says_so_and_writes_nothing(
+    tmp_path: Path, mixed_fleet: list[Path]
+) -> None:
+    from dengine_cli.errors import EXIT_OUTPUT
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    out_file = tmp_path / "plan.json"
+    limit = ["--memory-limit", "64K", "--tmp-dir", str(not_a_dir / "tmp")]
+    code, out, err = invoke_quiet(
+        "plan", "--dump-format", "raw", "--index-dir", str(tmp_path / "idx"), *limit, "-o", str(out_file),
+        *map(str, mixed_fleet),
+    )  # fmt: skip
+    assert code == EXIT_OUTPUT, err
+    assert err.startswith(f"dengine: {not_a_dir / 'tmp'}: cannot write: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out_file.exists() and out == ""
+
+
+def test_a_plan_worked_through_in_small_steps_is_the_same(tmp_path: Path, mixed_fleet: list[Path]) -> None:
+    # Steps of a few pages: scope chunks, several key ranges per similarity index, compression
+    # measured a few pages at a time, actions marked in pieces.
+    from dengine_cli.arrays import ArrayHome
+    from dengine_cli.engine.plan import plan_dumps
+    from dengine_cli.engine.plan.choice import pair_partitions
+    from dengine_cli.policies import resolve_policy
+
+    de, ksm = resolve_policy("de"), resolve_policy("ksm")
+    small = ArrayHome(tmp_path, work_bytes=3000, least_step=1)
+    assert pair_partitions(1500, small) >= 64
+    with Session(mixed_fleet, Settings(options=RAW, index_dir=tmp_path / "idx")) as session:
+        indexes = session.indexes(keep_open=True)
+        dumps, sharing = session.dumps(), session.sharing()
+        plans = [
+            plan_dumps(dumps, indexes, sharing, de, baseline=ksm, host_memory=1 << 20, home=home)
+            for home in (None, small)
+        ]
+    roomy, stepped = plans
+    assert roomy.total == stepped.total and roomy.host == stepped.host
+    assert roomy.total.patched > 0 and roomy.total.compressed > 0 and roomy.total.paged_out > 0
+    for a, b in zip(roomy.pages, stepped.pages, strict=True):
+        assert np.array_equal(a.actions, b.actions) and np.array_equal(a.sizes, b.sizes)
+        assert np.array_equal(a.patch_ref_pos, b.patch_ref_pos)

@@ -129,16 +129,20 @@ def brute_pairs(
     distinct=st.integers(1, 6),
     seed=st.integers(0, 1000),
     scoped=st.booleans(),
+    partitions=st.sampled_from([1, 2, 4, 16]),
 )
 def test_candidate_pairs_equal_a_sequential_scan(
-    n: int, k: int, c: int, distinct: int, seed: int, scoped: bool
+    n: int, k: int, c: int, distinct: int, seed: int, scoped: bool, partitions: int
 ) -> None:
+    # Keys spread over all 64 bits (a multiply by an odd constant is a bijection), so that
+    # key ranges by top bits split the buckets between partitions.
     rng = np.random.default_rng(seed)
-    keys = rng.integers(0, distinct, (n, k)).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        keys = rng.integers(0, distinct, (n, k)).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     offered = rng.random(n) < 0.8
     wants = offered & (rng.random(n) < 0.6)
     scope = rng.integers(0, 2, n) if scoped else None
-    pages, refs = candidate_pairs(keys, offered, wants, c, scope)
+    pages, refs = candidate_pairs(keys, offered, wants, c, scope, partitions=partitions)
     got = list(zip(pages.tolist(), refs.tolist(), strict=True))
     assert got == sorted(set(got))
     assert set(got) == brute_pairs(keys, offered, wants, c, scope)

@@ -152,12 +152,19 @@ class HashSimilarityDetector:
         }
 
 
+#: Bytes of temporaries per offered page while the pairs of one index (or one key partition of
+#: it) are found: its keys gathered and sorted, the order, group starts, ranks and members.
+PAIR_BYTES_PER_PAGE = 64
+
+
 def candidate_pairs(
     keys: KeyArray,
     offered: npt.NDArray[np.bool_],
     wants: npt.NDArray[np.bool_],
     candidates: int,
     scope: npt.NDArray[np.integer[Any]] | None = None,
+    *,
+    partitions: int = 1,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """The (page, reference) pairs of a scan, as two arrays of positions in scan order.
 
@@ -165,47 +172,81 @@ def candidate_pairs(
     indexes (it may be a reference); ``wants[i]``: page i looks for references (a subset of the
     offered pages).  ``scope`` (one integer per page, e.g. its VM) keeps references within pages
     of the same value.  Pairs come sorted by page then reference, without repetition.
+
+    ``partitions`` (a power of two): each index is worked through in that many ranges of its
+    keys (by their top bits), so that the temporaries are those of one range at a time.  A
+    bucket lies in one range, so the pairs are the same for any count.
     """
     n, k = keys.shape
-    pos = np.flatnonzero(offered)
-    pages_parts: list[npt.NDArray[np.int64]] = []
-    refs_parts: list[npt.NDArray[np.int64]] = []
-    if len(pos) < 2:
+    if np.count_nonzero(offered) < 2:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty.copy()
-    # The k sorts in threads (numpy sorts without the GIL), then index after index.
-    orders = map_in_threads(
-        lambda j: (
-            np.argsort(keys[pos, j], kind="stable")
-            if scope is None
-            else np.lexsort((keys[pos, j], scope[pos]))
-        ),
-        range(k),
-        min(k, 2),
-    )
-    for j in range(k):
-        key = keys[pos, j]
-        order = orders[j]
-        sk = key[order]
-        start = np.empty(len(order), dtype=np.bool_)
-        start[0] = True
-        np.not_equal(sk[1:], sk[:-1], out=start[1:])
-        if scope is not None:
-            ss = scope[pos][order]
-            start[1:] |= ss[1:] != ss[:-1]
-        group_start = np.flatnonzero(start)
-        first = group_start[np.cumsum(start) - 1]
-        rank = np.arange(len(order)) - first
-        members = pos[order]
-        looking = wants[members]
-        for t in range(candidates):
-            sel = looking & (rank > t)
-            pages_parts.append(members[sel])
-            refs_parts.append(members[first[sel] + t])
-    page = np.concatenate(pages_parts)
-    ref = np.concatenate(refs_parts)
+    bits = max(0, int(partitions).bit_length() - 1)
+    tasks = [(j, p) for j in range(k) for p in range(1 << bits)]
+
+    def pairs_of(task: tuple[int, int]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        j, p = task
+        members = _members(keys[:, j], offered, bits, p)
+        return _bucket_pairs(keys[members, j], members, wants, candidates, scope)
+
+    # The sorts in threads (numpy sorts without the GIL), two tasks at a time.
+    found = map_in_threads(pairs_of, tasks, min(len(tasks), 2))
+    page = np.concatenate([f[0] for f in found])
+    ref = np.concatenate([f[1] for f in found])
     if not len(page):
         return page, ref
     # Dedupe (a reference may be found through several indexes) and sort by page, then ref.
     combined = unique(page.astype(np.int64) * n + ref)
     return combined // n, combined % n
+
+
+#: Pages looked at a time when the members of a key range are picked.
+_MEMBER_STEP = 1 << 20
+
+
+def _members(column: KeyArray, offered: npt.NDArray[np.bool_], bits: int, p: int) -> npt.NDArray[np.int64]:
+    """Positions (ascending) of the offered pages whose key in ``column`` has top ``bits`` bits
+    ``p`` (every offered page when ``bits`` is 0)."""
+    if bits == 0:
+        return np.flatnonzero(offered).astype(np.int64)
+    shift = np.uint64(64 - bits)
+    parts = []
+    for lo in range(0, len(column), _MEMBER_STEP):
+        hi = min(lo + _MEMBER_STEP, len(column))
+        mine = offered[lo:hi] & ((column[lo:hi] >> shift) == np.uint64(p))
+        parts.append(np.flatnonzero(mine) + lo)
+    return np.concatenate(parts).astype(np.int64)
+
+
+def _bucket_pairs(
+    key: KeyArray,
+    members: npt.NDArray[np.int64],
+    wants: npt.NDArray[np.bool_],
+    candidates: int,
+    scope: npt.NDArray[np.integer[Any]] | None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The pairs one index gives among ``members`` (ascending positions, their keys ``key``):
+    each wanting page with each of the first ``candidates`` earlier pages of its bucket."""
+    if len(members) < 2:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy()
+    order = np.argsort(key, kind="stable") if scope is None else np.lexsort((key, scope[members]))
+    sk = key[order]
+    start = np.empty(len(order), dtype=np.bool_)
+    start[0] = True
+    np.not_equal(sk[1:], sk[:-1], out=start[1:])
+    del sk
+    if scope is not None:
+        ss = scope[members][order]
+        start[1:] |= ss[1:] != ss[:-1]
+    group_start = np.flatnonzero(start)
+    first = group_start[np.cumsum(start) - 1]
+    rank = np.arange(len(order)) - first
+    ordered = members[order]
+    looking = wants[ordered]
+    pages, refs = [], []
+    for t in range(candidates):
+        sel = looking & (rank > t)
+        pages.append(ordered[sel])
+        refs.append(ordered[first[sel] + t])
+    return np.concatenate(pages), np.concatenate(refs)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dengine_cli.arrays import ArrayHome
 from dengine_cli.cache import sharing_store
 from dengine_cli.cache.keys import default_index_dir
 from dengine_cli.engine.index import PageIndex, Progress
@@ -36,7 +37,13 @@ if TYPE_CHECKING:
     from dengine_cli.engine.policy import Policy
     from dengine_cli.engine.sharing.pipeline import RunStore
 
-from dengine_cli.session.memory import MemoryPlan, default_memory_limit, index_group_pages, plan_memory
+from dengine_cli.session.memory import (
+    MemoryPlan,
+    default_memory_limit,
+    index_group_pages,
+    plan_array_home,
+    plan_memory,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class Session:
         self._mapped_tables: set[int] = set()
         self._indexes: list[PageIndex] | None = None
         self._extra: dict[str, PageIndex] = {}
+        self._plan_home: ArrayHome | None = None
 
     # --- dumps and indexes ---------------------------------------------------------------------
 
@@ -221,6 +229,16 @@ class Session:
 
     # --- plans ---------------------------------------------------------------------------------
 
+    def plan_home(self) -> ArrayHome:
+        """Where this session's plans keep their per-page arrays (and the plan file its arrays
+        over contents): memory, or past half the memory limit files under ``--tmp-dir`` or the
+        index directory (:func:`~dengine_cli.session.memory.plan_array_home`)."""
+        if self._plan_home is None:
+            total = sum(ix.page_count for ix in self.indexes())
+            s = self.settings
+            self._plan_home = plan_array_home(s.limit, total, s.tmp_dir or s.cache_dir)
+        return self._plan_home
+
     def plan(
         self,
         policy: Policy,
@@ -256,6 +274,7 @@ class Session:
             batch_pages=self.settings.batch_pages,
             on_progress=self.on_progress,
             workers=self.settings.workers,
+            home=self.plan_home(),
         )
 
     def _hot(self, v: int, earlier: Path | str | None) -> Bool | None:

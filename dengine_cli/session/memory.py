@@ -16,6 +16,10 @@ position)                         quarter of the limit
 one partition being grouped       about 100 per non-zero page of that partition, for each
                                   partition grouped at once: partitions are cut small enough;
                                   and 24 for the one settled partition that waits to be added
+a plan's arrays (scope masks,     up to :data:`PLAN_BYTES_PER_PAGE`, in memory, or in mapped
+offered pages, similarity keys,   temporary files past half the limit, worked through a
+choices, per-page actions and     quarter of the limit at a time (:func:`plan_array_home`)
+sizes)
 ================================  ==========================================================
 
 So past the limit only a few bytes a page stay in memory, and the figures do not change: the
@@ -26,7 +30,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from dengine_cli.arrays import ArrayHome
+from dengine_cli.errors import OutputError
 
 if TYPE_CHECKING:
     from dengine_cli.engine.sharing.pipeline import Shape
@@ -106,3 +114,26 @@ def index_group_pages(limit: int) -> int:
     """Pages hashed at once by forked workers when indexes are built: at most half the limit at
     :data:`INDEX_BYTES_PER_PAGE`."""
     return max(1 << 12, limit // 2 // INDEX_BYTES_PER_PAGE)
+
+
+#: Bytes a plan holds per page of its dumps, at most: per page its scope masks and its action
+#: and size (8, twice with a baseline policy), per offered page its VM, position, copies,
+#: similarity keys and choices (about 60), per content its first holder and copies (12).
+PLAN_BYTES_PER_PAGE = 64
+
+
+def plan_array_home(limit: int, total_pages: int, directory: Path) -> ArrayHome:
+    """Where a plan over ``total_pages`` pages keeps its per-page arrays within ``limit``: in
+    memory when :data:`PLAN_BYTES_PER_PAGE` of them fit half of it, else in files under
+    ``directory`` (made if missing), worked through a quarter of the limit at a time."""
+    if total_pages * PLAN_BYTES_PER_PAGE <= limit // 2:
+        return ArrayHome()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_hold(directory, e) from e
+    return ArrayHome(directory, lambda e: _cannot_hold(directory, e), work_bytes=max(1, limit // 4))
+
+
+def _cannot_hold(directory: Path, e: OSError) -> OutputError:
+    return OutputError(directory, f"page arrays past the memory limit: {e.strerror or e}")

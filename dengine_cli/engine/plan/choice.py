@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.arrays import ArrayHome
 from dengine_cli.engine.costs import OperationCounts, PlanCost
 from dengine_cli.engine.index import PageIndex, Progress
 from dengine_cli.engine.paging import SwapClass, choose_swap, vms_per_host
@@ -34,7 +35,7 @@ from dengine_cli.engine.plan.sampling import Sampling, extrapolate, sample_group
 from dengine_cli.engine.plan.scope import Scope, scope_of, similarity_keys
 from dengine_cli.engine.policy import Policy
 from dengine_cli.engine.sharing.model import CopyCounts, SharingReport, ksm_extra_pages
-from dengine_cli.engine.similarity import candidate_pairs
+from dengine_cli.engine.similarity import PAIR_BYTES_PER_PAGE, candidate_pairs
 from dengine_cli.formats.base import Dump
 from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE
 from dengine_cli.parallel import Workers
@@ -49,6 +50,7 @@ def _patch(
     refs: I64,
     workers: Workers,
     on_progress: Progress | None,
+    home: ArrayHome,
 ) -> tuple[I64, npt.NDArray[np.int32], Bool]:
     """Measure every pair's patch (spread over ``workers``), then choose in scan order.
     Returns, over E: the chosen reference (-1: not patched), the patch size, and whether the
@@ -67,9 +69,9 @@ def _patch(
         progress_of(on_progress, "patching", len(pages)),
     )
     good = sizes < policy.patch_threshold
-    ref_of = np.full(n, -1, dtype=np.int64)
-    patch_size = np.zeros(n, dtype=np.int32)
-    is_ref = np.zeros(n, dtype=np.bool_)
+    ref_of = home.full(n, -1, np.int64)
+    patch_size = home.full(n, 0, np.int32)
+    is_ref = home.full(n, False, np.bool_)
     gp, gr, gs = pages[good].tolist(), refs[good].tolist(), sizes[good].tolist()
     # The only per-pair Python: pairs whose patch pays, in scan order.  A reference's fate is
     # settled before any page that could use it (references come earlier in scan order).
@@ -100,20 +102,55 @@ def _compress(
     todo: Bool,
     workers: Workers,
     on_progress: Progress | None,
+    home: ArrayHome,
 ) -> npt.NDArray[np.int32]:
-    """Compressed sizes of the E pages marked ``todo`` (0 elsewhere), spread over ``workers``."""
-    sizes = np.zeros(len(scope.e_vm), dtype=np.int32)
-    where = np.flatnonzero(todo)
-    sizes[where] = compressed_sizes(
-        dumps,
-        indexes,
-        policy.compression_codec,
-        scope.e_vm[where],
-        scope.e_pos[where],
-        workers,
-        progress_of(on_progress, "compressing", len(where)),
-    )
+    """Compressed sizes of the E pages marked ``todo`` (0 elsewhere), spread over ``workers``,
+    as many at a time as ``home`` lets temporaries take."""
+    sizes = home.full(len(scope.e_vm), 0, np.int32)
+    total = int(np.count_nonzero(todo))
+    report = progress_of(on_progress, "compressing", total)
+    step = home.step(COMPRESS_BYTES_PER_PAGE) or max(1, len(todo))
+    done = 0
+    for lo in range(0, len(todo), step):
+        where = np.flatnonzero(todo[lo : lo + step]) + lo
+        sizes[where] = compressed_sizes(
+            dumps,
+            indexes,
+            policy.compression_codec,
+            scope.e_vm[where],
+            scope.e_pos[where],
+            workers,
+            _offset(report, done),
+        )
+        done += len(where)
     return sizes
+
+
+#: Bytes of temporaries per offered page while the pages to compress are picked and measured.
+COMPRESS_BYTES_PER_PAGE = 40
+
+
+def pair_partitions(n_e: int, home: ArrayHome) -> int:
+    """Key ranges (a power of two) each similarity index is worked through in, so that two at
+    a time (the threads) keep their temporaries within what ``home`` allows."""
+    step = home.step(2 * PAIR_BYTES_PER_PAGE)
+    parts = 1
+    while step is not None and n_e > parts * step and parts < 1 << 12:
+        parts *= 2
+    return parts
+
+
+def _steps(n: int, step: int | None) -> list[tuple[int, int]]:
+    if step is None or n <= step:
+        return [(0, n)]
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _offset(report: Callable[[int], None] | None, before: int) -> Callable[[int], None] | None:
+    """``report`` of counts that start at ``before``."""
+    if report is None:
+        return None
+    return lambda done: report(before + done)
 
 
 def progress_of(on_progress: Progress | None, what: str, total: int) -> Callable[[int], None] | None:
@@ -154,23 +191,27 @@ def plan_dumps(
     batch_pages: int = BATCH_PAGES,
     on_progress: Progress | None = None,
     workers: Workers | None = None,
+    home: ArrayHome | None = None,
 ) -> PlanReport:
     """The plan of VMs given open dumps, their indexes and their exact sharing (any
     ``cross_vm``: the plan uses only the content ids).  ``hot[v]``: per page of VM v, whether it
     changed since an earlier snapshot (``None``: no history for that VM, or for any when ``hot``
     is ``None``: every page cold, and the plan is an upper bound).  ``workers``: the threads or
-    processes that measure patches and compressed pages."""
+    processes that measure patches and compressed pages.  ``home``: where the per-page arrays
+    are made and how much their temporaries may take at a time (default: in memory, all at
+    once); the plan is the same for any."""
     if len(dumps) != len(indexes) or len(sharing.content_ids) != len(dumps):
         raise ValueError("one dump, index and content id array per VM is needed")
     workers = workers or Workers()
+    home = home or ArrayHome()
     n_vms = len(dumps)
     hot_of: list[Bool | None] = list(hot) if hot is not None else [None] * n_vms
     if len(hot_of) != n_vms:
         raise ValueError("one hot mask (or None) per VM is needed")
-    scope = scope_of(sharing, policy, hot_of, policy.patch or policy.compress)
-    choices = _choose(dumps, indexes, policy, scope, sample, seed, workers, on_progress, batch_pages)
+    scope = scope_of(sharing, policy, hot_of, policy.patch or policy.compress, home)
+    choices = _choose(dumps, indexes, policy, scope, sample, seed, workers, on_progress, batch_pages, home)
     bounds = np.searchsorted(scope.e_vm, np.arange(n_vms + 1))
-    page_plans = _page_plans(sharing, indexes, scope, choices, bounds)
+    page_plans = _page_plans(sharing, indexes, scope, choices, bounds, home)
     frames = merged_frames(indexes, policy, scope)
     footprints = [
         int(pp.sizes.sum(dtype=np.int64)) + f * PAGE_SIZE for pp, f in zip(page_plans, frames, strict=True)
@@ -198,6 +239,7 @@ def plan_dumps(
             batch_pages=batch_pages,
             on_progress=on_progress,
             workers=workers,
+            home=home,
         )
     return PlanReport(
         policy=policy,
@@ -249,19 +291,21 @@ def _choose(
     workers: Workers,
     on_progress: Progress | None,
     batch_pages: int,
+    home: ArrayHome,
 ) -> Choices:
     """Similarity, sampling, patches and compression: what becomes of each offered page."""
     n_e = len(scope.e_vm)
     want = policy.patch or policy.compress
     pages = refs = np.zeros(0, dtype=np.int64)
     if policy.patch and scope.e_cand.any():
-        keys = similarity_keys(dumps, policy, scope, batch_pages)
+        keys = similarity_keys(dumps, policy, scope, batch_pages, home)
         pages, refs = candidate_pairs(
             keys,
-            np.ones(n_e, dtype=np.bool_),
+            home.full(n_e, True, np.bool_),
             scope.e_cand,
             policy.detector.candidates,
             None if policy.cross_vm else scope.e_vm,
+            partitions=pair_partitions(n_e, home),
         )
         del keys
     sampling = sample_groups(scope, pages, refs, sample, seed) if sample is not None and want else None
@@ -269,31 +313,45 @@ def _choose(
     if sampling is not None:
         keep = active[pages]
         pages, refs = pages[keep], refs[keep]
-    ref_of = np.full(n_e, -1, dtype=np.int64)
-    patch_size = np.zeros(n_e, dtype=np.int32)
-    is_ref = np.zeros(n_e, dtype=np.bool_)
     if len(pages):
-        ref_of, patch_size, is_ref = _patch(dumps, indexes, policy, scope, pages, refs, workers, on_progress)
-    comp_size = np.zeros(n_e, dtype=np.int32)
-    compressed = np.zeros(n_e, dtype=np.bool_)
+        ref_of, patch_size, is_ref = _patch(
+            dumps, indexes, policy, scope, pages, refs, workers, on_progress, home
+        )
+    else:
+        ref_of, patch_size, is_ref = (
+            home.full(n_e, -1, np.int64),
+            home.full(n_e, 0, np.int32),
+            home.full(n_e, False, np.bool_),
+        )
+    compressed = home.full(n_e, False, np.bool_)
     if policy.compress:
-        todo = active & (ref_of < 0) & ~is_ref
-        comp_size = _compress(dumps, indexes, policy, scope, todo, workers, on_progress)
-        compressed = todo & (comp_size < policy.compression_threshold)
+        todo = home.full(n_e, False, np.bool_)
+        np.logical_and(active, ref_of < 0, out=todo)
+        todo &= ~is_ref
+        comp_size = _compress(dumps, indexes, policy, scope, todo, workers, on_progress, home)
+        np.logical_and(todo, comp_size < policy.compression_threshold, out=compressed)
+    else:
+        comp_size = home.full(n_e, 0, np.int32)
     return Choices(ref_of, patch_size, is_ref, comp_size, compressed, sampling)
 
 
 def _page_plans(
-    sharing: SharingReport, indexes: Sequence[PageIndex], scope: Scope, choices: Choices, bounds: I64
+    sharing: SharingReport,
+    indexes: Sequence[PageIndex],
+    scope: Scope,
+    choices: Choices,
+    bounds: I64,
+    home: ArrayHome,
 ) -> list[PagePlan]:
     """Every page's action and size, VM by VM."""
     page_plans: list[PagePlan] = []
     patched = choices.patched
     for v, ids in enumerate(sharing.content_ids):
-        actions = np.full(len(ids), SHARE, dtype=np.uint8)
-        actions[np.asarray(ids) == 0] = ZERO
+        actions = home.full(len(ids), SHARE, np.uint8)
+        for lo, hi in _steps(len(ids), home.step(1)):
+            actions[lo:hi][np.asarray(ids[lo:hi]) == 0] = ZERO
         actions[scope.kept[v]] = WHOLE
-        sizes = np.zeros(len(ids), dtype=np.int32)
+        sizes = home.full(len(ids), 0, np.int32)
         sizes[scope.kept[v]] = PAGE_SIZE
         lo, hi = int(bounds[v]), int(bounds[v + 1])
         pos = scope.e_pos[lo:hi]

@@ -4,14 +4,14 @@ streamed through a temporary file."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.arrays import unique
+from dengine_cli.arrays import ArrayHome, unique
 from dengine_cli.engine.plan.model import ACTIONS, I64, PATCH, SHARE, PagePlan, PlanReport
 from dengine_cli.outputs import atomic_text_output
 
@@ -19,7 +19,12 @@ from dengine_cli.outputs import atomic_text_output
 _WRITE_CHUNK = 1 << 16
 
 
-def write_plan(plan: PlanReport, path: Path | str, dumps: Sequence[Mapping[str, Any]] | None = None) -> None:
+def write_plan(
+    plan: PlanReport,
+    path: Path | str,
+    dumps: Sequence[Mapping[str, Any]] | None = None,
+    home: ArrayHome | None = None,
+) -> None:
     """Write the plan file: a JSON document, schema :data:`SCHEMA`.
 
     It is :meth:`PlanReport.to_dict` (policy with every parameter, the detector's seed and
@@ -40,7 +45,8 @@ def write_plan(plan: PlanReport, path: Path | str, dumps: Sequence[Mapping[str, 
 
     Written as it is produced, a chunk of pages at a time, to a temporary file in the same
     directory renamed over ``path`` at the end: never half-written.  Refuses an estimate (a
-    sampled plan has no size for the pages it did not compute).
+    sampled plan has no size for the pages it did not compute).  ``home``: where the arrays
+    over every content (the first holder of each) are made.
     """
     if plan.estimate:
         raise ValueError("a plan file needs an exact plan, not an estimate")
@@ -51,21 +57,22 @@ def write_plan(plan: PlanReport, path: Path | str, dumps: Sequence[Mapping[str, 
         head["actions"] = list(ACTIONS)
         text = json.dumps(head, sort_keys=False)
         f.write(text[:-1] + ', "pages": [')
-        share_refs = _share_references(plan)
-        for v, pp in enumerate(plan.pages):
+        share_refs = _share_references(plan, home or ArrayHome())
+        for v, (pp, refs) in enumerate(zip(plan.pages, share_refs, strict=True)):
             if v:
                 f.write(", ")
-            _write_vm(f, plan, v, pp, share_refs[v], dumps[v] if dumps is not None else None)
+            _write_vm(f, plan, v, pp, refs, dumps[v] if dumps is not None else None)
         f.write("]}\n")
 
 
-def _share_references(plan: PlanReport) -> list[tuple[I64, I64]]:
-    """Per VM, per page: the (vm, gfn) of the kept copy of its content (-1 where none)."""
+def _share_references(plan: PlanReport, home: ArrayHome) -> Iterator[tuple[I64, I64]]:
+    """Per VM, per page: the (vm, gfn) of the kept copy of its content (-1 where none); VM
+    after VM (the kept copies of VM v's contents are in VMs 0..v), so that one VM's are in
+    memory at a time."""
     ids_all = plan.content_ids
     n_contents = max((int(ids.max()) for ids in ids_all if len(ids)), default=0) + 1
-    first_vm = np.full(n_contents, -1, dtype=np.int64)
-    first_gfn = np.zeros(n_contents, dtype=np.int64)
-    out = []
+    first_vm = home.full(n_contents, -1, np.int64)
+    first_gfn = home.full(n_contents, 0, np.int64)
     for v, ids in enumerate(ids_all):
         uniq, first = np.unique(ids, return_index=True)
         gfns = plan.pages[v].gfns
@@ -73,11 +80,10 @@ def _share_references(plan: PlanReport) -> list[tuple[I64, I64]]:
             new = first_vm[uniq] < 0
             first_vm[uniq[new]] = v
             first_gfn[uniq[new]] = gfns[first[new]].astype(np.int64)
-            out.append((first_vm[ids], first_gfn[ids]))
+            yield first_vm[ids], first_gfn[ids]
         else:
             at = np.searchsorted(uniq, ids)
-            out.append((np.full(len(ids), v, dtype=np.int64), gfns[first[at]].astype(np.int64)))
-    return out
+            yield np.full(len(ids), v, dtype=np.int64), gfns[first[at]].astype(np.int64)
 
 
 def _write_vm(

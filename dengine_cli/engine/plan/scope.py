@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.arrays import ArrayHome
 from dengine_cli.engine.plan.model import I64, Bool
 from dengine_cli.engine.policy import Policy
 from dengine_cli.engine.sharing.model import SharingReport
@@ -38,70 +40,207 @@ class Scope:
     e_cand: Bool
 
 
-def scope_of(sharing: SharingReport, policy: Policy, hot: Sequence[Bool | None], want: bool) -> Scope:
+#: Bytes of temporaries per page while the scope goes through a chunk of a VM's pages (first
+#: occurrences, owners, copies, masks).
+SCOPE_BYTES_PER_PAGE = 48
+
+
+@dataclass
+class _Pass:
+    """The state of one pass of :func:`scope_of` over the VMs, content by content: the VM that
+    last held each content (-1: none yet) and, without sharing across VMs, each content's
+    copies in the VM being scanned."""
+
+    owner: npt.NDArray[np.int32]
+    copies: npt.NDArray[np.int64]
+    cross_vm: bool
+
+
+def scope_of(
+    sharing: SharingReport,
+    policy: Policy,
+    hot: Sequence[Bool | None],
+    want: bool,
+    home: ArrayHome | None = None,
+) -> Scope:
+    """The :class:`Scope` of a plan over ``sharing``.  ``home``: where the per-page arrays are
+    made, and in how many pages at a time they are worked out (:meth:`ArrayHome.step`): the
+    result is the same for any."""
+    home = home or ArrayHome()
     ids_all = sharing.content_ids
     n_contents = sharing.contents + 1
-    seen = np.zeros(n_contents, dtype=np.bool_)
-    copies_all: npt.NDArray[np.int64] | None = None
-    if policy.cross_vm:
-        copies_all = np.zeros(n_contents, dtype=np.int64)
-        for ids in ids_all:
-            copies_all += np.bincount(ids.astype(np.int64), minlength=n_contents)
-    kept_l, kc_l, sk_l, cand_l, within_l, across_l = [], [], [], [], [], []
-    e_vm_parts, e_pos_parts, e_cand_parts = [], [], []
-    # The per-VM sorts first, in threads (numpy sorts without the GIL); then VM after VM.
-    per_vm = map_in_threads(
-        lambda ids: np.unique(ids, return_index=True, return_counts=True), ids_all, PLAN_THREADS
+    step = home.step(SCOPE_BYTES_PER_PAGE)
+    copies = _copies_all(ids_all, n_contents, home, step) if policy.cross_vm else None
+    state = _Pass(
+        owner=home.full(n_contents, -1, np.int32),
+        copies=copies if copies is not None else home.full(n_contents, 0, np.int64),
+        cross_vm=policy.cross_vm,
     )
-    for v, ids in enumerate(ids_all):
-        n = len(ids)
-        uniq, first, counts = per_vm[v]
-        first_in_vm = np.zeros(n, dtype=np.bool_)
-        first_in_vm[first] = True
-        nonzero = ids != 0
-        first_in_vm &= nonzero
-        if policy.cross_vm:
-            kept = first_in_vm & ~seen[ids]
-            seen[ids] = True
-            assert copies_all is not None
-            copies = copies_all[ids]
-        else:
-            kept = first_in_vm
-            copies = counts[np.searchsorted(uniq, ids)]
-        within_l.append(int(np.count_nonzero(nonzero & ~first_in_vm)))
-        across_l.append(int(np.count_nonzero(first_in_vm & ~kept)))
-        shared_kept = kept & (copies > 1)
-        cand = kept & (copies == 1) if want else np.zeros(n, dtype=np.bool_)
-        h = hot[v]
-        if h is not None:
-            cand &= ~h
-        kept_l.append(kept)
-        kc_l.append(copies[kept].astype(np.int64))
-        sk_l.append(shared_kept)
-        cand_l.append(cand)
-        pos = np.flatnonzero(kept)
-        e_vm_parts.append(np.full(len(pos), v, dtype=np.int64))
-        e_pos_parts.append(pos.astype(np.int64))
-        e_cand_parts.append(cand[pos])
+    per_vm: list[tuple[Bool, I64, Bool, Bool, int, int]] = []
+    for window in _windows([len(ids) for ids in ids_all], step):
+        # The sorts (first occurrences) of a window of VMs in threads (numpy sorts without the
+        # GIL); then VM after VM, chunk after chunk, in scan order.
+        pieces = [(v, lo, hi) for v in window for lo, hi in _chunks(len(ids_all[v]), step)]
+        firsts = map_in_threads(
+            lambda piece: _first_occurrences(ids_all[piece[0]][piece[1] : piece[2]]), pieces, PLAN_THREADS
+        )
+        for v in window:
+            mine = [(lo, hi, f) for (u, lo, hi), f in zip(pieces, firsts, strict=True) if u == v]
+            per_vm.append(_scope_vm(v, ids_all[v], mine, state, hot[v], want, home))
+    kept_l = [t[0] for t in per_vm]
+    cand_l = [t[3] for t in per_vm]
+    e_vm, e_pos, e_cand = _offered(kept_l, cand_l, home, step)
     return Scope(
-        kept_l,
-        kc_l,
-        sk_l,
-        cand_l,
-        within_l,
-        across_l,
-        np.concatenate(e_vm_parts) if e_vm_parts else np.zeros(0, dtype=np.int64),
-        np.concatenate(e_pos_parts) if e_pos_parts else np.zeros(0, dtype=np.int64),
-        np.concatenate(e_cand_parts) if e_cand_parts else np.zeros(0, dtype=np.bool_),
+        kept=kept_l,
+        kept_copies=[t[1] for t in per_vm],
+        shared_kept=[t[2] for t in per_vm],
+        candidate=cand_l,
+        within=[t[4] for t in per_vm],
+        across=[t[5] for t in per_vm],
+        e_vm=e_vm,
+        e_pos=e_pos,
+        e_cand=e_cand,
     )
+
+
+def _windows(sizes: Sequence[int], step: int | None) -> list[list[int]]:
+    """Consecutive groups of VMs of at most ``step`` pages in all (a VM larger than that alone;
+    all in one group when ``None``)."""
+    if step is None:
+        return [list(range(len(sizes)))] if sizes else []
+    windows: list[list[int]] = []
+    total = 0
+    for v, n in enumerate(sizes):
+        if not windows or total + n > step:
+            windows.append([])
+            total = 0
+        windows[-1].append(v)
+        total += n
+    return windows
+
+
+def _scope_vm(
+    v: int,
+    ids: npt.NDArray[Any],
+    pieces: Sequence[tuple[int, int, I64]],
+    state: _Pass,
+    hot: Bool | None,
+    want: bool,
+    home: ArrayHome,
+) -> tuple[Bool, I64, Bool, Bool, int, int]:
+    """VM ``v``'s kept, kept copies, shared-kept and candidate arrays, and its pages shared
+    within and across VMs, from its ``pieces`` (``lo, hi`` and the first occurrences there)."""
+    if not state.cross_vm:
+        for lo, hi, _ in pieces:
+            np.add.at(state.copies, ids[lo:hi], 1)
+    kept, shared_kept, cand = (home.full(len(ids), False, np.bool_) for _ in range(3))
+    within = across = 0
+    for lo, hi, first in pieces:
+        w, a = _scope_chunk(v, ids[lo:hi], first, state, hot, want, lo, kept, shared_kept, cand)
+        within, across = within + w, across + a
+    kc = home.full(int(np.count_nonzero(kept)), 0, np.int64)
+    at = 0
+    for lo, hi, _ in pieces:
+        sel = ids[lo:hi][kept[lo:hi]]
+        kc[at : at + len(sel)] = state.copies[sel]
+        at += len(sel)
+    if not state.cross_vm:
+        for lo, hi, _ in pieces:
+            state.copies[ids[lo:hi]] = 0
+    return kept, kc, shared_kept, cand, within, across
+
+
+def _chunks(n: int, step: int | None) -> list[tuple[int, int]]:
+    """``[lo, hi)`` pieces of ``0:n`` of at most ``step`` items (one piece when ``None``)."""
+    if step is None or n <= step:
+        return [(0, n)]
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _copies_all(
+    ids_all: Sequence[npt.NDArray[Any]], n_contents: int, home: ArrayHome, step: int | None
+) -> I64:
+    """How many pages of all VMs hold each content."""
+    copies = home.full(n_contents, 0, np.int64)
+    for ids in ids_all:
+        for lo, hi in _chunks(len(ids), step):
+            np.add.at(copies, ids[lo:hi], 1)
+    return copies
+
+
+def _first_occurrences(ids: npt.NDArray[Any]) -> I64:
+    """Positions of the first occurrence of each distinct value of ``ids``."""
+    if not len(ids):
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    start = np.empty(len(ids), dtype=np.bool_)
+    start[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=start[1:])
+    return order[start].astype(np.int64)
+
+
+def _scope_chunk(
+    v: int,
+    ids: npt.NDArray[Any],
+    first: I64,
+    state: _Pass,
+    hot: Bool | None,
+    want: bool,
+    lo: int,
+    kept: Bool,
+    shared_kept: Bool,
+    cand: Bool,
+) -> tuple[int, int]:
+    """Pages ``lo:lo + len(ids)`` of VM ``v``: which are kept, shared-kept and candidates
+    (written into those masks), in scan order; the pages shared within the VM and across VMs."""
+    hi = lo + len(ids)
+    first_in_vm = np.zeros(len(ids), dtype=np.bool_)
+    first_in_vm[first] = True
+    owner = state.owner[ids]
+    nonzero = ids != 0
+    first_in_vm &= nonzero & (owner != v)
+    k = first_in_vm & (owner < 0) if state.cross_vm else first_in_vm
+    state.owner[ids[first_in_vm]] = v
+    copies = state.copies[ids]
+    kept[lo:hi] = k
+    shared_kept[lo:hi] = k & (copies > 1)
+    if want:
+        c = k & (copies == 1)
+        if hot is not None:
+            c &= ~hot[lo:hi]
+        cand[lo:hi] = c
+    within = int(np.count_nonzero(nonzero & ~first_in_vm))
+    return within, int(np.count_nonzero(first_in_vm & ~k))
+
+
+def _offered(
+    kept_l: Sequence[Bool], cand_l: Sequence[Bool], home: ArrayHome, step: int | None
+) -> tuple[I64, I64, Bool]:
+    """The offered pages E in scan order: (VM, position, candidate) of every kept page."""
+    counts = [int(np.count_nonzero(kept)) for kept in kept_l]
+    n_e = sum(counts)
+    e_vm = home.full(n_e, 0, np.int64)
+    e_pos = home.full(n_e, 0, np.int64)
+    e_cand = home.full(n_e, False, np.bool_)
+    at = 0
+    for v, (kept, cand) in enumerate(zip(kept_l, cand_l, strict=True)):
+        e_vm[at : at + counts[v]] = v
+        for lo, hi in _chunks(len(kept), step):
+            pos = np.flatnonzero(kept[lo:hi]) + lo
+            e_pos[at : at + len(pos)] = pos
+            e_cand[at : at + len(pos)] = cand[pos]
+            at += len(pos)
+    return e_vm, e_pos, e_cand
 
 
 def similarity_keys(
-    dumps: Sequence[Dump], policy: Policy, scope: Scope, batch_pages: int
+    dumps: Sequence[Dump], policy: Policy, scope: Scope, batch_pages: int, home: ArrayHome | None = None
 ) -> npt.NDArray[np.uint64]:
-    """Similarity keys ``(|E|, k)`` of the offered pages, one pass over each dump's batches."""
+    """Similarity keys ``(|E|, k)`` of the offered pages, one pass over each dump's batches
+    (made where ``home`` keeps arrays)."""
     det = policy.detector
-    keys = np.empty((len(scope.e_vm), det.indexes), dtype=np.uint64)
+    keys = (home or ArrayHome()).full((len(scope.e_vm), det.indexes), 0, np.uint64)
     bounds = np.searchsorted(scope.e_vm, np.arange(len(dumps) + 1))
 
     def dump_keys(v: int) -> None:
