@@ -447,9 +447,9 @@ def index_options(f: F) -> F:
         type=ByteSize(),
         default=None,
         envvar="DENGINE_MEMORY_LIMIT",
-        help="Memory for page arrays (e.g. 512M); past it, sorted pages, content ids and open "
-        "dumps' page tables spill to files under --tmp-dir or the index directory (default: a "
-        "quarter of RAM).",
+        help="Memory for page arrays (e.g. 512M); past it, sorted pages, content ids, open "
+        "dumps' page tables and a plan's arrays spill to files under --tmp-dir or the index "
+        "directory (default: a quarter of RAM).",
     )(f)
     return f
 
