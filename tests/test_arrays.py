@@ -93,3 +93,24 @@ def test_a_full_disk_is_an_error_when_the_array_is_made_not_a_sigbus_later(tmp_p
         assert not os.listdir(disk)
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("in_files", [False, True])
+def test_full_arrays_of_any_shape_are_filled_and_writable(tmp_path: Path, in_files: bool) -> None:
+    home = ArrayHome(tmp_path if in_files else None)
+    a = home.full((5, 3), 7, np.uint64)
+    assert a.shape == (5, 3) and a.dtype == np.uint64 and (a == 7).all()
+    a[2, 1] = 9
+    assert int(a.sum()) == 7 * 15 + 2
+    assert home.full(0, 1, np.int32).shape == (0,)
+    assert not list(tmp_path.iterdir())  # unlinked from the start
+
+
+def test_a_home_steps_within_its_work_bytes_and_travels_without_its_error(tmp_path: Path) -> None:
+    import pickle
+
+    assert ArrayHome().step(48) is None
+    home = ArrayHome(tmp_path, lambda e: RuntimeError(str(e)), work_bytes=48_000, least_step=100)
+    assert home.step(48) == 1000 and home.step(10**6) == 100
+    copy = pickle.loads(pickle.dumps(home))
+    assert (copy.directory, copy.work_bytes, copy.least_step, copy.error) == (tmp_path, 48_000, 100, None)
