@@ -28,6 +28,30 @@ def unique(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return flat[keep]
 
 
+def pieces(n: int, step: int | None) -> list[tuple[int, int]]:
+    """``[lo, hi)`` pieces of ``0:n`` of at most ``step`` items each (one piece when ``step`` is
+    ``None`` or not less than ``n``)."""
+    if step is None or n <= step:
+        return [(0, n)]
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def consecutive_groups(sizes: Sequence[int], limit: int | None) -> list[list[int]]:
+    """The positions of ``sizes`` cut into runs whose sizes add up to at most ``limit`` (an item
+    larger than that is a run of its own; one run when ``limit`` is ``None``)."""
+    if limit is None:
+        return [list(range(len(sizes)))] if len(sizes) else []
+    groups: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if not groups or total + n > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
+
+
 def in_file(
     arrays: Sequence[npt.NDArray[Any]], directory: Path, *, writable: bool = False
 ) -> list[npt.NDArray[Any]]:

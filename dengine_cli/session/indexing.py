@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dengine_cli.arrays import consecutive_groups
 from dengine_cli.cache.index_store import BYTES_PER_PAGE, file_for, index_key, read_index, write_index
 from dengine_cli.cache.keys import default_index_dir
 from dengine_cli.cache.prune import drop_superseded
@@ -96,17 +97,11 @@ class IndexBuild:
         from the file sizes; a dump larger than that is a group of its own)."""
         if self.group_pages is None:
             return [list(todo)] if todo else []
-        groups: list[list[int]] = []
-        pages = 0
+        sizes = []
         for i in todo:
             dump = keep_open.get(i) if keep_open is not None else None
-            n = dump.page_count if dump is not None else _file_size(paths[i]) // 4096
-            if not groups or pages + n > self.group_pages:
-                groups.append([])
-                pages = 0
-            groups[-1].append(i)
-            pages += n
-        return groups
+            sizes.append(dump.page_count if dump is not None else _file_size(paths[i]) // 4096)
+        return [[todo[k] for k in run] for run in consecutive_groups(sizes, self.group_pages)]
 
     def _group(
         self,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.arrays import ArrayHome
+from dengine_cli.arrays import ArrayHome, pieces
 from dengine_cli.engine.costs import OperationCounts, PlanCost
 from dengine_cli.engine.index import PageIndex, Progress
 from dengine_cli.engine.paging import SwapClass, choose_swap, vms_per_host
@@ -138,12 +138,6 @@ def pair_partitions(n_e: int, home: ArrayHome) -> int:
     while step is not None and n_e > parts * step and parts < 1 << 12:
         parts *= 2
     return parts
-
-
-def _steps(n: int, step: int | None) -> list[tuple[int, int]]:
-    if step is None or n <= step:
-        return [(0, n)]
-    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
 def _offset(report: Callable[[int], None] | None, before: int) -> Callable[[int], None] | None:
@@ -348,7 +342,7 @@ def _page_plans(
     patched = choices.patched
     for v, ids in enumerate(sharing.content_ids):
         actions = home.full(len(ids), SHARE, np.uint8)
-        for lo, hi in _steps(len(ids), home.step(1)):
+        for lo, hi in pieces(len(ids), home.step(1)):
             actions[lo:hi][np.asarray(ids[lo:hi]) == 0] = ZERO
         actions[scope.kept[v]] = WHOLE
         sizes = home.full(len(ids), 0, np.int32)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.arrays import ArrayHome
+from dengine_cli.arrays import ArrayHome, consecutive_groups, pieces
 from dengine_cli.engine.plan.model import I64, Bool
 from dengine_cli.engine.policy import Policy
 from dengine_cli.engine.sharing.model import SharingReport
@@ -77,15 +77,15 @@ def scope_of(
         cross_vm=policy.cross_vm,
     )
     per_vm: list[tuple[Bool, I64, Bool, Bool, int, int]] = []
-    for window in _windows([len(ids) for ids in ids_all], step):
+    for window in consecutive_groups([len(ids) for ids in ids_all], step):
         # The sorts (first occurrences) of a window of VMs in threads (numpy sorts without the
         # GIL); then VM after VM, chunk after chunk, in scan order.
-        pieces = [(v, lo, hi) for v in window for lo, hi in _chunks(len(ids_all[v]), step)]
+        work = [(v, lo, hi) for v in window for lo, hi in pieces(len(ids_all[v]), step)]
         firsts = map_in_threads(
-            lambda piece: _first_occurrences(ids_all[piece[0]][piece[1] : piece[2]]), pieces, PLAN_THREADS
+            lambda piece: _first_occurrences(ids_all[piece[0]][piece[1] : piece[2]]), work, PLAN_THREADS
         )
         for v in window:
-            mine = [(lo, hi, f) for (u, lo, hi), f in zip(pieces, firsts, strict=True) if u == v]
+            mine = [(lo, hi, f) for (u, lo, hi), f in zip(work, firsts, strict=True) if u == v]
             per_vm.append(_scope_vm(v, ids_all[v], mine, state, hot[v], want, home))
     kept_l = [t[0] for t in per_vm]
     cand_l = [t[3] for t in per_vm]
@@ -103,58 +103,35 @@ def scope_of(
     )
 
 
-def _windows(sizes: Sequence[int], step: int | None) -> list[list[int]]:
-    """Consecutive groups of VMs of at most ``step`` pages in all (a VM larger than that alone;
-    all in one group when ``None``)."""
-    if step is None:
-        return [list(range(len(sizes)))] if sizes else []
-    windows: list[list[int]] = []
-    total = 0
-    for v, n in enumerate(sizes):
-        if not windows or total + n > step:
-            windows.append([])
-            total = 0
-        windows[-1].append(v)
-        total += n
-    return windows
-
-
 def _scope_vm(
     v: int,
     ids: npt.NDArray[Any],
-    pieces: Sequence[tuple[int, int, I64]],
+    parts: Sequence[tuple[int, int, I64]],
     state: _Pass,
     hot: Bool | None,
     want: bool,
     home: ArrayHome,
 ) -> tuple[Bool, I64, Bool, Bool, int, int]:
     """VM ``v``'s kept, kept copies, shared-kept and candidate arrays, and its pages shared
-    within and across VMs, from its ``pieces`` (``lo, hi`` and the first occurrences there)."""
+    within and across VMs, from its ``parts`` (``lo, hi`` and the first occurrences there)."""
     if not state.cross_vm:
-        for lo, hi, _ in pieces:
+        for lo, hi, _ in parts:
             np.add.at(state.copies, ids[lo:hi], 1)
     kept, shared_kept, cand = (home.full(len(ids), False, np.bool_) for _ in range(3))
     within = across = 0
-    for lo, hi, first in pieces:
+    for lo, hi, first in parts:
         w, a = _scope_chunk(v, ids[lo:hi], first, state, hot, want, lo, kept, shared_kept, cand)
         within, across = within + w, across + a
     kc = home.full(int(np.count_nonzero(kept)), 0, np.int64)
     at = 0
-    for lo, hi, _ in pieces:
+    for lo, hi, _ in parts:
         sel = ids[lo:hi][kept[lo:hi]]
         kc[at : at + len(sel)] = state.copies[sel]
         at += len(sel)
     if not state.cross_vm:
-        for lo, hi, _ in pieces:
+        for lo, hi, _ in parts:
             state.copies[ids[lo:hi]] = 0
     return kept, kc, shared_kept, cand, within, across
-
-
-def _chunks(n: int, step: int | None) -> list[tuple[int, int]]:
-    """``[lo, hi)`` pieces of ``0:n`` of at most ``step`` items (one piece when ``None``)."""
-    if step is None or n <= step:
-        return [(0, n)]
-    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
 def _copies_all(
@@ -163,7 +140,7 @@ def _copies_all(
     """How many pages of all VMs hold each content."""
     copies = home.full(n_contents, 0, np.int64)
     for ids in ids_all:
-        for lo, hi in _chunks(len(ids), step):
+        for lo, hi in pieces(len(ids), step):
             np.add.at(copies, ids[lo:hi], 1)
     return copies
 
@@ -226,7 +203,7 @@ def _offered(
     at = 0
     for v, (kept, cand) in enumerate(zip(kept_l, cand_l, strict=True)):
         e_vm[at : at + counts[v]] = v
-        for lo, hi in _chunks(len(kept), step):
+        for lo, hi in pieces(len(kept), step):
             pos = np.flatnonzero(kept[lo:hi]) + lo
             e_pos[at : at + len(pos)] = pos
             e_cand[at : at + len(pos)] = cand[pos]
