@@ -290,3 +290,61 @@ def test_variance_is_the_stratified_formula(
                 mean = sum(t) / n
                 want += big_n**2 * (1 - n / big_n) * sum((x - mean) ** 2 for x in t) / (n - 1) / n
         assert got == pytest.approx(want, rel=1e-9, abs=1e-6)
+
+
+def many_groups(seed: int, n_groups: int) -> tuple[Scope, np.ndarray, np.ndarray]:
+    """More groups than :data:`MIN_SAMPLED` (so strata are drawn from, not taken whole): mostly
+    single pages, some chains over 1-3 VMs, a tenth of the pages no candidate."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([1, 1, 1, 1, 2, 3, 5, 30], n_groups)
+    n_vms = int(rng.integers(1, 4))
+    group = np.repeat(np.arange(n_groups), sizes)
+    vm = rng.integers(0, n_vms, n_groups)[group]
+    order = np.argsort(vm, kind="stable")
+    e_vm, group = vm[order].astype(np.int64), group[order]
+    e_cand = rng.random(len(e_vm)) < 0.9
+    pages, refs = [], []
+    for g in np.flatnonzero(sizes > 1):
+        at = np.flatnonzero(group == g)
+        for i in range(1, len(at)):
+            if e_cand[at[i]]:
+                pages.append(at[i])
+                refs.append(at[int(rng.integers(0, i))])
+    kept = [np.ones(int((e_vm == v).sum()), dtype=np.bool_) for v in range(n_vms)]
+    e_pos = np.concatenate([np.arange(len(k)) for k in kept])
+    copies = [np.ones(len(k), dtype=np.int64) for k in kept]
+    scope = Scope(kept, copies, kept, kept, [0] * n_vms, [0] * n_vms, e_vm, e_pos, e_cand)
+    return scope, np.array(pages, dtype=np.int64), np.array(refs, dtype=np.int64)
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(600, 1500),
+    st.sampled_from([0.02, 0.05, 0.1]),
+    st.integers(0, 1000),
+    st.integers(16, 400),
+)
+@settings(max_examples=40, deadline=None)
+def test_the_sample_is_the_same_worked_through_in_steps_and_in_files(
+    population: int, n_groups: int, fraction: float, seed: int, step: int
+) -> None:
+    """Past the memory limit the groups, strata and draw go a few groups at a time (the draw
+    by thresholds on the random keys' bits): the very sample the in-memory path draws."""
+    import tempfile
+    from pathlib import Path
+
+    from dengine_cli.arrays import ArrayHome
+
+    scope, pages, refs = many_groups(population, n_groups)
+    whole = sample_groups(scope, pages, refs, fraction, seed)
+    assert (whole.n < whole.big_n).any()  # some stratum is drawn from
+    with tempfile.TemporaryDirectory() as folder:
+        for home in (
+            ArrayHome(work_bytes=48 * step, least_step=1),
+            ArrayHome(Path(folder), work_bytes=48 * step),
+        ):
+            stepped = sample_groups(scope, pages, refs, fraction, seed, home)
+            for key in ("active", "take_all", "unit", "stratum", "weight", "big_n", "n"):
+                a, b = getattr(whole, key), getattr(stepped, key)
+                assert a.dtype == b.dtype and np.array_equal(a, b), key
+            assert whole.info == stepped.info

@@ -302,7 +302,7 @@ def _choose(
             partitions=pair_partitions(n_e, home),
         )
         del keys
-    sampling = sample_groups(scope, pages, refs, sample, seed) if sample is not None and want else None
+    sampling = sample_groups(scope, pages, refs, sample, seed, home) if sample is not None and want else None
     active = sampling.active if sampling is not None else scope.e_cand
     if sampling is not None:
         keep = active[pages]

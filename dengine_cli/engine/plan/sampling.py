@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from dengine_cli.arrays import ArrayHome, pieces, unique
 from dengine_cli.engine.paging import vms_per_host
 from dengine_cli.engine.plan.model import I64, Bool, SampleInfo, VmPlan, whole_bytes
 from dengine_cli.engine.plan.scope import Scope
@@ -57,11 +58,29 @@ Z95 = 1.959963984540054
 _SIZE_CLASSES = 62
 
 
-def components(n: int, a: I64, b: I64) -> I64:
-    """Connected-component labels (smallest member) of n nodes linked by edges a[i]-b[i]."""
-    label = np.arange(n, dtype=np.int64)
+#: Bytes of temporaries per offered page (or group) while a step of the sample's grouping runs.
+SAMPLE_BYTES_PER_PAGE = 48
+
+
+def components(n: int, a: I64, b: I64, home: ArrayHome | None = None) -> I64:
+    """Connected-component labels (smallest member) of n nodes linked by edges a[i]-b[i]: an
+    array over the n nodes made where ``home`` keeps arrays; the work is over the linked nodes
+    only (the others are their own label)."""
+    home = home or ArrayHome()
+    label = home.full(n, 0, np.int64)
+    for lo, hi in pieces(n, home.step(8)):
+        label[lo:hi] = np.arange(lo, hi, dtype=np.int64)
     if not len(a):
         return label
+    nodes = unique(np.concatenate((a, b)))
+    linked = _linked_components(len(nodes), np.searchsorted(nodes, a), np.searchsorted(nodes, b))
+    label[nodes] = nodes[linked]  # nodes ascend: the smallest compact member is the smallest
+    return label
+
+
+def _linked_components(n: int, a: I64, b: I64) -> I64:
+    """:func:`components` of n nodes every one of which is on some edge, in memory."""
+    label = np.arange(n, dtype=np.int64)
     while True:
         m = np.minimum(label[a], label[b])
         new = label.copy()
@@ -101,74 +120,212 @@ def take_all_size(fraction: float) -> int:
     return max(1, math.ceil(1.0 / fraction - 1e-9))
 
 
-def sample_groups(scope: Scope, pages: I64, refs: I64, fraction: float, seed: int) -> Sampling:
-    """The groups a plan sampled at ``fraction`` with ``seed`` computes (see the module)."""
+def sample_groups(
+    scope: Scope, pages: I64, refs: I64, fraction: float, seed: int, home: ArrayHome | None = None
+) -> Sampling:
+    """The groups a plan sampled at ``fraction`` with ``seed`` computes (see the module); the
+    arrays over pages and groups made where ``home`` keeps arrays, a step at a time within
+    what it allows: the sample is the same for any."""
+    home = home or ArrayHome()
+    step = home.step(SAMPLE_BYTES_PER_PAGE)
     n_e = len(scope.e_vm)
     cc = scope.e_cand[refs]
-    label = components(n_e, pages[cc], refs[cc])
-    cand = np.flatnonzero(scope.e_cand)
-    units, inverse, sizes = np.unique(label[cand], return_inverse=True, return_counts=True)
-    n_units = len(units)
-    big = sizes >= take_all_size(fraction)
-    stratum = np.full(n_units, -1, dtype=np.int64)
-    key = _stratum_keys(scope, pages, cand, inverse, sizes)
-    keys, stratum_small = np.unique(key[~big], return_inverse=True)
-    stratum[~big] = stratum_small
-    big_n = np.bincount(stratum_small, minlength=len(keys)).astype(np.int64)
+    unit, n_units = _units(scope.e_cand, components(n_e, pages[cc], refs[cc], home), home, step)
+    sizes = home.full(n_units, 0, np.int64)
+    for lo, hi in pieces(n_e, step):
+        u = unit[lo:hi]
+        np.add.at(sizes, u[u >= 0], 1)
+    big = home.full(n_units, False, np.bool_)
+    np.greater_equal(sizes, take_all_size(fraction), out=big)
+    key = _stratum_keys(scope, pages, unit, sizes, home, step)
+    stratum, big_n = _strata(key, big, home, step)
     rate = min(1.0, max(fraction, MIN_SAMPLED / max(1, int(big_n.sum()))))
     n = np.maximum(np.minimum(big_n, MIN_PER_STRATUM), np.round(rate * big_n).astype(np.int64))
-    picked = _draw(stratum, n, np.random.default_rng(seed))
-    weight = np.zeros(n_units, dtype=np.float64)
-    weight[big] = 1.0
-    weight[picked] = (big_n / np.maximum(n, 1))[stratum[picked]]
-    active = np.zeros(n_e, dtype=np.bool_)
-    active[cand] = (picked | big)[inverse]
-    unit = np.full(n_e, -1, dtype=np.int64)
-    unit[cand] = inverse
-    take_all = np.zeros(n_e, dtype=np.bool_)
-    take_all[cand] = big[inverse]
+    picked = _draw(stratum, n, big_n, np.random.default_rng(seed), home, step)
+    weight = home.full(n_units, 0.0, np.float64)
+    scale = big_n / np.maximum(n, 1)
+    for lo, hi in pieces(n_units, step):
+        w, p = weight[lo:hi], picked[lo:hi]
+        w[big[lo:hi]] = 1.0
+        w[p] = scale[stratum[lo:hi][p]]
+    active = home.full(n_e, False, np.bool_)
+    take_all = home.full(n_e, False, np.bool_)
+    for lo, hi in pieces(n_e, step):
+        u = unit[lo:hi]
+        m = u >= 0
+        um = u[m]
+        active[lo:hi][m] = picked[um] | big[um]
+        take_all[lo:hi][m] = big[um]
     info = SampleInfo(
         fraction=fraction,
         seed=seed,
         units=n_units,
-        take_all=int(big.sum()),
-        sampled=int(picked.sum()),
-        candidates=len(cand),
-        pages_computed=int(active.sum()),
+        take_all=int(np.count_nonzero(big)),
+        sampled=int(np.count_nonzero(picked)),
+        candidates=int(np.count_nonzero(scope.e_cand)),
+        pages_computed=int(np.count_nonzero(active)),
     )
     return Sampling(active, take_all, unit, stratum, weight, big_n, n, info)
 
 
-def _stratum_keys(scope: Scope, pages: I64, cand: I64, inverse: I64, sizes: I64) -> I64:
+def _units(e_cand: Bool, label: I64, home: ArrayHome, step: int | None) -> tuple[I64, int]:
+    """Per offered page its group's number (-1: not a candidate), groups numbered in the order
+    of their smallest member, and how many groups there are.  A group's members are candidates
+    (pairs link candidates), its label its smallest member: so a candidate whose label is its
+    own position starts a group, and a group's number is how many start before it."""
+    n_e = len(e_cand)
+    rank = home.full(n_e, 0, np.int64)
+    starts = 0
+    for lo, hi in pieces(n_e, step):
+        root = e_cand[lo:hi] & (label[lo:hi] == np.arange(lo, hi))
+        counted = np.cumsum(root, dtype=np.int64)
+        rank[lo:hi] = starts + counted - 1
+        starts += int(counted[-1]) if len(counted) else 0
+    unit = home.full(n_e, -1, np.int64)
+    for lo, hi in pieces(n_e, step):
+        c = e_cand[lo:hi]
+        unit[lo:hi][c] = rank[label[lo:hi][c]]
+    return unit, starts
+
+
+def _stratum_keys(scope: Scope, pages: I64, unit: I64, sizes: I64, home: ArrayHome, step: int | None) -> I64:
     """Per group, its stratum's key: (VM, or n_vms for a group over several VMs; size class;
     whether some page of it has a proposed reference)."""
     n_units = len(sizes)
-    vm = scope.e_vm[cand]
-    lo = np.full(n_units, np.iinfo(np.int64).max, dtype=np.int64)
-    hi = np.full(n_units, -1, dtype=np.int64)
-    np.minimum.at(lo, inverse, vm)
-    np.maximum.at(hi, inverse, vm)
-    n_vms = int(scope.e_vm[-1]) + 1 if len(scope.e_vm) else 0
-    where = np.where(lo == hi, lo, n_vms)
-    size_class = np.minimum(np.log2(sizes).astype(np.int64), _SIZE_CLASSES - 1)
-    proposed = np.zeros(len(scope.e_vm), dtype=np.bool_)
+    lo_vm = home.full(n_units, np.iinfo(np.int64).max, np.int64)
+    hi_vm = home.full(n_units, -1, np.int64)
+    linked = home.full(n_units, False, np.bool_)
+    proposed = home.full(len(scope.e_vm), False, np.bool_)
     proposed[pages] = True
-    linked = np.bincount(inverse, weights=proposed[cand], minlength=n_units) > 0
-    return (where * _SIZE_CLASSES + size_class) * 2 + linked
+    for lo, hi in pieces(len(unit), step):
+        u = unit[lo:hi]
+        m = u >= 0
+        um, vm = u[m], scope.e_vm[lo:hi][m]
+        np.minimum.at(lo_vm, um, vm)
+        np.maximum.at(hi_vm, um, vm)
+        np.logical_or.at(linked, um, proposed[lo:hi][m])
+    n_vms = int(scope.e_vm[-1]) + 1 if len(scope.e_vm) else 0
+    key = home.full(n_units, 0, np.int64)
+    for lo, hi in pieces(n_units, step):
+        a, b = lo_vm[lo:hi], hi_vm[lo:hi]
+        where = np.where(a == b, a, n_vms)
+        size_class = np.minimum(np.log2(sizes[lo:hi]).astype(np.int64), _SIZE_CLASSES - 1)
+        key[lo:hi] = (where * _SIZE_CLASSES + size_class) * 2 + linked[lo:hi]
+    return key
 
 
-def _draw(stratum: I64, n: I64, rng: np.random.Generator) -> Bool:
-    """A simple random sample of ``n[h]`` groups in each stratum h (``stratum`` -1: none)."""
-    picked = np.zeros(len(stratum), dtype=np.bool_)
+def _strata(key: I64, big: Bool, home: ArrayHome, step: int | None) -> tuple[I64, I64]:
+    """Per group its stratum (-1: taken whole; strata numbered in the order of their keys), and
+    per stratum how many groups it holds."""
+    keys = np.zeros(0, dtype=np.int64)
+    for lo, hi in pieces(len(key), step):
+        keys = unique(np.concatenate((keys, key[lo:hi][~big[lo:hi]])))
+    stratum = home.full(len(key), -1, np.int64)
+    big_n = np.zeros(len(keys), dtype=np.int64)
+    for lo, hi in pieces(len(key), step):
+        small = ~big[lo:hi]
+        h = np.searchsorted(keys, key[lo:hi][small])
+        stratum[lo:hi][small] = h
+        big_n += np.bincount(h, minlength=len(keys))
+    return stratum, big_n
+
+
+def _draw(
+    stratum: I64, n: I64, big_n: I64, rng: np.random.Generator, home: ArrayHome, step: int | None
+) -> Bool:
+    """A simple random sample of ``n[h]`` groups in each stratum h (``stratum`` -1: none): the
+    ``n[h]`` groups of h with the smallest random keys (ties: the earlier group), the keys
+    drawn by ``rng``, one per group in order."""
+    picked = home.full(len(stratum), False, np.bool_)
     if not len(n):
         return picked
-    order = np.lexsort((rng.random(len(stratum)), stratum))
-    s = stratum[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    first = np.repeat(starts, np.diff(np.r_[starts, len(s)]))
-    rank = np.arange(len(s)) - first
-    picked[order] = (s >= 0) & (rank < n[np.maximum(s, 0)])
+    if step is None:
+        order = np.lexsort((rng.random(len(stratum)), stratum))
+        s = stratum[order]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+        first = np.repeat(starts, np.diff(np.r_[starts, len(s)]))
+        rank = np.arange(len(s)) - first
+        picked[order] = (s >= 0) & (rank < n[np.maximum(s, 0)])
+        return picked
+    # The same keys a step at a time, as the integers they are: numpy's random() is a multiple
+    # of 2**-53, so the order of the integers is the order of the keys, and cutting their range
+    # into bins is exact.
+    keys = home.full(len(stratum), 0, np.int64)
+    for lo, hi in pieces(len(stratum), step):
+        keys[lo:hi] = (rng.random(hi - lo) * _KEY_SPAN).astype(np.int64)
+    below, bits = _thresholds(stratum, keys, n, big_n, step)
+    for lo, hi in pieces(len(stratum), step):
+        h = stratum[lo:hi]
+        ok = h >= 0
+        picked[lo:hi][ok] = keys[lo:hi][ok] < below[h[ok]]
+    _pick_at_thresholds(stratum, keys, n, (below, bits), picked, step)
     return picked
+
+
+#: Random keys are integers below this (numpy's random() times it).
+_KEY_BITS = 53
+_KEY_SPAN = 1 << _KEY_BITS
+
+
+def _thresholds(stratum: I64, keys: I64, n: I64, big_n: I64, step: int) -> tuple[I64, int]:
+    """Per stratum h a key t_h with fewer than ``n[h]`` of its groups' keys below it and the
+    rest of its sample in ``[t_h, t_h + 2**bits)``, a range holding few keys (``_KEY_SPAN`` + 1
+    when the stratum is taken whole), and ``bits``: histograms of the keys in a shrinking range
+    per stratum, one pass over the groups each."""
+    strata = len(n)
+    every = np.arange(strata)
+    low = np.zeros(strata, dtype=np.int64)
+    need = n.copy()
+    bits = _KEY_BITS
+    per_pass = int(min(12, max(1, (step // max(1, strata)).bit_length() - 1)))
+    while bits > 0:
+        b = min(per_pass, bits)
+        shift = bits - b
+        counts = np.zeros((strata, 1 << b), dtype=np.int64)
+        for lo, hi in pieces(len(stratum), step):
+            h = stratum[lo:hi]
+            ok = h >= 0
+            h = h[ok]
+            q = keys[lo:hi][ok] - low[h]
+            inside = (q >= 0) & (q < (1 << bits))
+            np.add.at(counts, (h[inside], q[inside] >> shift), 1)
+        before = np.cumsum(counts, axis=1) - counts
+        k = np.minimum((before + counts < need[:, None]).sum(axis=1), (1 << b) - 1)
+        need = need - before[every, k]
+        low = low + (k << shift)
+        bits = shift
+        if (counts[every, k][n < big_n] <= max(1, step // 4)).all():
+            break
+    low[n >= big_n] = _KEY_SPAN + 1
+    return low, bits
+
+
+def _pick_at_thresholds(
+    stratum: I64, keys: I64, n: I64, threshold: tuple[I64, int], picked: Bool, step: int
+) -> None:
+    """Complete each stratum's sample from its groups with keys in its threshold's range, the
+    smallest first (ties: the earlier group)."""
+    below, bits = threshold
+    strata = len(n)
+    have = np.zeros(strata, dtype=np.int64)
+    near_pos, near_h, near_q = [], [], []
+    for lo, hi in pieces(len(stratum), step):
+        h = stratum[lo:hi]
+        ok = h >= 0
+        have += np.bincount(h[ok][picked[lo:hi][ok]], minlength=strata)
+        q = keys[lo:hi]
+        t = below[np.maximum(h, 0)]
+        close = ok & (q >= t) & (q - t < (1 << bits))
+        near_pos.append(np.flatnonzero(close) + lo)
+        near_h.append(h[close])
+        near_q.append(q[close])
+    pos, h, q = (np.concatenate(x) for x in (near_pos, near_h, near_q))
+    order = np.lexsort((pos, q, h))
+    pos, h = pos[order], h[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]]) if len(h) else np.zeros(0, dtype=np.int64)
+    first = np.repeat(starts, np.diff(np.r_[starts, len(h)]))
+    rank = np.arange(len(h)) - first
+    picked[pos[rank < (n - have)[h]]] = True
 
 
 def extrapolate(
