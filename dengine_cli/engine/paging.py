@@ -27,7 +27,9 @@ _I64 = npt.NDArray[np.int64]
 
 @dataclass(frozen=True)
 class SwapClass:
-    """One class of pageable pages: per VM, their positions (ascending) and what each frees."""
+    """One class of pageable pages: per VM, their positions (ascending) and what each frees.
+    Either may be a sequence that works a VM's array out when it is asked for, so that one VM's
+    are in memory at a time."""
 
     positions: Sequence[_I64]
     freed: Sequence[_I64]
@@ -35,41 +37,56 @@ class SwapClass:
 
 @dataclass(frozen=True, eq=False)
 class SwapChoice:
-    """The pages chosen for swap: per VM the positions (ascending) and bytes freed, and whether
-    the VMs then fit."""
+    """The pages chosen for swap: per VM the positions (ascending; worked out from the classes
+    when asked, VM by VM) and bytes freed, and whether the VMs then fit."""
 
-    positions: tuple[_I64, ...]
+    positions: Sequence[_I64]
     freed_bytes: tuple[int, ...]
     fits: bool
 
 
+class _Chosen(Sequence[_I64]):
+    """Per VM, the first ``taken[c][v]`` pages of each class c, in ascending order."""
+
+    def __init__(self, classes: Sequence[SwapClass], taken: Sequence[Sequence[int]], n_vms: int) -> None:
+        self._classes = classes
+        self._taken = taken
+        self._n = n_vms
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, v: int) -> _I64:  # type: ignore[override]
+        if not 0 <= v < self._n:
+            raise IndexError(v)
+        parts = [
+            np.asarray(cls.positions[v][:k], dtype=np.int64)
+            for cls, taken in zip(self._classes, self._taken, strict=True)
+            if (k := taken[v])
+        ]
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
 def choose_swap(excess: int, classes: Sequence[SwapClass], n_vms: int) -> SwapChoice:
     """Page out pages of ``classes`` (in order, each in scan order) until at least ``excess``
-    bytes are freed; ``fits`` is False when all of them do not free enough."""
-    chosen: list[list[_I64]] = [[] for _ in range(n_vms)]
+    bytes are freed; ``fits`` is False when all of them do not free enough.  One VM's pages of
+    one class are looked at a time."""
+    taken = [[0] * n_vms for _ in classes]
     freed = [0] * n_vms
     remaining = excess
-    for cls in classes:
-        if remaining <= 0:
-            break
-        lengths = [len(p) for p in cls.positions]
-        if not sum(lengths):
-            continue
-        all_freed = np.concatenate([np.asarray(f, dtype=np.int64) for f in cls.freed])
-        total = np.cumsum(all_freed)
-        take = int(np.searchsorted(total, remaining)) + 1 if int(total[-1]) >= remaining else len(total)
-        at = 0
-        for v, length in enumerate(lengths):
-            k = min(max(take - at, 0), length)
-            if k:
-                chosen[v].append(np.asarray(cls.positions[v][:k], dtype=np.int64))
-                freed[v] += int(np.asarray(cls.freed[v][:k]).sum())
-            at += length
-        remaining -= int(total[take - 1])
-    positions = tuple(
-        np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64) for parts in chosen
-    )
-    return SwapChoice(positions, tuple(freed), remaining <= 0)
+    for c, cls in enumerate(classes):
+        for v in range(n_vms):
+            if remaining <= 0:
+                break
+            f = np.asarray(cls.freed[v], dtype=np.int64)
+            if not len(f):
+                continue
+            total = np.cumsum(f)
+            k = int(np.searchsorted(total, remaining)) + 1 if int(total[-1]) >= remaining else len(f)
+            taken[c][v] = k
+            freed[v] += int(total[k - 1])
+            remaining -= int(total[k - 1])
+    return SwapChoice(_Chosen(classes, taken, n_vms), tuple(freed), remaining <= 0)
 
 
 def vms_per_host(host_memory: int, footprint: int) -> int | None:

@@ -389,8 +389,10 @@ def _page_out(
         classes = _swap_classes(scope, page_plans, choices.is_ref, hot, bounds)
         choice = choose_swap(before - host_memory, classes, len(page_plans))
         for v, pp in enumerate(page_plans):
-            pp.actions[choice.positions[v]] = SWAP
-            pp.sizes[choice.positions[v]] = 0
+            # Worked out from VM v's actions, so before they change.
+            pos = choice.positions[v]
+            pp.actions[pos] = SWAP
+            pp.sizes[pos] = 0
         swapped = list(choice.freed_bytes)
         fits = choice.fits
     return HostFit(host_memory, before, fits, vms_per_host(host_memory, before)), swapped
@@ -440,8 +442,11 @@ def _vm_plans(
 def _swap_classes(
     scope: Scope, page_plans: Sequence[PagePlan], is_ref: Bool, hot: Sequence[Bool | None], bounds: I64
 ) -> list[SwapClass]:
-    whole_pos, whole_freed, comp_pos, comp_freed, patch_pos, patch_freed = [], [], [], [], [], []
-    for v, pp in enumerate(page_plans):
+    """The classes of pages to page out, coldest first, each VM's worked out when asked (one VM
+    in memory at a time)."""
+
+    def pageable(v: int) -> tuple[I64, I64, I64]:
+        pp = page_plans[v]
         ref = np.zeros(len(pp.actions), dtype=np.bool_)
         lo, hi = int(bounds[v]), int(bounds[v + 1])
         ref[scope.e_pos[lo:hi][is_ref[lo:hi]]] = True
@@ -449,17 +454,31 @@ def _swap_classes(
         h = hot[v]
         if h is not None:
             movable &= ~h
-        w = np.flatnonzero((pp.actions == WHOLE) & movable)
-        c = np.flatnonzero(pp.actions == COMPRESS)
-        p = np.flatnonzero(pp.actions == PATCH)
-        whole_pos.append(w)
-        whole_freed.append(np.full(len(w), PAGE_SIZE, dtype=np.int64))
-        comp_pos.append(c)
-        comp_freed.append(pp.sizes[c].astype(np.int64))
-        patch_pos.append(p)
-        patch_freed.append(pp.sizes[p].astype(np.int64))
-    return [
-        SwapClass(whole_pos, whole_freed),
-        SwapClass(comp_pos, comp_freed),
-        SwapClass(patch_pos, patch_freed),
-    ]
+        whole = np.flatnonzero((pp.actions == WHOLE) & movable)
+        return whole, np.flatnonzero(pp.actions == COMPRESS), np.flatnonzero(pp.actions == PATCH)
+
+    def positions(k: int) -> _PerVm:
+        return _PerVm(len(page_plans), lambda v: pageable(v)[k])
+
+    def freed(k: int) -> _PerVm:
+        if k == 0:
+            return _PerVm(len(page_plans), lambda v: np.full(len(pageable(v)[0]), PAGE_SIZE, dtype=np.int64))
+        return _PerVm(len(page_plans), lambda v: page_plans[v].sizes[pageable(v)[k]].astype(np.int64))
+
+    return [SwapClass(positions(k), freed(k)) for k in range(3)]
+
+
+class _PerVm(Sequence[I64]):
+    """A sequence of per-VM arrays, each made by ``make(v)`` when asked for."""
+
+    def __init__(self, n: int, make: Callable[[int], I64]) -> None:
+        self._n = n
+        self._make = make
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, v: int) -> I64:  # type: ignore[override]
+        if not 0 <= v < self._n:
+            raise IndexError(v)
+        return self._make(v)
