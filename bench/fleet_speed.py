@@ -14,7 +14,11 @@ runs every command once; see ``analyze_speed.py``):
   empty ``--index-dir`` each run (nothing cached; removed after the run, untimed);
 * the same with ``-j 2``;
 * the same with ``-j 2 --memory-limit LIMIT`` (``--limit``, default 128M). If the CLI rejects
-  the option (usage error, exit 2), that cell is reported as n/a.
+  the option (usage error, exit 2), that cell is reported as n/a;
+* with ``--plan`` (which implies ``--zstd``): ``dengine -q plan --policy de --baseline none
+  --format json --index-dir FRESH -j 2 FILES`` (the exact plan, nothing cached), and the same with
+  ``--memory-limit LIMIT``; their speed against ``zstd -1 -T1`` (the plan's baseline in
+  ``plan_speed.py``), their peak anonymous memory and whether the two print the same JSON.
 
 Per command: wall seconds (best run), seconds per GiB of dump files, GiB/s, speed ratio
 (xxhsum seconds / command seconds), CPU seconds (user + sys, with waited-for descendants) and the
@@ -30,8 +34,8 @@ cannot tell apart from the fixed cost.
 
 Output: a plain text table on stdout; ``--json FILE`` also writes the figures as JSON.
 
-Usage: python3 bench/fleet_speed.py [--fleet DIR ...] [--rounds N] [--zstd] [--dengine PATH]
-                                    [--limit SIZE] [--json FILE]
+Usage: python3 bench/fleet_speed.py [--fleet DIR ...] [--rounds N] [--zstd] [--plan]
+                                    [--dengine PATH] [--limit SIZE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ DEFAULT_DENGINE = REPO / ".venv" / "bin" / "dengine"
 SAMPLE_SECONDS = 0.005
 J1, J2, LIMITED = "dengine -j 1", "dengine -j 2", "dengine -j 2 --memory-limit"
 XXH, XXH2 = "xxhsum -H3", "xxhsum -H3, 2 processes"
+ZSTD = "zstd -1 -T1"
+PLAN, PLAN_LIMITED = "dengine plan -j 2", "dengine plan -j 2 --memory-limit"
 #: Goals of the issue "The engine in stages": on the 16-guest fleet, -j 2 at this ratio to xxhsum
 #: and this speedup over -j 1; on the largest fleet, --memory-limit 128M within this peak anonymous
 #: memory (and the same JSON); seconds per GiB within this spread from the smallest fleet to the
@@ -176,14 +182,22 @@ def time_fleet(files: Sequence[Path], args: argparse.Namespace) -> dict[str, Cel
             Cell(Command(XXH2, lambda: xxhsum_in_two(names)), capture=False),
         ]
         if args.zstd:
-            cells.append(
-                Cell(Command("zstd -1 -T1", lambda: ["zstd", "-q", "-1", "-T1", "-c", *names]), False)
-            )
+            cells.append(Cell(Command(ZSTD, lambda: ["zstd", "-q", "-1", "-T1", "-c", *names]), False))
         cells += [
             Cell(Command(J1, lambda: analyze("-j", "1"), drop), capture=True),
             Cell(Command(J2, lambda: analyze("-j", "2"), drop), capture=True),
             Cell(Command(LIMITED, lambda: analyze("-j", "2", "--memory-limit", args.limit), drop), True),
         ]
+        if args.plan:
+
+            def plan(*extra: str) -> list[str]:
+                base = [str(args.dengine), "-q", "plan", "--policy", "de", "--baseline", "none"]
+                return [*base, "--format", "json", "--index-dir", fresh(), "-j", "2", *extra, *names]
+
+            cells += [
+                Cell(Command(PLAN, lambda: plan(), drop), capture=True),
+                Cell(Command(PLAN_LIMITED, lambda: plan("--memory-limit", args.limit), drop), capture=True),
+            ]
         for _ in range(args.rounds):
             for c in cells:
                 if c.unsupported is not None:
@@ -248,6 +262,21 @@ def fleet_report(fleet: Path, args: argparse.Namespace) -> dict[str, Any]:
         "json_identical_limited_vs_j2": identical(cells[J2], cells[LIMITED]),
         "json_identical_j1_vs_j2": identical(cells[J2], cells[J1]),
         "limited_n/a": cells[LIMITED].unsupported,
+        **(_plan_figures(cells, anon) if args.plan else {}),
+    }
+
+
+def _plan_figures(cells: dict[str, Cell], anon: Any) -> dict[str, Any]:
+    """The plan's figures over a fleet: speed against zstd -1 -T1, memory, the same JSON."""
+    zstd, plan, limited = cells[ZSTD].best, cells[PLAN].best, cells[PLAN_LIMITED].best
+    return {
+        "plan_speed_ratio_zstd": round(zstd.seconds / plan.seconds, 3) if zstd and plan else None,
+        "plan_limited_speed_ratio_zstd": round(zstd.seconds / limited.seconds, 3)
+        if zstd and limited
+        else None,
+        "peak_anon_mib_plan": anon(PLAN),
+        "peak_anon_mib_plan_limited": anon(PLAN_LIMITED),
+        "plan_json_identical_limited": identical(cells[PLAN], cells[PLAN_LIMITED]),
     }
 
 
@@ -308,6 +337,8 @@ def print_report(report: dict[str, Any]) -> None:
     print("  same JSON: dengine JSON with --memory-limit identical to without (-j 2); n/a: option rejected")
     print("  xxh 2p/1p: xxhsum -H3 over all files / over each half at once (two processes): this machine's")
     print("  own gain from a second process on the same hashing, the ceiling -j2/-j1 is measured against")
+    if any("plan_speed_ratio_zstd" in f for f in report["fleets"]):
+        _print_plan_summary(report["fleets"])
     print("\ngoals")
     for what, figure, met in goals(report["fleets"]):
         verdict = "n/a" if met is None else ("met" if met else "NOT met")
@@ -318,6 +349,24 @@ def print_report(report: dict[str, Any]) -> None:
             f"\nscaling (a line through the -j 2 times): fixed cost {fit['fixed_seconds']:.3f} s a run, "
             f"{fit['seconds_per_gib']:.3f} s per GiB; s/GiB without the fixed cost, largest / smallest: "
             f"{fmt(fit['net_spread'], '.2f')}"
+        )
+
+
+def _print_plan_summary(fleets: Sequence[dict[str, Any]]) -> None:
+    """The exact plan over each fleet: s/GiB, speed against zstd -1 -T1, memory, the same JSON."""
+    print("\nplan --policy de, nothing cached (ratio = zstd -1 -T1 s / plan s; anon = peak RssAnon MiB)")
+    print(
+        f"  {'fleet':<10} {'GiB':>6} {'zstd s/GiB':>10} {'plan s/GiB':>10} {'ratio':>6} {'ratio lim':>9} "
+        f"{'anon':>6} {'anon lim':>8} {'same JSON':>9}"
+    )
+    for f in fleets:
+        rows = {r["label"]: r for r in f["rows"]}
+        zstd, plan = rows[ZSTD].get("seconds_per_gib"), rows[PLAN].get("seconds_per_gib")
+        print(
+            f"  {Path(f['fleet']).name:<10} {f['gib']:>6.2f} {fmt(zstd, '.3f'):>10} "
+            f"{fmt(plan, '.3f'):>10} {fmt(f['plan_speed_ratio_zstd'], '.2f'):>6} "
+            f"{fmt(f['plan_limited_speed_ratio_zstd'], '.2f'):>9} {fmt(f['peak_anon_mib_plan'], '.0f'):>6} "
+            f"{fmt(f['peak_anon_mib_plan_limited'], '.0f'):>8} {yes_no(f['plan_json_identical_limited']):>9}"
         )
 
 
@@ -398,12 +447,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="best of N rounds (default: %(default)s)")
     ap.add_argument("--zstd", action="store_true", help="also time zstd -1 -T1 (slow)")
     ap.add_argument(
+        "--plan",
+        action="store_true",
+        help="also time the exact plan, with and without the limit (implies --zstd)",
+    )
+    ap.add_argument(
         "--dengine", type=Path, default=DEFAULT_DENGINE, help="dengine executable (default: %(default)s)"
     )
     ap.add_argument("--limit", default="128M", help="the --memory-limit value timed (default: %(default)s)")
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
     args = ap.parse_args(argv)
     args.fleet = args.fleet or list(DEFAULT_FLEETS)
+    args.zstd = args.zstd or args.plan
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     for tool in ("xxhsum", *(("zstd",) if args.zstd else ())):
