@@ -4,6 +4,7 @@ its page, sampling estimates, the plan file."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -481,3 +482,21 @@ def test_plan_file_has_the_mode_open_would_give(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 30), max_size=80), st.one_of(st.none(), st.integers(1, 10)))
+def test_pair_ranges_cover_the_pairs_and_never_cut_a_page(pages: list[int], step: int | None) -> None:
+    from dengine_cli.engine.plan.choice import _pair_ranges
+
+    sorted_pages = np.array(sorted(pages), dtype=np.int64)
+    ranges = _pair_ranges(sorted_pages, step)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(pages)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    for lo, hi in ranges:
+        assert hi > lo or len(pages) == 0
+        if hi < len(pages):
+            assert sorted_pages[hi - 1] != sorted_pages[hi]  # a page's pairs stay together
+        if step is not None:
+            # no longer than a step, but for the rest of the last page it took
+            assert hi - lo <= step or sorted_pages[lo + step - 1] == sorted_pages[hi - 1]

@@ -3,6 +3,7 @@ of every VM."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ from dengine_cli.formats.base import Dump
 from dengine_cli.pages import BATCH_PAGES, PAGE_SIZE
 from dengine_cli.parallel import Workers
 
+#: Bytes of temporaries per pair while a range of pairs is measured and chosen: their VMs and
+#: positions gathered, sizes, and the pairs that pay as Python integers.
+PATCH_BYTES_PER_PAIR = 200
+
 
 def _patch(
     dumps: Sequence[Dump],
@@ -52,46 +57,81 @@ def _patch(
     on_progress: Progress | None,
     home: ArrayHome,
 ) -> tuple[I64, npt.NDArray[np.int32], Bool]:
-    """Measure every pair's patch (spread over ``workers``), then choose in scan order.
-    Returns, over E: the chosen reference (-1: not patched), the patch size, and whether the
-    page is a reference."""
+    """Measure every pair's patch (spread over ``workers``), then choose in scan order, a range
+    of pages' pairs at a time (as many as ``home`` lets temporaries take).  Returns, over E: the
+    chosen reference (-1: not patched), the patch size, and whether the page is a reference."""
     n = len(scope.e_vm)
-    sizes = patch_sizes(
-        dumps,
-        indexes,
-        policy.patch_codec,
-        policy.patch_threshold,
-        scope.e_vm[pages],
-        scope.e_pos[pages],
-        scope.e_vm[refs],
-        scope.e_pos[refs],
-        workers,
-        progress_of(on_progress, "patching", len(pages)),
+    choice = _Patches(
+        ref_of=home.full(n, -1, np.int64),
+        size=home.full(n, 0, np.int32),
+        is_ref=home.full(n, False, np.bool_),
+        patched=home.full(n, 0, np.uint8).data,
+        threshold=policy.patch_threshold,
     )
-    good = sizes < policy.patch_threshold
-    ref_of = home.full(n, -1, np.int64)
-    patch_size = home.full(n, 0, np.int32)
-    is_ref = home.full(n, False, np.bool_)
-    gp, gr, gs = pages[good].tolist(), refs[good].tolist(), sizes[good].tolist()
-    # The only per-pair Python: pairs whose patch pays, in scan order.  A reference's fate is
-    # settled before any page that could use it (references come earlier in scan order).
-    patched = bytearray(n)
-    m = len(gp)
-    i = 0
-    while i < m:
-        p0 = gp[i]
-        best, best_size = -1, policy.patch_threshold
-        while i < m and gp[i] == p0:
-            r = gr[i]
-            if not patched[r] and gs[i] < best_size:
-                best, best_size = r, gs[i]
-            i += 1
-        if best >= 0:
-            patched[p0] = 1
-            ref_of[p0] = best
-            patch_size[p0] = best_size
-            is_ref[best] = True
-    return ref_of, patch_size, is_ref
+    report = progress_of(on_progress, "patching", len(pages))
+    for lo, hi in _pair_ranges(pages, home.step(PATCH_BYTES_PER_PAIR)):
+        p, r = pages[lo:hi], refs[lo:hi]
+        sizes = patch_sizes(
+            dumps,
+            indexes,
+            policy.patch_codec,
+            policy.patch_threshold,
+            scope.e_vm[p],
+            scope.e_pos[p],
+            scope.e_vm[r],
+            scope.e_pos[r],
+            workers,
+            _offset(report, lo),
+        )
+        choice.take(p, r, sizes)
+    return choice.ref_of, choice.size, choice.is_ref
+
+
+@dataclass(frozen=True, eq=False)
+class _Patches:
+    """The patches chosen so far, over E, and which pages are patched (a byte each)."""
+
+    ref_of: I64
+    size: npt.NDArray[np.int32]
+    is_ref: Bool
+    patched: memoryview
+    threshold: int
+
+    def take(self, pages: I64, refs: I64, sizes: npt.NDArray[np.int32]) -> None:
+        """Choose among the pairs of some pages (all of each page's pairs, in scan order)."""
+        good = sizes < self.threshold
+        gp, gr, gs = pages[good].tolist(), refs[good].tolist(), sizes[good].tolist()
+        # The only per-pair Python: pairs whose patch pays, in scan order.  A reference's fate is
+        # settled before any page that could use it (references come earlier in scan order).
+        patched = self.patched
+        m = len(gp)
+        i = 0
+        while i < m:
+            p0 = gp[i]
+            best, best_size = -1, self.threshold
+            while i < m and gp[i] == p0:
+                r = gr[i]
+                if not patched[r] and gs[i] < best_size:
+                    best, best_size = r, gs[i]
+                i += 1
+            if best >= 0:
+                patched[p0] = 1
+                self.ref_of[p0] = best
+                self.size[p0] = best_size
+                self.is_ref[best] = True
+
+
+def _pair_ranges(pages: I64, step: int | None) -> list[tuple[int, int]]:
+    """Ranges of the pairs (sorted by page) of about ``step`` pairs, never cutting a page's."""
+    if step is None or len(pages) <= step:
+        return [(0, len(pages))]
+    cuts = [0]
+    while cuts[-1] < len(pages):
+        at = cuts[-1] + step
+        cuts.append(
+            len(pages) if at >= len(pages) else int(np.searchsorted(pages, pages[at - 1], side="right"))
+        )
+    return list(itertools.pairwise(cuts))
 
 
 def _compress(
