@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ import numpy.typing as npt
 
 #: Arrays in one file start at multiples of this (a cache line).
 _ALIGN = 64
+
+#: The largest file small arrays of an :class:`ArrayHome` share (see :meth:`ArrayHome.full`).
+SEGMENT_BYTES = 64 << 20
 
 
 def unique(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -105,6 +109,9 @@ class ArrayHome:
         self.error = error
         self.work_bytes = work_bytes
         self.least_step = least_step
+        self._segment: mmap.mmap | None = None
+        self._used = 0
+        self._lock = threading.Lock()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The error callback is a closure of the command line's: a copy sent to a worker
@@ -123,37 +130,57 @@ class ArrayHome:
         return self.directory is not None
 
     def hold(self, array: npt.NDArray[Any], *, writable: bool = False) -> npt.NDArray[Any]:
-        """``array`` where this home keeps arrays (itself, in memory)."""
+        """``array`` where this home keeps arrays (itself, in memory); in a file, read-only
+        unless ``writable``."""
         if self.directory is None:
             return array
-        try:
-            return in_file([array], self.directory, writable=writable)[0]
-        except OSError as e:
-            raise (self.error(e) if self.error is not None else e) from e
+        held = self.full(array.shape, 0, array.dtype)
+        held[...] = array
+        if not writable:
+            held.flags.writeable = False
+        return held
 
     def full(self, n: int | tuple[int, ...], value: Any, dtype: Any) -> npt.NDArray[Any]:
-        """A writable array of shape ``n`` filled with ``value`` (made in its file, never whole
-        in memory; the file's blocks are allocated first, so that no store into the mapping can
-        find the disk full)."""
+        """A writable array of shape ``n`` filled with ``value``, made in a file, never whole in
+        memory.  Arrays smaller than a quarter of :data:`SEGMENT_BYTES` share files (segments
+        of 1 MiB growing to that size), so that a fleet of thousands of VMs does not map
+        thousands of files (Linux allows a process 65,530 mappings by default); a segment's
+        blocks are allocated when it is made, so that no store into a mapping can find the disk
+        full (SIGBUS): a full disk is an error here."""
         shape = (n,) if isinstance(n, int) else tuple(n)
         count = int(np.prod(shape, dtype=np.int64))
         if self.directory is None or count == 0:
             return np.full(shape, value, dtype=dtype)
-        import tempfile
-
         nbytes = count * np.dtype(dtype).itemsize
         try:
-            with tempfile.TemporaryFile(dir=self.directory) as f:
-                # Blocks reserved now: a full disk is an error here, not SIGBUS at a store into
-                # a hole of the mapping later.
-                os.posix_fallocate(f.fileno(), 0, nbytes)
-                mapping = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_WRITE)
+            if nbytes >= SEGMENT_BYTES // 4:
+                mapping, at = self._mapped(nbytes), 0
+            else:
+                mapping, at = self._carve(nbytes)
         except OSError as e:
             raise (self.error(e) if self.error is not None else e) from e
-        a = np.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
+        a = np.frombuffer(mapping, dtype=dtype, count=count, offset=at).reshape(shape)
         if value != 0:
             a.fill(value)
         return a
+
+    def _carve(self, nbytes: int) -> tuple[mmap.mmap, int]:
+        """``nbytes`` of the current segment (a new one when it is full): its mapping, offset."""
+        with self._lock:
+            at = -(-self._used // _ALIGN) * _ALIGN
+            if self._segment is None or at + nbytes > len(self._segment):
+                size = min(SEGMENT_BYTES, 2 * len(self._segment)) if self._segment is not None else 1 << 20
+                self._segment, at = self._mapped(max(size, nbytes)), 0
+            self._used = at + nbytes
+            return self._segment, at
+
+    def _mapped(self, nbytes: int) -> mmap.mmap:
+        """A new unlinked file of ``nbytes`` allocated blocks under the directory, mapped."""
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=self.directory) as f:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+            return mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_WRITE)
 
 
 def _home(directory: Path | None, work_bytes: int | None, least_step: int) -> ArrayHome:

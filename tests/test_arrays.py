@@ -114,3 +114,22 @@ def test_a_home_steps_within_its_work_bytes_and_travels_without_its_error(tmp_pa
     assert home.step(48) == 1000 and home.step(10**6) == 100
     copy = pickle.loads(pickle.dumps(home))
     assert (copy.directory, copy.work_bytes, copy.least_step, copy.error) == (tmp_path, 48_000, 100, None)
+
+
+def test_small_arrays_share_a_few_files_and_never_overlap(tmp_path: Path) -> None:
+    # Thousands of VMs make thousands of small per-VM arrays: one file (and mapping) each would
+    # run into Linux's 65,530 mappings a process.
+    def mappings() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+
+    home = ArrayHome(tmp_path)
+    before = mappings()
+    arrays = [home.full(n % 997 + 1, n, np.int32) for n in range(3000)]  # about 6 MB in all
+    assert mappings() - before <= 8
+    assert all((a == n).all() and len(a) == n % 997 + 1 for n, a in enumerate(arrays))
+    big = home.full(20 << 20, 7, np.uint8)  # a quarter of a segment or more: a file of its own
+    assert int(big[-1]) == 7 and all((a == n).all() for n, a in enumerate(arrays[:50]))
+    held = home.hold(np.arange(10, dtype=np.int64))
+    assert held.tolist() == list(range(10)) and not held.flags.writeable
+    assert not list(tmp_path.iterdir())
