@@ -171,7 +171,8 @@ def dump_options(f: F, *, format_alias: bool = False) -> F:
         "--tmp-dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
-        help="Where compressed dumps are decompressed to (default: $TMPDIR).",
+        help="Where compressed dumps are decompressed to (default: $TMPDIR); where a command "
+        "with --memory-limit spills page arrays past it (default: the index directory).",
     )(f)
     f = session_option(
         "--max-decompressed",
