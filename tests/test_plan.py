@@ -4,6 +4,7 @@ its page, sampling estimates, the plan file."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Callable, Sequence
@@ -500,3 +501,40 @@ def test_pair_ranges_cover_the_pairs_and_never_cut_a_page(pages: list[int], step
         if step is not None:
             # no longer than a step, but for the rest of the last page it took
             assert hi - lo <= step or sorted_pages[lo + step - 1] == sorted_pages[hi - 1]
+
+
+def test_a_plan_at_one_job_starts_no_thread_and_plans_the_same(tmp_path: Path) -> None:
+    # -j 1 does everything in one thread: the scope's sorts, the similarity keys and pairs
+    # took two threads whatever -j said.
+    import threading
+
+    from dengine_cli.formats.base import OpenOptions
+    from dengine_cli.parallel import Workers
+    from dengine_cli.policies import resolve_policy
+    from dengine_cli.session import Session, Settings
+
+    paths = write_raw_images(tmp_path, mixed_vms(9, [600, 500]))
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def record(self: threading.Thread) -> None:
+        started.append(self.name)
+        start(self)
+
+    reports = []
+    for jobs in (1, 2):
+        settings = Settings(options=OpenOptions(format="raw"), index_dir=tmp_path / f"idx{jobs}")
+        with Session(paths, dataclasses.replace(settings, workers=Workers(jobs=jobs))) as session:
+            session.indexes(keep_open=True)
+            session.sharing()
+            threading.Thread.start = record  # type: ignore[method-assign]
+            try:
+                reports.append(session.plan(resolve_policy("de"), baseline=None)[1])
+            finally:
+                threading.Thread.start = start  # type: ignore[method-assign]
+        if jobs == 1:
+            assert started == []
+    assert started  # two jobs do start threads
+    assert reports[0].total == reports[1].total
+    for a, b in zip(reports[0].pages, reports[1].pages, strict=True):
+        assert np.array_equal(a.actions, b.actions) and np.array_equal(a.sizes, b.sizes)

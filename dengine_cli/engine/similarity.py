@@ -165,6 +165,7 @@ def candidate_pairs(
     scope: npt.NDArray[np.integer[Any]] | None = None,
     *,
     partitions: int = 1,
+    threads: int = 2,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """The (page, reference) pairs of a scan, as two arrays of positions in scan order.
 
@@ -175,7 +176,8 @@ def candidate_pairs(
 
     ``partitions`` (a power of two): each index is worked through in that many ranges of its
     keys (by their top bits), so that the temporaries are those of one range at a time.  A
-    bucket lies in one range, so the pairs are the same for any count.
+    bucket lies in one range, so the pairs are the same for any count.  ``threads``: how many
+    indexes or ranges are worked through at once.
     """
     n, k = keys.shape
     if np.count_nonzero(offered) < 2:
@@ -189,8 +191,8 @@ def candidate_pairs(
         members = _members(keys[:, j], offered, bits, p)
         return _bucket_pairs(keys[members, j], members, wants, candidates, scope)
 
-    # The sorts in threads (numpy sorts without the GIL), two tasks at a time.
-    found = map_in_threads(pairs_of, tasks, min(len(tasks), 2))
+    # The sorts in threads (numpy sorts without the GIL).
+    found = map_in_threads(pairs_of, tasks, max(1, min(len(tasks), threads)))
     page = np.concatenate([f[0] for f in found])
     ref = np.concatenate([f[1] for f in found])
     if not len(page):

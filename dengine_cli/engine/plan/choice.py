@@ -170,10 +170,10 @@ def _compress(
 COMPRESS_BYTES_PER_PAGE = 40
 
 
-def pair_partitions(n_e: int, home: ArrayHome) -> int:
-    """Key ranges (a power of two) each similarity index is worked through in, so that two at
-    a time (the threads) keep their temporaries within what ``home`` allows."""
-    step = home.step(2 * PAIR_BYTES_PER_PAGE)
+def pair_partitions(n_e: int, home: ArrayHome, threads: int = 2) -> int:
+    """Key ranges (a power of two) each similarity index is worked through in, so that
+    ``threads`` at a time keep their temporaries within what ``home`` allows."""
+    step = home.step(max(1, threads) * PAIR_BYTES_PER_PAGE)
     parts = 1
     while step is not None and n_e > parts * step and parts < 1 << 12:
         parts *= 2
@@ -242,7 +242,7 @@ def plan_dumps(
     hot_of: list[Bool | None] = list(hot) if hot is not None else [None] * n_vms
     if len(hot_of) != n_vms:
         raise ValueError("one hot mask (or None) per VM is needed")
-    scope = scope_of(sharing, policy, hot_of, policy.patch or policy.compress, home)
+    scope = scope_of(sharing, policy, hot_of, policy.patch or policy.compress, home, workers.count)
     choices = _choose(dumps, indexes, policy, scope, sample, seed, workers, on_progress, batch_pages, home)
     bounds = np.searchsorted(scope.e_vm, np.arange(n_vms + 1))
     page_plans = _page_plans(sharing, indexes, scope, choices, bounds, home)
@@ -332,14 +332,16 @@ def _choose(
     want = policy.patch or policy.compress
     pages = refs = np.zeros(0, dtype=np.int64)
     if policy.patch and scope.e_cand.any():
-        keys = similarity_keys(dumps, policy, scope, batch_pages, home)
+        threads = workers.count
+        keys = similarity_keys(dumps, policy, scope, batch_pages, home, threads)
         pages, refs = candidate_pairs(
             keys,
             home.full(n_e, True, np.bool_),
             scope.e_cand,
             policy.detector.candidates,
             None if policy.cross_vm else scope.e_vm,
-            partitions=pair_partitions(n_e, home),
+            partitions=pair_partitions(n_e, home, threads),
+            threads=threads,
         )
         del keys
     sampling = sample_groups(scope, pages, refs, sample, seed, home) if sample is not None and want else None

@@ -18,8 +18,9 @@ from dengine_cli.engine.sharing.model import SharingReport
 from dengine_cli.formats.base import Dump
 from dengine_cli.parallel.threads import map_in_threads
 
-#: Threads for the plan's numpy work that lets go of the GIL: similarity keys (a dump each at a
-#: time) and the per-VM sorts of the scope.
+#: Threads for the plan's numpy work that lets go of the GIL (similarity keys, a dump each at a
+#: time, and the sorts of the scope) when the caller does not say: ``plan_dumps`` gives its
+#: workers' count (``-j``).
 PLAN_THREADS = min(2, os.cpu_count() or 1)
 
 
@@ -62,6 +63,7 @@ def scope_of(
     hot: Sequence[Bool | None],
     want: bool,
     home: ArrayHome | None = None,
+    threads: int = PLAN_THREADS,
 ) -> Scope:
     """The :class:`Scope` of a plan over ``sharing``.  ``home``: where the per-page arrays are
     made, and in how many pages at a time they are worked out (:meth:`ArrayHome.step`): the
@@ -82,7 +84,7 @@ def scope_of(
         # GIL); then VM after VM, chunk after chunk, in scan order.
         work = [(v, lo, hi) for v in window for lo, hi in pieces(len(ids_all[v]), step)]
         firsts = map_in_threads(
-            lambda piece: _first_occurrences(ids_all[piece[0]][piece[1] : piece[2]]), work, PLAN_THREADS
+            lambda piece: _first_occurrences(ids_all[piece[0]][piece[1] : piece[2]]), work, threads
         )
         for v in window:
             mine = [(lo, hi, f) for (u, lo, hi), f in zip(work, firsts, strict=True) if u == v]
@@ -212,7 +214,12 @@ def _offered(
 
 
 def similarity_keys(
-    dumps: Sequence[Dump], policy: Policy, scope: Scope, batch_pages: int, home: ArrayHome | None = None
+    dumps: Sequence[Dump],
+    policy: Policy,
+    scope: Scope,
+    batch_pages: int,
+    home: ArrayHome | None = None,
+    threads: int = PLAN_THREADS,
 ) -> npt.NDArray[np.uint64]:
     """Similarity keys ``(|E|, k)`` of the offered pages, one pass over each dump's batches
     (made where ``home`` keeps arrays)."""
@@ -235,5 +242,5 @@ def similarity_keys(
 
     # Dumps in threads: gathering the blocks (page faults) and hashing them run in numpy without
     # the GIL.  Each thread writes its own rows.
-    map_in_threads(dump_keys, range(len(dumps)), PLAN_THREADS)
+    map_in_threads(dump_keys, range(len(dumps)), threads)
     return keys
