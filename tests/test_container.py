@@ -231,3 +231,20 @@ def test_the_content_decides_when_a_reader_or_another_container_claims_it(
     with open_dump(misnamed, OpenOptions(tmp_dir=tmp_path)) as d:
         assert d.facts.format == "raw" and d.facts.extra["file_compression"] == "zstd"
         assert d.page_count == 64  # every page of the 64 compressed is present (zero or not)
+
+
+def test_a_raw_image_that_merely_starts_with_the_gzip_magic_is_read_raw(tmp_path: Path) -> None:
+    # Found by the plan's property test: a random first page began 1f 8b b3, and the image was
+    # refused as corrupt gzip ("unknown compression method") instead of being read raw.
+    from dengine_cli.formats import open_dump
+    from dengine_cli.formats.base import OpenOptions
+
+    assert container.detect(b"\x1f\x8b\xb3\x00") is None
+    assert container.detect(b"\x1f\x8b\x08\x20") is None  # a reserved flag bit set
+    assert container.detect(b"\x1f\x8b\x08\x00") == "gzip"
+    page = bytes([0x1F, 0x8B, 0xB3]) + bytes(range(256)) * 15 + bytes(4096 - 3 - 256 * 15)
+    image = tmp_path / "vm.raw"
+    image.write_bytes(page + bytes(4096))
+    with open_dump(image, OpenOptions(format="raw")) as dump:
+        assert dump.page_count == 2
+        assert bytes(dump.pages_at(np.array([0], dtype=np.uint64))[0]) == page

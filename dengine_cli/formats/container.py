@@ -106,7 +106,9 @@ LZOP_VERSION_0940 = 0x0940
 
 def detect(head: bytes) -> str | None:
     """The compression of a file from its first bytes (FORMATS.md §0), or ``None``."""
-    if head.startswith(GZIP_MAGIC):
+    # gzip: the magic, CM 8 (deflate, the only method RFC 1952 defines) and FLG's reserved bits
+    # clear: two bytes alone also begin one raw guest image in 65,536 (a page of random data).
+    if head.startswith(GZIP_MAGIC) and len(head) > 3 and head[2] == 8 and not head[3] & 0xE0:
         return "gzip"
     if head.startswith(BZIP2_MAGIC) and len(head) > 3 and head[3] in b"123456789":
         return "bzip2"
