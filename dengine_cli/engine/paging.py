@@ -16,7 +16,7 @@ as not fitting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,13 +45,13 @@ class SwapChoice:
     fits: bool
 
 
-class _Chosen(Sequence[_I64]):
-    """Per VM, the first ``taken[c][v]`` pages of each class c, in ascending order."""
+class PerVm(Sequence[_I64]):
+    """A sequence of per-VM arrays, each made by ``make(v)`` when asked for (one VM's in memory
+    at a time)."""
 
-    def __init__(self, classes: Sequence[SwapClass], taken: Sequence[Sequence[int]], n_vms: int) -> None:
-        self._classes = classes
-        self._taken = taken
-        self._n = n_vms
+    def __init__(self, n: int, make: Callable[[int], _I64]) -> None:
+        self._n = n
+        self._make = make
 
     def __len__(self) -> int:
         return self._n
@@ -59,12 +59,17 @@ class _Chosen(Sequence[_I64]):
     def __getitem__(self, v: int) -> _I64:  # type: ignore[override]
         if not 0 <= v < self._n:
             raise IndexError(v)
-        parts = [
-            np.asarray(cls.positions[v][:k], dtype=np.int64)
-            for cls, taken in zip(self._classes, self._taken, strict=True)
-            if (k := taken[v])
-        ]
-        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        return self._make(v)
+
+
+def _chosen(classes: Sequence[SwapClass], taken: Sequence[Sequence[int]], v: int) -> _I64:
+    """VM v's first ``taken[c][v]`` pages of each class c, in ascending order."""
+    parts = [
+        np.asarray(cls.positions[v][:k], dtype=np.int64)
+        for cls, counts in zip(classes, taken, strict=True)
+        if (k := counts[v])
+    ]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
 def choose_swap(excess: int, classes: Sequence[SwapClass], n_vms: int) -> SwapChoice:
@@ -86,7 +91,7 @@ def choose_swap(excess: int, classes: Sequence[SwapClass], n_vms: int) -> SwapCh
             taken[c][v] = k
             freed[v] += int(total[k - 1])
             remaining -= int(total[k - 1])
-    return SwapChoice(_Chosen(classes, taken, n_vms), tuple(freed), remaining <= 0)
+    return SwapChoice(PerVm(n_vms, lambda v: _chosen(classes, taken, v)), tuple(freed), remaining <= 0)
 
 
 def vms_per_host(host_memory: int, footprint: int) -> int | None:

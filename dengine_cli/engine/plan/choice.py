@@ -13,7 +13,7 @@ import numpy.typing as npt
 from dengine_cli.arrays import ArrayHome, pieces
 from dengine_cli.engine.costs import OperationCounts, PlanCost
 from dengine_cli.engine.index import PageIndex, Progress
-from dengine_cli.engine.paging import SwapClass, choose_swap, vms_per_host
+from dengine_cli.engine.paging import PerVm, SwapClass, choose_swap, vms_per_host
 from dengine_cli.engine.plan.measure import compressed_sizes, patch_sizes
 from dengine_cli.engine.plan.model import (
     ACTIONS,
@@ -499,28 +499,12 @@ def _swap_classes(
         whole = np.flatnonzero((pp.actions == WHOLE) & movable)
         return whole, np.flatnonzero(pp.actions == COMPRESS), np.flatnonzero(pp.actions == PATCH)
 
-    def positions(k: int) -> _PerVm:
-        return _PerVm(len(page_plans), lambda v: pageable(v)[k])
+    def positions(k: int) -> PerVm:
+        return PerVm(len(page_plans), lambda v: pageable(v)[k])
 
-    def freed(k: int) -> _PerVm:
+    def freed(k: int) -> PerVm:
         if k == 0:
-            return _PerVm(len(page_plans), lambda v: np.full(len(pageable(v)[0]), PAGE_SIZE, dtype=np.int64))
-        return _PerVm(len(page_plans), lambda v: page_plans[v].sizes[pageable(v)[k]].astype(np.int64))
+            return PerVm(len(page_plans), lambda v: np.full(len(pageable(v)[0]), PAGE_SIZE, dtype=np.int64))
+        return PerVm(len(page_plans), lambda v: page_plans[v].sizes[pageable(v)[k]].astype(np.int64))
 
     return [SwapClass(positions(k), freed(k)) for k in range(3)]
-
-
-class _PerVm(Sequence[I64]):
-    """A sequence of per-VM arrays, each made by ``make(v)`` when asked for."""
-
-    def __init__(self, n: int, make: Callable[[int], I64]) -> None:
-        self._n = n
-        self._make = make
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, v: int) -> I64:  # type: ignore[override]
-        if not 0 <= v < self._n:
-            raise IndexError(v)
-        return self._make(v)
