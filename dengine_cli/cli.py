@@ -169,10 +169,11 @@ def dump_options(f: F, *, format_alias: bool = False) -> F:
     )(f)
     f = session_option(
         "--tmp-dir",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=TMP_DIR,
         default=None,
         help="Where compressed dumps are decompressed to (default: $TMPDIR); where a command "
-        "with --memory-limit spills page arrays past it (default: the index directory).",
+        "with --memory-limit spills page arrays past it (default: the index directory).  A "
+        "directory that exists.",
     )(f)
     f = session_option(
         "--max-decompressed",
@@ -244,6 +245,13 @@ def progress(total: int, desc: str) -> Iterator[Callable[[int], None]]:
     tqdm.monitor_interval = 0  # no monitor thread: see PageProgress
     with tqdm(total=total, desc=desc, unit="page", unit_scale=True, leave=False, file=sys.stderr) as bar:
         yield bar.update
+
+
+#: ``--tmp-dir``: a directory that exists and can be written to, checked before any work.  A
+#: scratch directory is named, not made (as ``sort -T`` and ``rsync --temp-dir`` do): a mistyped
+#: one is an error at once, not a stray directory, nor a failure minutes into a run (decompression
+#: and ``apply`` refused one that did not exist, spills made it).
+TMP_DIR = click.Path(exists=True, file_okay=False, writable=True, path_type=Path)
 
 
 class ByteSize(click.ParamType[int]):
@@ -985,10 +993,10 @@ FRAME_CODEC_NAMES = ("auto", "xz-x86", "xz", "xz-words", "xz-x86-6", "xz-6", "zs
 )
 @click.option(
     "--tmp-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=TMP_DIR,
     default=None,
     help="Where page arrays past --memory-limit go (default: the directory STORE is in, or the "
-    "nearest existing one above it).",
+    "nearest existing one above it).  A directory that exists.",
 )
 def apply_command(
     plan_file: Path,

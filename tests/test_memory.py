@@ -21,6 +21,8 @@ from tests.commands import invoke_quiet
 from tests.vms import design_vms, write_raw_images
 
 RAW = OpenOptions(format="raw")
+#: A directory that exists and that no file can be made in (procfs: every create fails).
+NO_FILES_HERE = "/proc"
 
 
 @pytest.fixture(scope="module")
@@ -241,14 +243,40 @@ def test_apply_with_nowhere_to_hold_its_arrays_says_so_and_writes_nothing(
     from dengine_cli.errors import EXIT_OUTPUT
 
     plan_file = _plan_file(tmp_path, fleet)
-    missing = tmp_path / "no" / "such"
-    limit = ["--memory-limit", "1M", "--tmp-dir", str(missing)]
+    # A directory that exists but takes no file (procfs): found only when the arrays go there.
+    limit = ["--memory-limit", "1M", "--tmp-dir", NO_FILES_HERE]
     code, _, err = invoke_quiet("apply", str(plan_file), "-o", str(tmp_path / "store"), *limit)
     assert code == EXIT_OUTPUT
-    assert err.startswith(f"dengine: {missing}: cannot write: page arrays past the memory limit: ")
+    assert err.startswith(f"dengine: {NO_FILES_HERE}: cannot write: page arrays past the memory limit: ")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "store").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "plan.json"]
+
+
+@pytest.mark.parametrize("command", ["info", "analyze", "plan", "report", "apply"])
+@pytest.mark.parametrize("where", ["missing", "under-a-file", "a-file"])
+def test_a_tmp_dir_that_is_not_a_directory_is_refused_before_any_work(
+    tmp_path: Path, fleet: list[Path], command: str, where: str
+) -> None:
+    from dengine_cli.errors import EXIT_USAGE
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    tmp_dir = {"missing": tmp_path / "no" / "such", "under-a-file": a_file / "tmp", "a-file": a_file}[where]
+    out, raw = tmp_path / "out", ["--dump-format", "raw"]
+    args = {
+        "info": ["info", *raw, str(fleet[0])],
+        "analyze": ["analyze", *raw, "--index-dir", str(tmp_path / "idx"), str(fleet[0])],
+        "plan": ["plan", *raw, "--index-dir", str(tmp_path / "idx"), "-o", str(out), str(fleet[0])],
+        "report": ["report", *raw, "--index-dir", str(tmp_path / "idx"), "-o", str(out), str(fleet[0])],
+        "apply": ["apply", str(tmp_path / "plan.json"), "-o", str(out)],  # refused before it is read
+    }[command]
+    code, stdout, err = invoke_quiet(*args, "--tmp-dir", str(tmp_dir))
+    assert code == EXIT_USAGE, err
+    what = "is a file" if where == "a-file" else "does not exist"
+    assert f"Invalid value for '--tmp-dir': Directory '{tmp_dir}' {what}" in err
+    assert len(err.strip().splitlines()) == 1 and stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no index, no output, no directory
 
 
 def test_apply_past_the_limit_into_a_store_whose_parents_it_makes(tmp_path: Path, fleet: list[Path]) -> None:
@@ -363,16 +391,14 @@ def test_a_plan_with_nowhere_to_hold_its_arrays_says_so_and_writes_nothing(
 ) -> None:
     from dengine_cli.errors import EXIT_OUTPUT
 
-    not_a_dir = tmp_path / "file"
-    not_a_dir.write_text("x")
     out_file = tmp_path / "plan.json"
-    limit = ["--memory-limit", "64K", "--tmp-dir", str(not_a_dir / "tmp")]
+    limit = ["--memory-limit", "64K", "--tmp-dir", NO_FILES_HERE]
     code, out, err = invoke_quiet(
         "plan", "--dump-format", "raw", "--index-dir", str(tmp_path / "idx"), *limit, "-o", str(out_file),
         *map(str, mixed_fleet),
     )  # fmt: skip
     assert code == EXIT_OUTPUT, err
-    assert err.startswith(f"dengine: {not_a_dir / 'tmp'}: cannot write: ") and "Traceback" not in err
+    assert err.startswith(f"dengine: {NO_FILES_HERE}: cannot write: ") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not out_file.exists() and out == ""
 

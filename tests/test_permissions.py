@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dengine_cli.errors import EXIT_OUTPUT, EXIT_UNREADABLE
+from dengine_cli.errors import EXIT_OUTPUT, EXIT_UNREADABLE, EXIT_USAGE
 from tests.conftest import REPO
 from tests.vms import write_raw_image
 
@@ -100,6 +100,18 @@ def as_nobody(*args: str, shared: Path) -> subprocess.CompletedProcess[str]:
             ["restore", "{d}/store", "-o", "{d}/locked/images"],
             EXIT_OUTPUT,
             "{d}/locked/images: cannot write: Permission denied",
+        ),
+        (
+            ["plan", "{d}/vm.raw", "--tmp-dir", "{d}/locked"],
+            EXIT_USAGE,
+            "plan: Invalid value for '--tmp-dir': Directory '{d}/locked' is not readable; "
+            "see 'dengine plan --help'",
+        ),
+        (
+            ["apply", "{d}/plan.json", "-o", "{d}/s", "--tmp-dir", "{d}/locked"],
+            EXIT_USAGE,
+            "apply: Invalid value for '--tmp-dir': Directory '{d}/locked' is not readable; "
+            "see 'dengine apply --help'",
         ),
         (["verify", "{d}/locked/store"], EXIT_UNREADABLE, "{d}/locked/store: cannot read: Permission denied"),
         (
