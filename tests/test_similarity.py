@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dengine_cli.arrays import ArrayHome
 from dengine_cli.engine.similarity import (
     BLOCK_SIZE,
     DRAWN,
+    MERGE_BYTES_PER_PAIR,
     HashSimilarityDetector,
     candidate_pairs,
     draw_blocks,
@@ -130,10 +133,13 @@ def brute_pairs(
     seed=st.integers(0, 1000),
     scoped=st.booleans(),
     partitions=st.sampled_from([1, 2, 4, 16]),
+    merged_by=st.sampled_from([None, 1, 3, 1000]),
 )
 def test_candidate_pairs_equal_a_sequential_scan(
-    n: int, k: int, c: int, distinct: int, seed: int, scoped: bool, partitions: int
+    n: int, k: int, c: int, distinct: int, seed: int, scoped: bool, partitions: int, merged_by: int | None
 ) -> None:
+    """``merged_by``: the pairs kept in files and merged that many codes at a time (None: in
+    memory)."""
     # Keys spread over all 64 bits (a multiply by an odd constant is a bijection), so that
     # key ranges by top bits split the buckets between partitions.
     rng = np.random.default_rng(seed)
@@ -142,8 +148,14 @@ def test_candidate_pairs_equal_a_sequential_scan(
     offered = rng.random(n) < 0.8
     wants = offered & (rng.random(n) < 0.6)
     scope = rng.integers(0, 2, n) if scoped else None
-    pages, refs = candidate_pairs(keys, offered, wants, c, scope, partitions=partitions)
-    got = list(zip(pages.tolist(), refs.tolist(), strict=True))
+    with tempfile.TemporaryDirectory() as folder:
+        home = None
+        if merged_by is not None:
+            home = ArrayHome(Path(folder), work_bytes=merged_by * MERGE_BYTES_PER_PAIR, least_step=1)
+        pages, refs = candidate_pairs(keys, offered, wants, c, scope, partitions=partitions, home=home)
+        got = list(zip(pages.tolist(), refs.tolist(), strict=True))
+        assert pages.dtype == refs.dtype == np.int64
+        del pages, refs
     assert got == sorted(set(got))
     assert set(got) == brute_pairs(keys, offered, wants, c, scope)
     assert all(r < p for p, r in got)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.arrays import unique
+from dengine_cli.arrays import ArrayHome, unique
 from dengine_cli.pages import PAGE_SIZE, PageArray
 from dengine_cli.parallel.threads import map_in_threads
 
@@ -166,6 +166,7 @@ def candidate_pairs(
     *,
     partitions: int = 1,
     threads: int = 2,
+    home: ArrayHome | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """The (page, reference) pairs of a scan, as two arrays of positions in scan order.
 
@@ -177,7 +178,9 @@ def candidate_pairs(
     ``partitions`` (a power of two): each index is worked through in that many ranges of its
     keys (by their top bits), so that the temporaries are those of one range at a time.  A
     bucket lies in one range, so the pairs are the same for any count.  ``threads``: how many
-    indexes or ranges are worked through at once.
+    indexes or ranges are worked through at once.  ``home``: where the pairs are kept; when it
+    keeps arrays in files, so are the pairs of each range, and they are merged a range of
+    pages at a time (:func:`_merged`), never all in memory (16 bytes a pair).
     """
     n, k = keys.shape
     if np.count_nonzero(offered) < 2:
@@ -185,21 +188,68 @@ def candidate_pairs(
         return empty, empty.copy()
     bits = max(0, int(partitions).bit_length() - 1)
     tasks = [(j, p) for j in range(k) for p in range(1 << bits)]
+    in_files = home is not None and home.in_files
 
-    def pairs_of(task: tuple[int, int]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    def codes_of(task: tuple[int, int]) -> npt.NDArray[np.int64]:
+        """The pairs of one index's key range, each as the code ``page * n + reference``
+        (sorted and in ``home``'s files when it keeps arrays there)."""
         j, p = task
         members = _members(keys[:, j], offered, bits, p)
-        return _bucket_pairs(keys[members, j], members, wants, candidates, scope)
+        page, ref = _bucket_pairs(keys[members, j], members, wants, candidates, scope)
+        codes: npt.NDArray[np.int64] = page * n + ref
+        if home is not None and in_files:
+            codes = home.hold(np.sort(codes))
+        return codes
 
     # The sorts in threads (numpy sorts without the GIL).
-    found = map_in_threads(pairs_of, tasks, max(1, min(len(tasks), threads)))
-    page = np.concatenate([f[0] for f in found])
-    ref = np.concatenate([f[1] for f in found])
-    if not len(page):
-        return page, ref
+    found = map_in_threads(codes_of, tasks, max(1, min(len(tasks), threads)))
+    if home is not None and in_files:
+        return _merged(found, n, home)
     # Dedupe (a reference may be found through several indexes) and sort by page, then ref.
-    combined = unique(page.astype(np.int64) * n + ref)
+    combined = unique(np.concatenate(found))
     return combined // n, combined % n
+
+
+#: Bytes of temporaries per pair code while sorted runs are merged: the slices of the runs
+#: gathered, sorted, the mask of distinct codes and the distinct codes.
+MERGE_BYTES_PER_PAIR = 32
+
+
+def _merged(
+    runs: list[npt.NDArray[np.int64]], n: int, home: ArrayHome
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The distinct codes of sorted ``runs`` (``page * n + reference``), in order, as pages and
+    references made by ``home``: a range of codes at a time, each range the codes below a bound
+    in every run (:func:`_merge_bounds`), so that equal codes meet in one range."""
+    total = sum(len(r) for r in runs)
+    step = home.step(MERGE_BYTES_PER_PAIR) or max(1, total)
+    bounds = _merge_bounds(runs, -(-total // step))
+    at = [0] * len(runs)
+    merged: list[npt.NDArray[np.int64]] = []
+    for bound in bounds:
+        ends = [int(np.searchsorted(r, bound)) for r in runs]
+        piece = unique(np.concatenate([r[a:e] for r, a, e in zip(runs, at, ends, strict=True)]))
+        merged.append(home.hold(piece))
+        at = ends
+    pages = home.full(sum(len(m) for m in merged), 0, np.int64)
+    refs = home.full(len(pages), 0, np.int64)
+    lo = 0
+    for m in merged:
+        np.floor_divide(m, n, out=pages[lo : lo + len(m)])
+        np.remainder(m, n, out=refs[lo : lo + len(m)])
+        lo += len(m)
+    return pages, refs
+
+
+def _merge_bounds(runs: list[npt.NDArray[np.int64]], ranges: int) -> list[int]:
+    """Codes that cut sorted ``runs`` into about ``ranges`` ranges of equal size (the last bound
+    above every code): quantiles of a sample of every run's codes, 64 a range."""
+    total = sum(len(r) for r in runs)
+    every = max(1, total // (64 * max(1, ranges)))
+    sample = np.sort(np.concatenate([r[::every] for r in runs] or [np.zeros(0, dtype=np.int64)]))
+    cuts = [int(sample[len(sample) * j // ranges]) for j in range(1, ranges) if len(sample)]
+    last = max((int(r[-1]) for r in runs if len(r)), default=-1) + 1
+    return [*sorted(set(cuts)), last]
 
 
 #: Pages looked at a time when the members of a key range are picked.

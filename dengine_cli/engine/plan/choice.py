@@ -342,6 +342,7 @@ def _choose(
             None if policy.cross_vm else scope.e_vm,
             partitions=pair_partitions(n_e, home, threads),
             threads=threads,
+            home=home,
         )
         del keys
     sampling = sample_groups(scope, pages, refs, sample, seed, home) if sample is not None and want else None
