@@ -348,3 +348,51 @@ def test_the_sample_is_the_same_worked_through_in_steps_and_in_files(
                 a, b = getattr(whole, key), getattr(stepped, key)
                 assert a.dtype == b.dtype and np.array_equal(a, b), key
             assert whole.info == stepped.info
+
+
+def _smallest_member_labels(n: int, edges: list[tuple[int, int]]) -> list[int]:
+    """Component labels by a union-find, one edge at a time: the smallest member of each."""
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for x, y in edges:
+        rx, ry = root(x), root(y)
+        parent[max(rx, ry)] = min(rx, ry)
+    return [root(x) for x in range(n)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 120),
+    m=st.integers(0, 200),
+    seed=st.integers(0, 10_000),
+    filtered=st.booleans(),
+    step=st.sampled_from([None, 1, 7, 64]),
+)
+def test_components_in_memory_and_in_steps_are_a_union_find(
+    n: int, m: int, seed: int, filtered: bool, step: int | None
+) -> None:
+    """``step``: the edges and nodes worked through that many at a time in files (None: in
+    memory); ``filtered``: only edges whose second end counts."""
+    import tempfile
+
+    from dengine_cli.arrays import ArrayHome
+    from dengine_cli.engine.plan.sampling import EDGE_BYTES, components
+
+    rng = np.random.default_rng(seed)
+    # Chains as well as random edges, so that labels travel far.
+    a = np.concatenate([rng.integers(0, n, m), np.arange(1, n)[: m // 2]]).astype(np.int64)
+    b = np.concatenate([rng.integers(0, n, m), np.arange(0, n - 1)[: m // 2]]).astype(np.int64)
+    counts = rng.random(n) < 0.7 if filtered else None
+    kept = [(x, y) for x, y in zip(a.tolist(), b.tolist(), strict=True) if counts is None or counts[y]]
+    expected = _smallest_member_labels(n, kept)
+    with tempfile.TemporaryDirectory() as folder:
+        home = None
+        if step is not None:
+            home = ArrayHome(Path(folder), work_bytes=step * EDGE_BYTES, least_step=1)
+        got = components(n, a, b, home, counts).tolist()
+    assert got == expected

@@ -62,19 +62,64 @@ _SIZE_CLASSES = 62
 SAMPLE_BYTES_PER_PAGE = 48
 
 
-def components(n: int, a: I64, b: I64, home: ArrayHome | None = None) -> I64:
-    """Connected-component labels (smallest member) of n nodes linked by edges a[i]-b[i]: an
-    array over the n nodes made where ``home`` keeps arrays; the work is over the linked nodes
-    only (the others are their own label)."""
+#: Bytes of temporaries per edge while a step of edges is worked through in
+#: :func:`components` past the memory limit: both ends, which count, their labels, the minima.
+EDGE_BYTES = 56
+
+
+def components(n: int, a: I64, b: I64, home: ArrayHome | None = None, counts: Bool | None = None) -> I64:
+    """Connected-component labels (smallest member) of n nodes linked by the edges a[i]-b[i]
+    (those whose ``b`` end ``counts``, when given): an array over the n nodes made where
+    ``home`` keeps arrays.  In memory the work is over the linked nodes only (the others are
+    their own label); when ``home`` keeps arrays in files, by :func:`_components_in_steps`, to
+    the same labels."""
     home = home or ArrayHome()
     label = home.full(n, 0, np.int64)
     for lo, hi in pieces(n, home.step(8)):
         label[lo:hi] = np.arange(lo, hi, dtype=np.int64)
+    if home.in_files:
+        return _components_in_steps(label, a, b, counts, home)
+    if counts is not None:
+        counted = counts[b]
+        a, b = a[counted], b[counted]
     if not len(a):
         return label
     nodes = unique(np.concatenate((a, b)))
     linked = _linked_components(len(nodes), np.searchsorted(nodes, a), np.searchsorted(nodes, b))
     label[nodes] = nodes[linked]  # nodes ascend: the smallest compact member is the smallest
+    return label
+
+
+def _components_in_steps(label: I64, a: I64, b: I64, counts: Bool | None, home: ArrayHome) -> I64:
+    """:func:`components` into ``label`` (each node its own label), a step of edges or nodes at
+    a time: each edge lowers both ends' labels to the smaller of the two, then labels follow
+    labels to their root, until a pass over the edges lowers none.  Labels only fall, and stay
+    a member of the node's component; when no edge has two labels, a component has one, and its
+    smallest member, whose label cannot fall below itself, gives it."""
+    edge_steps = pieces(len(a), home.step(EDGE_BYTES))
+    node_steps = pieces(len(label), home.step(16))
+    lowered = len(a) > 0
+    while lowered:
+        lowered = False
+        for lo, hi in edge_steps:
+            pa, pb = a[lo:hi], b[lo:hi]
+            if counts is not None:
+                pa, pb = pa[counts[pb]], pb[counts[pb]]
+            la, lb = label[pa], label[pb]
+            m = np.minimum(la, lb)
+            if np.any(la != lb):
+                lowered = True
+                np.minimum.at(label, pa, m)
+                np.minimum.at(label, pb, m)
+        jumped = True
+        while jumped:
+            jumped = False
+            for lo, hi in node_steps:
+                now = label[lo:hi]
+                root = label[now]
+                if not np.array_equal(root, now):
+                    label[lo:hi] = root
+                    jumped = True
     return label
 
 
@@ -129,8 +174,8 @@ def sample_groups(
     home = home or ArrayHome()
     step = home.step(SAMPLE_BYTES_PER_PAGE)
     n_e = len(scope.e_vm)
-    cc = scope.e_cand[refs]
-    unit, n_units = _units(scope.e_cand, components(n_e, pages[cc], refs[cc], home), home, step)
+    label = components(n_e, pages, refs, home, counts=scope.e_cand)  # pairs whose reference may be sampled
+    unit, n_units = _units(scope.e_cand, label, home, step)
     sizes = home.full(n_units, 0, np.int64)
     for lo, hi in pieces(n_e, step):
         u = unit[lo:hi]
