@@ -30,7 +30,7 @@ from tests.builders.elf import (
     vmcoreinfo_note,
 )
 from tests.builders.xc_core import build_xc_core
-from tests.conftest import needs_oracle, oracle_pages, page_digests, read_pages
+from tests.conftest import REPO, needs_oracle, oracle_pages, page_digests, read_pages
 
 PAGE = 4096
 
@@ -278,7 +278,127 @@ def test_not_a_core_file_when_forced(tmp_path: Path) -> None:
 def test_short_program_header_entries(tmp_path: Path) -> None:
     built = build_elf([Segment(0, pages(0, 1))], elf_class=32, phentsize=16)
     err = open_error(tmp_path, built.data)
-    assert str(err).endswith("at offset 0x0: expected e_phentsize >= 32 for ELF32, found 16")
+    assert err.exit_code == 4
+    assert str(err).endswith(
+        "at offset 0x2a: expected e_phentsize = 32 for ELF32 (the size of Elf32_Phdr), found 16"
+    )
+
+
+@pytest.mark.parametrize(
+    "elf_class,phentsize,at",
+    [(64, 1000, 0x36), (64, 64, 0x36), (64, 55, 0x36), (32, 1000, 0x2A), (32, 56, 0x2A)],
+)
+def test_program_header_entries_of_another_size(
+    tmp_path: Path, elf_class: int, phentsize: int, at: int
+) -> None:
+    # e_phentsize is sizeof(Elf64_Phdr) = 56 (ELF32: 32) in every ELF core; a larger one used to be
+    # taken as the stride of the table, reading page data as program headers (0 pages, exit 0).
+    built = build_elf(qemu_pc_segments(), elf_class=elf_class, notes=qemu_notes(), qemu_layout=True)
+    data = bytearray(built.data)
+    data[at : at + 2] = phentsize.to_bytes(2, "little")  # e_phentsize lies
+    err = open_error(tmp_path, bytes(data))
+    assert err.exit_code == 4
+    size = 56 if elf_class == 64 else 32
+    assert str(err) == (
+        f"{tmp_path / 'dump.elf'}: at offset {at:#x}: expected e_phentsize = {size} for ELF{elf_class} "
+        f"(the size of Elf{elf_class}_Phdr), found {phentsize}"
+    )
+
+
+def test_no_program_headers(tmp_path: Path) -> None:
+    built = build_elf([Segment(0, pages(0, 1))], notes=[qemu_note()])
+    data = bytearray(built.data)
+    data[0x38:0x3A] = bytes(2)  # e_phnum = 0 (when forced: such a file is no ELF core to probe)
+    err = open_error(tmp_path, bytes(data))
+    assert err.exit_code == 4
+    assert str(err) == (
+        f"{tmp_path / 'dump.elf'}: at offset 0x38: expected program headers (e_phnum > 0), found e_phnum = 0"
+    )
+
+
+def test_no_program_headers_pn_xnum(tmp_path: Path) -> None:
+    built = build_elf([Segment(0, pages(0, 1))], pn_xnum=True)
+    data = bytearray(built.data)
+    sh_info = 64 + 44  # section header 0 (e_shoff 64), sh_info
+    data[sh_info : sh_info + 4] = bytes(4)
+    err = open_error(tmp_path, bytes(data))
+    assert err.exit_code == 4
+    assert str(err) == (
+        f"{tmp_path / 'dump.elf'}: at offset {sh_info:#x}: expected program headers (sh_info > 0 in "
+        "section header 0, as e_phnum is PN_XNUM), found sh_info = 0"
+    )
+
+
+@pytest.mark.parametrize("elf_class", [64, 32])
+def test_program_header_table_pointing_into_page_data(tmp_path: Path, elf_class: int) -> None:
+    # e_phoff lies: the "program headers" at the first page of RAM hold no PT_LOAD.  This used to
+    # read as a dump of 0 pages (exit 0), while e_phnum = 0 was refused.
+    built = build_elf(qemu_pc_segments(), elf_class=elf_class, notes=qemu_notes(), qemu_layout=True)
+    data = bytearray(built.data)
+    e_phoff_at, size = (32, 8) if elf_class == 64 else (28, 4)
+    data[e_phoff_at : e_phoff_at + size] = built.data_offsets[0].to_bytes(size, "little")
+    err = open_error(tmp_path, bytes(data))
+    assert err.exit_code == 4
+    assert str(err) == (
+        f"{tmp_path / 'dump.elf'}: at offset {e_phoff_at:#x}: expected program headers with a PT_LOAD "
+        f"segment (guest memory) at e_phoff {built.data_offsets[0]:#x}, found 7 program headers there, "
+        "none of type PT_LOAD"
+    )
+
+
+def test_core_without_pt_load(tmp_path: Path) -> None:
+    # Notes and no memory at all: refused like e_phnum = 0, also when probed (not forced).
+    path = write(tmp_path, build_elf([], notes=[prstatus_note(), vmcoreinfo_note()]).data)
+    with pytest.raises(FormatError) as info:
+        open_dump(path)
+    assert info.value.exit_code == 4
+    assert str(info.value) == (
+        f"{path}: at offset 0x20: expected program headers with a PT_LOAD segment (guest memory) at "
+        "e_phoff 0x40, found 1 program header there, none of type PT_LOAD"
+    )
+
+
+def test_empty_pt_load_is_an_empty_dump(tmp_path: Path) -> None:
+    # A PT_LOAD of p_memsz 0 is a segment: the dump of no pages, not an error.
+    with open_dump(write(tmp_path, build_elf([Segment(0, b"")], notes=[prstatus_note()]).data)) as dump:
+        assert dump.page_count == 0 and dump.facts.extra["pt_load_segments"] == 0
+
+
+@pytest.mark.parametrize("elf_class", [64, 32])
+def test_qemu_segment_at_an_unaligned_address(tmp_path: Path, elf_class: int) -> None:
+    # QEMU dumps whole guest pages.  A first PT_LOAD at p_paddr 0x10 made gfn 0xa0 present (in
+    # part), so RAM no longer ended at the VGA window and everything above it was dropped as
+    # device memory (exit 0, the RAM only in facts.skipped).
+    built = build_elf(qemu_pc_segments(), elf_class=elf_class, notes=qemu_notes(), qemu_layout=True)
+    data = bytearray(built.data)
+    at, size = (built.phdr_offsets[0] + 24, 8) if elf_class == 64 else (built.phdr_offsets[0] + 12, 4)
+    data[at : at + size] = (0x10).to_bytes(size, "little")
+    err = open_error(tmp_path, bytes(data), OpenOptions())
+    assert err.exit_code == 4
+    assert str(err) == (
+        f"{tmp_path / 'dump.elf'}: at offset {at:#x}: expected a QEMU PT_LOAD of whole pages (p_paddr a "
+        "multiple of 0x1000), found p_paddr 0x10"
+    )
+
+
+def test_qemu_segment_of_a_partial_page(tmp_path: Path) -> None:
+    built = build_elf(qemu_pc_segments(), notes=qemu_notes(), qemu_layout=True)
+    data = bytearray(built.data)
+    at = built.phdr_offsets[0] + 40  # p_memsz 0xa0000 -> 0xa0010: a zero tail ending in gfn 0xa0
+    data[at : at + 8] = (0xA0010).to_bytes(8, "little")
+    err = open_error(tmp_path, bytes(data), OpenOptions(device_memory=True))
+    assert err.exit_code == 4
+    assert str(err) == (
+        f"{tmp_path / 'dump.elf'}: at offset {at:#x}: expected a QEMU PT_LOAD of whole pages (p_memsz a "
+        "multiple of 0x1000), found p_memsz 0xa0010"
+    )
+
+
+def test_unaligned_segments_without_qemu_notes_still_read(tmp_path: Path) -> None:
+    # Not QEMU's (a /proc/vmcore copy): segments from /proc/iomem need not be page aligned.
+    segs = [Segment(0x10, pages(0, 0xA0)[: 0xA0000 - 0x10]), *qemu_pc_segments()[1:4]]
+    with open_dump(write(tmp_path, build_elf(segs, notes=[prstatus_note()]).data)) as dump:
+        assert dump.page_count == 0xA0 + 0x50 and dump.facts.skipped == []
 
 
 def test_truncated_note(tmp_path: Path) -> None:
@@ -384,6 +504,27 @@ def test_real_qemu_elf_facts_and_device_memory(real_dump: Callable[[str], Path],
         low_ram_end = int(dump.gfns[dump.gfns < (1 << 20)].max()) + 1
         assert len(dropped) == 0 or int(dropped.min()) >= low_ram_end
         assert int(dump.gfns[0]) == 0
+
+
+def test_real_qemu_elf_with_an_unaligned_segment(tmp_path: Path, real_dump: Callable[[str], Path]) -> None:
+    # The tester's file: alpha.elf with the first PT_LOAD's p_paddr set to 0x10 read as 161 pages
+    # instead of 8160 (the 31 MiB RAM segment dropped as device memory), exit 0.
+    data = bytearray(real_dump("alpha.elf").read_bytes())
+    phoff = int.from_bytes(data[32:40], "little")
+    at = phoff + 56 + 24  # program header 1 (0 is the PT_NOTE): p_paddr
+    assert int.from_bytes(data[at - 24 : at - 20], "little") == 1 and data[at : at + 8] == bytes(8)
+    data[at : at + 8] = (0x10).to_bytes(8, "little")
+    path = write(tmp_path, bytes(data))
+    r = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "dengine"), "info", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert (r.returncode, r.stdout) == (4, "")
+    assert r.stderr == (
+        f"dengine: {path}: at offset {at:#x}: expected a QEMU PT_LOAD of whole pages (p_paddr a multiple "
+        "of 0x1000), found p_paddr 0x10\n"
+    )
 
 
 def test_read_speed_on_biggest_real_elf(real_dump: Callable[[str], Path]) -> None:

@@ -491,6 +491,116 @@ def test_short_bitmap_for_max_mapnr(tmp_path: Path) -> None:
     assert "found 2 bitmap blocks = 32768 bits each" in str(e)
 
 
+#: Where the max_mapnr the reader uses lies: the sub-header's max_mapnr_64 (header version 6; the
+#: sub-header is block 1) or, before version 6, the main header's 32-bit max_mapnr.
+MAX_MAPNR_AT = {("64", 6): (4096 + 96, 8, "max_mapnr_64"), ("32", 6): (4096 + 72, 8, "max_mapnr_64"),
+                ("64", 5): (440, 4, "max_mapnr"), ("32", 5): (428, 4, "max_mapnr")}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout,version", list(MAX_MAPNR_AT))
+def test_max_mapnr_zero(tmp_path: Path, layout: str, version: int) -> None:
+    # max_mapnr_64 = 0 used to read as a dump of 0 pages (exit 0).
+    kf = build_kdump(
+        sample_pages(50),
+        layout=layout,
+        header_version=version,
+        machine="i686" if layout == "32" else "x86_64",
+    )
+    at, size, name = MAX_MAPNR_AT[(layout, version)]
+    path = write(tmp_path, patch(kf.data, at, bytes(size)))
+    e = fails(path)
+    assert (
+        str(e)
+        == f"{path}: at offset {at:#x}: expected page frames in the dump ({name} > 0), found {name} = 0"
+    )
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["plain", "flattened"])
+def test_max_mapnr_below_the_pages_the_bitmaps_mark(tmp_path: Path, flat: bool) -> None:
+    # max_mapnr_64 = 100 while the bitmaps and descriptors hold 300 pages: it used to read as a
+    # dump of the first 100 pages (exit 0).
+    kf = build_kdump(sample_pages(300), codec="zlib")
+    kf.data = patch(kf.data, 4096 + 96, struct.pack("<Q", 100))
+    path = write(tmp_path, flatten(kf) if flat else kf.data)
+    at = 4096 + 16 + 464 + 16 + 96 if flat else 4096 + 96  # flattened: the sub-header is record 2
+    e = fails(path)
+    assert str(e) == (
+        f"{path}: at offset {at:#x}: expected max_mapnr_64 of at least 300 (the 1st bitmap marks pfn "
+        "0x12b), found max_mapnr_64 = 100"
+    )
+
+
+def test_max_mapnr_below_an_excluded_page(tmp_path: Path) -> None:
+    # The pages dumped all lie below max_mapnr, but the 1st bitmap says RAM exists above it.
+    kf = build_kdump(sample_pages(300), excluded={4000})
+    path = write(tmp_path, patch(kf.data, 4096 + 96, struct.pack("<Q", 300)))
+    e = fails(path)
+    assert str(e) == (
+        f"{path}: at offset 0x1060: expected max_mapnr_64 of at least 4001 (the 1st bitmap marks pfn "
+        "0xfa0), found max_mapnr_64 = 300"
+    )
+
+
+def test_max_mapnr_below_a_dumped_page_of_the_2nd_bitmap(tmp_path: Path) -> None:
+    kf = build_kdump(sample_pages(300), max_mapnr=400)
+    b2 = kf.regions["bitmap2"][0]
+    data = patch(kf.data, b2 + 350 // 8, bytes([1 << (350 % 8)]))  # pfn 350 marked dumped only
+    path = write(tmp_path, patch(data, 4096 + 96, struct.pack("<Q", 301)))
+    e = fails(path)
+    assert str(e) == (
+        f"{path}: at offset 0x1060: expected max_mapnr_64 of at least 351 (the 2nd bitmap marks pfn "
+        "0x15e), found max_mapnr_64 = 301"
+    )
+
+
+def test_max_mapnr_below_the_pages_of_an_old_diskdump(tmp_path: Path) -> None:
+    kf = build_kdump(sample_pages(50), signature=b"DISKDUMP", header_version=0, bitmap_blocks=1, max_mapnr=50)
+    path = write(tmp_path, patch(kf.data, 440, struct.pack("<I", 40)))
+    e = fails(path)
+    assert str(e) == (
+        f"{path}: at offset 0x1b8: expected max_mapnr of at least 50 (the bitmap marks pfn 0x31), found "
+        "max_mapnr = 40"
+    )
+
+
+def test_bitmaps_longer_than_max_mapnr_needs_still_read(tmp_path: Path) -> None:
+    # The bitmaps cover max_mapnr bits rounded up to a block (32768 bits here, for 300 or 301
+    # frames); bitmap blocks beyond what max_mapnr needs are read as before: the bits past
+    # max_mapnr are clear.
+    pages = sample_pages(300)
+    assert read_all(open_path(write(tmp_path, build_kdump(pages, max_mapnr=301).data, "a"))) == pages
+    kf = build_kdump(pages, max_mapnr=40000)  # two blocks per bitmap
+    assert struct.unpack_from("<I", kf.data, 436)[0] == 4
+    d = open_path(write(tmp_path, patch(kf.data, 4096 + 96, struct.pack("<Q", 300)), "b"))
+    assert read_all(d) == pages and d.facts.memory_bytes == 300 * 4096
+
+
+@pytest.mark.parametrize("max_mapnr", [0, 100])
+def test_real_qemu_kdump_with_a_lying_max_mapnr(
+    tmp_path: Path, real_dump: Callable[[str], Path], max_mapnr: int
+) -> None:
+    # The tester's files: QEMU's kdump (reassembled, plain) with max_mapnr_64 = 0 read as 0 pages
+    # and with 100 as 100 pages, exit 0; through the command line now: exit 4, one line.
+    import subprocess
+
+    plain = reassemble(real_dump("alpha.kdump").read_bytes())
+    assert struct.unpack_from("<Q", plain, 0x1060)[0] == 0x100000
+    path = write(tmp_path, patch(plain, 0x1060, struct.pack("<Q", max_mapnr)))
+    r = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "dengine"), "info", str(path)], capture_output=True, text=True
+    )
+    assert (r.returncode, r.stdout) == (4, "")
+    expected = (
+        "page frames in the dump (max_mapnr_64 > 0)"
+        if max_mapnr == 0
+        else "max_mapnr_64 of at least 1048576 (the 1st bitmap marks pfn 0xfffff)"
+    )
+    assert (
+        r.stderr
+        == f"dengine: {path}: at offset 0x1060: expected {expected}, found max_mapnr_64 = {max_mapnr}\n"
+    )
+
+
 def test_descriptor_table_beyond_eof(tmp_path: Path) -> None:
     kf = build_kdump(sample_pages(50))
     data = kf.data[: kf.regions["desc"][0] + 100]

@@ -21,7 +21,11 @@ Choices made here:
   has segments from /proc/iomem such as 0x1000-0x9fbff.  Pages read from unaligned offsets are
   still views of the mapping.  A page a segment covers whole is read from the file; a page
   segments cover only in part is present with its uncovered bytes zero (as LiME pads them), so an
-  ELF and a LiME dump of one machine hold the same pages.
+  ELF and a LiME dump of one machine hold the same pages.  In a QEMU dump (QEMU notes) segments
+  are guest RAM blocks of whole pages: a p_paddr or p_memsz that is not a multiple of the page
+  size is an error (a partial page there would make RAM above it look like device memory).
+* The program header table must hold at least one PT_LOAD (e_phnum = 0 or no PT_LOAD: no
+  guest memory, an error), in entries of exactly sizeof(Elf32_Phdr) / sizeof(Elf64_Phdr).
 * Segments overlapping in physical address space are an error, except a segment lying wholly
   inside another whose ``p_vaddr`` is a virtual alias (``/proc/vmcore``'s kernel-text segment
   repeats part of a RAM segment): it is dropped and listed in ``facts.skipped``.
@@ -124,7 +128,12 @@ PHDR_FIELDS = {
         ("p_memsz", "u8", 40),
     ],
 }
+#: sizeof(Elf32_Phdr), sizeof(Elf64_Phdr): the only e_phentsize a reader of PHDR_FIELDS can trust.
 PHDR_SIZE = {ELFCLASS32: 32, ELFCLASS64: 56}
+#: Offsets of ELF header fields messages name, per class.
+E_PHOFF_AT = {ELFCLASS32: 28, ELFCLASS64: 32}
+E_PHENTSIZE_AT = {ELFCLASS32: 42, ELFCLASS64: 54}
+E_PHNUM_AT = {ELFCLASS32: 44, ELFCLASS64: 56}
 SHDR_SIZE = {ELFCLASS32: 40, ELFCLASS64: 64}
 #: Offset of sh_info in a section header, per class.
 SH_INFO_AT = {ELFCLASS32: 28, ELFCLASS64: 44}
@@ -371,13 +380,24 @@ def parse_layout(source: Source, image: ElfImage) -> ElfLayout:
     cls_name = "ELF64" if hdr.elf_class == ELFCLASS64 else "ELF32"
     phnum = _program_header_count(source, image, hdr)
     if phnum == 0:
+        if hdr.phnum == PN_XNUM:
+            raise source.error(
+                image.file_offset(hdr.shoff + SH_INFO_AT[hdr.elf_class]),
+                expected="program headers (sh_info > 0 in section header 0, as e_phnum is PN_XNUM)",
+                found="sh_info = 0",
+            )
         raise source.error(
-            image.file_offset(0), expected="program headers (e_phnum > 0)", found="e_phnum = 0"
+            image.file_offset(E_PHNUM_AT[hdr.elf_class]),
+            expected="program headers (e_phnum > 0)",
+            found="e_phnum = 0",
         )
-    if hdr.phentsize < PHDR_SIZE[hdr.elf_class]:
+    # Entries of another size are no Elf32/Elf64_Phdr: a larger e_phentsize would walk the table
+    # at the wrong stride and read page data as program headers.
+    if hdr.phentsize != PHDR_SIZE[hdr.elf_class]:
         raise source.error(
-            image.file_offset(0),
-            expected=f"e_phentsize >= {PHDR_SIZE[hdr.elf_class]} for {cls_name}",
+            image.file_offset(E_PHENTSIZE_AT[hdr.elf_class]),
+            expected=f"e_phentsize = {PHDR_SIZE[hdr.elf_class]} for {cls_name} "
+            f"(the size of Elf{cls_name[3:]}_Phdr)",
             found=str(hdr.phentsize),
         )
     table = image.read(hdr.phoff, phnum * hdr.phentsize, f"{phnum} program headers")
@@ -385,6 +405,14 @@ def parse_layout(source: Source, image: ElfImage) -> ElfLayout:
     file_size = image.size
     table_at = image.file_offset(hdr.phoff)
     ptype = phdrs["p_type"]
+    # No PT_LOAD at all: no guest memory, as with e_phnum = 0 (an e_phoff pointing elsewhere
+    # reads anything as program headers).  A PT_LOAD with p_memsz 0 is a segment: an empty dump.
+    if not (ptype == PT_LOAD).any():
+        raise source.error(
+            image.file_offset(E_PHOFF_AT[hdr.elf_class]),
+            expected=f"program headers with a PT_LOAD segment (guest memory) at e_phoff {hdr.phoff:#x}",
+            found=f"{phnum} program header{'s' if phnum > 1 else ''} there, none of type PT_LOAD",
+        )
     notes = Notes()
     for i in np.flatnonzero(ptype == PT_NOTE).tolist():
         p = phdrs[i]
@@ -450,6 +478,21 @@ def parse_layout(source: Source, image: ElfImage) -> ElfLayout:
                 feature="QEMU dump made with paging=true (PT_LOAD p_vaddr "
                 f"{int(vaddr[i]):#x} != p_paddr {int(paddr[i]):#x}); dump with paging=false",
             )
+        # QEMU writes one PT_LOAD per guest RAM block, whole pages (FORMATS.md §2.1; only p_offset
+        # may be unaligned).  A segment starting or ending inside a page is a lying header: its
+        # partial page would also break the RAM map that tells device memory from RAM
+        # (x86.device_memory_mask), which would drop the RAM above it.
+        field_at = {name: at for name, _, at in PHDR_FIELDS[hdr.elf_class]}
+        page_mask = np.uint64(PAGE_SIZE - 1)
+        for name, values in (("p_paddr", paddr), ("p_memsz", memsz)):
+            partial = (values & page_mask) != 0
+            if partial.any():
+                i = int(np.flatnonzero(partial)[0])
+                raise source.error(
+                    int(header_at[i]) + field_at[name],
+                    expected=f"a QEMU PT_LOAD of whole pages ({name} a multiple of {PAGE_SIZE:#x})",
+                    found=f"{name} {int(values[i]):#x}",
+                )
     if len(loads) > 1 and not paddr.any():
         raise UnsupportedFeature(
             source.name, table_at, feature="PT_LOAD segments without physical addresses (every p_paddr is 0)"

@@ -13,7 +13,8 @@ Layout (block = ``block_size`` bytes): block 0 holds ``disk_dump_header``; block
 ``1 .. 1+sub_hdr_size`` the ``kdump_sub_header`` (and notes); then ``bitmap_blocks`` blocks of
 two bitmaps of equal length (1st: the page exists, 2nd: the page is dumped); then one 24-byte
 ``page_desc`` per dumped page in pfn order; then page data.  The page of pfn ``p`` is described by
-descriptor number "set bits of the 2nd bitmap below ``p``".
+descriptor number "set bits of the 2nd bitmap below ``p``".  The bitmaps cover ``max_mapnr`` bits
+(rounded up to a block); a ``max_mapnr`` of 0, or one below a bit the bitmaps set, is an error.
 
 A flattened file is a 4096-byte ``makedumpfile_header`` then records ``{i64 offset; i64 size}``
 (big-endian) each followed by ``size`` bytes that belong at ``offset`` of the kdump file, ended by
@@ -523,7 +524,27 @@ def _parse_sub_header(image: KdumpImage, hdr: Header) -> None:
         hdr.max_mapnr = field(fields, "max_mapnr_64")
 
 
+def _max_mapnr_field(hdr: Header) -> tuple[int, str]:
+    """Where the max_mapnr the reader uses lies in the kdump file, and its name: the sub-header's
+    ``max_mapnr_64`` from header version 6 on, else the main header's 32-bit ``max_mapnr``."""
+    if hdr.signature == KDUMP_SIGNATURE and hdr.header_version >= 6:
+        return hdr.block_size + hdr.sub["max_mapnr_64"][0], "max_mapnr_64"
+    return hdr.layout.max_mapnr, "max_mapnr"
+
+
 # --- bitmaps -----------------------------------------------------------------------------------------
+
+
+def _last_set_bit(bitmap: npt.NDArray[np.uint8], start: int) -> int | None:
+    """The highest set bit (LSB first in each byte) at or above ``start``, or None; reads only the
+    bytes from ``start`` on, one byte of memory per byte."""
+    tail = bitmap[start // 8 :]
+    nonzero = tail[::-1] != 0
+    if not nonzero.any():
+        return None
+    k = len(tail) - 1 - int(np.argmax(nonzero))
+    last = (start // 8 + k) * 8 + int(tail[k]).bit_length() - 1
+    return last if last >= start else None
 
 
 def set_bits(bitmap: npt.NDArray[np.uint8], limit: int) -> GfnArray:
@@ -863,6 +884,13 @@ def _open_image(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8]
         return elf.open_flattened_elf(source, options, buf, image, image.translate)
     hdr = parse_header(image)
     bs = hdr.block_size
+    mapnr_at, mapnr_name = _max_mapnr_field(hdr)
+    if hdr.max_mapnr == 0:
+        raise source.error(
+            image.file_offset(mapnr_at),
+            expected=f"page frames in the dump ({mapnr_name} > 0)",
+            found=f"{mapnr_name} = 0",
+        )
 
     # Bitmaps: check the file holds them before reading anything sized by max_mapnr.
     bitmap_off = (1 + hdr.sub_hdr_size) * bs
@@ -889,6 +917,20 @@ def _open_image(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8]
             expected=f"two bitmaps of at least {hdr.max_mapnr} bits each (max_mapnr)",
             found=f"{hdr.bitmap_blocks} bitmap blocks = {hdr.bitmap_blocks // 2 * bs * 8} bits each",
         )
+    # The bitmaps cover max_mapnr bits rounded up to a block (makedumpfile's
+    # prepare_bitmap_buffer, QEMU's write_dump_bitmap): a bit set past max_mapnr is a page the
+    # header does not count, so the header lies.
+    bitmaps = (
+        [(bitmap1, "bitmap")] if bitmap1 is bitmap2 else [(bitmap1, "1st bitmap"), (bitmap2, "2nd bitmap")]
+    )
+    for bitmap, which in bitmaps:
+        last = _last_set_bit(bitmap, hdr.max_mapnr)
+        if last is not None:
+            raise source.error(
+                image.file_offset(mapnr_at),
+                expected=f"{mapnr_name} of at least {last + 1} (the {which} marks pfn {last:#x})",
+                found=f"{mapnr_name} = {hdr.max_mapnr}",
+            )
     nbits = len(bitmap2) * 8
     start_pfn = min(hdr.start_pfn, nbits)
     end_pfn = nbits if hdr.end_pfn is None else min(hdr.end_pfn, nbits)
