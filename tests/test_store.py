@@ -650,3 +650,66 @@ def test_a_plan_file_rewritten_by_another_tool_applies_the_same(
         == (tmp_path / "b.raw").read_bytes()
         == extract(alpha, tmp_path / "x.raw")
     )
+
+
+def test_a_plan_of_another_page_size_or_none_is_refused(tmp_path: Path) -> None:
+    """A plan file's page_size and schema are checked before a dump is opened: no page_size, or
+    one that is not an integer, is a malformed plan (exit 4); another page size is unsupported
+    (exit 5): the plan's sizes and the store's pages are 4 KiB pages.  Before the check a plan of
+    8 KiB pages, or of none said, was applied as one of 4 KiB pages."""
+    (dump,) = write_raw_images(tmp_path, design_vms(4, [16]))
+    plan_file = plan([dump], tmp_path, "--dump-format", "raw")
+    doc = json.loads(plan_file.read_text())
+    assert doc["page_size"] == PAGE_SIZE
+    bad = tmp_path / "bad.json"
+    no_page_size = {k: v for k, v in doc.items() if k != "page_size"}
+    other = "is not 4096: not a plan file this dengine applies"
+    cases = [
+        (EXIT_UNSUPPORTED, f"page_size 8192 {other}", dict(doc, page_size=8192)),
+        (EXIT_UNSUPPORTED, f"page_size 0 {other}", dict(doc, page_size=0)),
+        (EXIT_BAD_DUMP, "no page_size: a plan file records the size of its pages (4096)", no_page_size),
+        (EXIT_BAD_DUMP, "page_size: expected an integer, found '4096'", dict(doc, page_size="4096")),
+        (EXIT_BAD_DUMP, "page_size: expected an integer, found 4096.0", dict(doc, page_size=4096.0)),
+        (EXIT_BAD_DUMP, "page_size: expected an integer, found None", dict(doc, page_size=None)),
+        (EXIT_BAD_DUMP, "page_size: expected an integer, found True", dict(doc, page_size=True)),
+        (EXIT_BAD_DUMP, "schema 1 is not 'dengine.plan/1': not a plan file this dengine applies",
+         dict(doc, schema=1)),
+        (EXIT_BAD_DUMP, "not a dengine plan file (a JSON object with no schema)", dict(doc, schema=None)),
+    ]  # fmt: skip
+    # As json.dumps writes it (columns read by json.loads) and as the plan writer does (by numpy).
+    for exit_code, message, edited in cases:
+        for separators in (None, (",", ": ")):
+            bad.write_text(json.dumps(edited, separators=separators))
+            code, _, err = invoke("apply", str(bad), "-o", str(tmp_path / "store"))
+            assert code == exit_code, err
+            assert err.splitlines() == [f"dengine: {bad}: {message}"]
+            assert not (tmp_path / "store").exists()
+    bad.write_text(json.dumps(doc, separators=(",", ": ")))
+    assert apply(bad, tmp_path / "store")["vms"][0]["pages"] == 16
+
+
+def test_a_plan_with_figures_no_json_has_is_refused_by_apply_and_report(tmp_path: Path) -> None:
+    """Python's json reads ``Infinity`` and ``NaN``, which no JSON has and no dengine writes;
+    ``report`` also took a plan of another page size as one of 4 KiB pages."""
+    (dump,) = write_raw_images(tmp_path, design_vms(4, [16]))
+    plan_file = plan([dump], tmp_path, "--dump-format", "raw")
+    text = plan_file.read_text()
+    doc = json.loads(text)
+    bad = tmp_path / "bad.json"
+    bad.write_text(text.replace('"savings_percent": ', '"savings_percent": Infinity, "was": ', 1))
+    code, _, err = invoke("apply", str(bad), "-o", str(tmp_path / "store"))
+    assert code == EXIT_BAD_DUMP, err
+    assert err.splitlines() == [f"dengine: {bad}: not a JSON document: Infinity is not a JSON number"]
+    code, _, err = invoke("report", "-o", str(tmp_path / "r.html"), str(bad))
+    assert code == EXIT_BAD_DUMP, err
+    assert err.splitlines()[-1] == (
+        f"dengine: {bad}: at offset 0x0: expected a dengine plan file, "
+        "found bad JSON (Infinity is not a JSON number)"
+    )
+    bad.write_text(json.dumps(dict(doc, page_size=8192)))
+    code, _, err = invoke("report", "-o", str(tmp_path / "r.html"), str(bad))
+    assert code == EXIT_UNSUPPORTED, err
+    assert err.splitlines()[-1] == (
+        f"dengine: {bad}: at offset 0x0: unsupported plan of page_size 8192 (pages are 4096 bytes)"
+    )
+    assert not (tmp_path / "store").exists() and not (tmp_path / "r.html").exists()

@@ -16,13 +16,20 @@ microseconds per page); a policy file's ``[costs]`` table overrides any of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
+
+#: The largest cost of one operation, in microseconds (1000 s a page: far beyond any real cost,
+#: small enough that a plan's total over any number of pages stays a finite number, which JSON
+#: can hold).
+MAX_COST_US = 1e9
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Cost per operation, in microseconds (the paper's figures by default)."""
+    """Cost per operation, in microseconds (the paper's figures by default), each finite, from 0
+    to :data:`MAX_COST_US`."""
 
     share: float = 6.2
     cow_break: float = 25.1
@@ -32,6 +39,15 @@ class CostModel:
     unpatch: float = 18.6
     swap_out: float = 48.9
     swap_in: float = 7151.6
+
+    def __post_init__(self) -> None:
+        # Policy files refuse such costs with the key named (UsageError); this guards the rest.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (math.isfinite(value) and 0 <= value <= MAX_COST_US):
+                raise ValueError(
+                    f"cost {f.name} must be a number from 0 to {MAX_COST_US:.0f} us, not {value!r}"
+                )
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)

@@ -49,6 +49,11 @@ names; every key is optional::
     swap_in = 5000.0
 
 Any error in a file is a :class:`~dengine_cli.errors.UsageError` naming the file and the key.
+A file must be UTF-8 (as TOML is); a cost is a finite number of microseconds from 0 to
+:data:`~dengine_cli.engine.costs.MAX_COST_US` (``inf`` and ``nan`` are refused: a plan's cost
+must stay a number JSON can hold).  Any existing path that is not a named policy is taken for a
+policy file, whatever its name, and must be a regular file: a directory, a FIFO (which ``open``
+would wait on for ever), a socket or a device is refused as a file that cannot be read.
 
 ``max_page_sharing`` is KSM's cap (``/sys/kernel/mm/ksm/max_page_sharing``), so only a policy
 based on ``ksm`` takes it (it inherits ksm's 256 without it); a policy based on any other has no
@@ -59,10 +64,13 @@ given, wins over the file.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
-from dengine_cli.engine.costs import CostModel
+from dengine_cli.engine.costs import MAX_COST_US, CostModel
 from dengine_cli.engine.policy import Policy
 from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING, KSM_MAX_PAGE_SHARING_LIMIT
 from dengine_cli.engine.similarity import HashSimilarityDetector
@@ -100,12 +108,12 @@ def named_policy(name: str) -> Policy:
 
 
 def resolve_policy(spec: str | Path) -> Policy:
-    """A policy from a name, or from a TOML file when ``spec`` names an existing file or ends in
-    ``.toml``."""
+    """A policy from a name, or from a TOML file when ``spec`` names an existing path (a
+    directory or a FIFO is refused as one) or ends in ``.toml``."""
     text = str(spec)
     if text in POLICIES:
         return POLICIES[text]
-    if isinstance(spec, Path) or text.endswith(".toml") or Path(text).is_file():
+    if isinstance(spec, Path) or text.endswith(".toml") or os.path.exists(text):
         return load_policy_file(Path(text))
     return named_policy(text)
 
@@ -149,8 +157,14 @@ class _File:
 
     def number(self, table: dict[str, Any], key: str, default: float, prefix: str = "") -> float:
         value = table.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise self.fail(prefix + key, "a number of microseconds >= 0", value)
+        # inf (and a cost so large that a plan's total overflows to inf) would reach the plan's
+        # JSON as Infinity, which is no JSON; nan fails every comparison.
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and 0 <= value <= MAX_COST_US)
+        ):
+            raise self.fail(prefix + key, f"a number of microseconds within 0..{MAX_COST_US:.0f}", value)
         return float(value)
 
     def string(self, table: dict[str, Any], key: str, default: str, prefix: str = "") -> str:
@@ -173,13 +187,38 @@ def load_policy_file(path: Path) -> Policy:
     import tomllib  # here: only policy files need it
 
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"{path}: cannot read policy file: {_not_regular(mode)}")
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except OSError as e:
         raise UsageError(f"{path}: cannot read policy file: {e.strerror or e}") from e
+    try:
+        data = tomllib.loads(raw.decode())
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not a valid TOML policy file: {_not_utf8(raw, e)}") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not a valid TOML policy file: {e}") from e
     return policy_from_dict(data, path)
+
+
+def _not_regular(mode: int) -> str:
+    """What a path of file mode ``mode`` is, when it is not a regular file."""
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (a pipe), not a regular file"
+    return "is not a regular file"
+
+
+def _not_utf8(raw: bytes, error: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, as tomllib places its errors (line and column, counted
+    in characters: every byte before ``error.start`` decodes)."""
+    line_start = raw.rfind(b"\n", 0, error.start) + 1
+    line = raw.count(b"\n", 0, error.start) + 1
+    column = len(raw[line_start : error.start].decode()) + 1
+    return f"Invalid UTF-8 byte {raw[error.start]:#04x} (at line {line}, column {column})"
 
 
 def policy_from_dict(data: dict[str, Any], path: Path) -> Policy:

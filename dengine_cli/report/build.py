@@ -22,10 +22,12 @@ import numpy as np
 
 from dengine_cli import __version__
 from dengine_cli.engine.index import PageIndex, Progress
+from dengine_cli.engine.plan.planfile import not_json_number
 from dengine_cli.engine.policy import Policy
 from dengine_cli.engine.sharing.model import KsmModel
 from dengine_cli.errors import FormatError, UnreadableFile, UnsupportedFeature, UsageError
 from dengine_cli.formats import not_a_dump_file
+from dengine_cli.pages import PAGE_SIZE
 from dengine_cli.report.snapshots import SnapshotChanges, Vm, dumps_to_group, group_by_guest, snapshot_changes
 from dengine_cli.session import Session, Settings
 
@@ -138,7 +140,7 @@ def read_plan_head(path: Path) -> dict[str, Any]:
         if not f.read().rstrip().endswith((b"}]}", b"[]}")):
             raise FormatError(path, end, expected="the end of a plan file (']}')", found="the file cut short")
     try:
-        doc: dict[str, Any] = json.loads(head[: head.index(marker)] + b"}")
+        doc: dict[str, Any] = json.loads(head[: head.index(marker)] + b"}", parse_constant=not_json_number)
     except ValueError as e:
         raise FormatError(path, 0, expected="a dengine plan file", found=f"bad JSON ({e})") from e
     schema = doc.get("schema")
@@ -149,6 +151,10 @@ def read_plan_head(path: Path) -> dict[str, Any]:
     if schema != "dengine.plan/1" or "vms" not in doc or "policy" not in doc:
         raise FormatError(
             path, 0, expected="a dengine.plan/1 document", found=f"schema {doc.get('schema')!r}"
+        )
+    if doc.get("page_size") != PAGE_SIZE:
+        raise UnsupportedFeature(
+            path, 0, feature=f"plan of page_size {doc.get('page_size')!r} (pages are {PAGE_SIZE} bytes)"
         )
     return doc
 

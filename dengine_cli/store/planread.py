@@ -1,7 +1,8 @@
 """Reading a plan file (``dengine plan -o``, schema ``dengine.plan/1``) for ``dengine apply``: its
 policy, and per VM the dump it was made from and the columnar page plan as numpy arrays.
 
-Everything ``apply`` relies on is checked here, before a dump is opened: the schema, an exact plan
+Everything ``apply`` relies on is checked here, before a dump is opened: the schema, the page size
+(4096 bytes, the pages the plan sizes and the store holds: another is unsupported), an exact plan
 (not an estimate), one dump identity per VM (plan files of dengine 0.1.0 before ``apply`` existed
 record none and are refused, with the advice to make the plan again), columns of one length,
 ascending gfns, known action codes, a reference for every shared and patched page pointing at a
@@ -27,8 +28,10 @@ from dengine_cli.arrays import ArrayHome
 from dengine_cli.cache.keys import dump_identity
 from dengine_cli.codecs import UnknownCodec, compression_codec, patch_codec
 from dengine_cli.engine.plan.model import ACTIONS, PATCH, SCHEMA, SHARE, WHOLE
+from dengine_cli.engine.plan.planfile import not_json_number
 from dengine_cli.errors import EXIT_BAD_DUMP, EXIT_UNSUPPORTED, BadPlanFile, StalePlan, UnreadableFile
 from dengine_cli.formats.base import OpenOptions
+from dengine_cli.pages import PAGE_SIZE
 from dengine_cli.store.plancolumns import Column, column_of, split_columns
 
 I64 = npt.NDArray[np.int64]
@@ -93,15 +96,15 @@ class PlanFile:
 
 def read_plan(path: Path | str, home: ArrayHome | None = None) -> PlanFile:
     """The plan file at ``path``, checked (:class:`BadPlanFile`, exit 4, or exit 5 for another
-    schema; :class:`UnreadableFile` when it cannot be read).  ``home``: where the page columns
-    are kept (default: in memory).  The file is read through a mapping: a plan of a large
-    fleet (18 bytes a page) is not also copied into this process's memory."""
+    schema or page size; :class:`UnreadableFile` when it cannot be read).  ``home``: where the
+    page columns are kept (default: in memory).  The file is read through a mapping: a plan of a
+    large fleet (18 bytes a page) is not also copied into this process's memory."""
     path = Path(path)
     home = home or ArrayHome()
     with _mapped(path) as text:
         rest, token, columns = split_columns(text, home.hold if home.in_files else None)
         try:
-            doc = json.loads(rest)
+            doc = json.loads(rest, parse_constant=not_json_number)
         except (ValueError, UnicodeDecodeError):
             doc, columns = _whole_document(path, bytes(text)), []  # the error as the file has it
     if not isinstance(doc, dict):
@@ -116,6 +119,7 @@ def read_plan(path: Path | str, home: ArrayHome | None = None) -> PlanFile:
             path, f"schema {schema!r} is not {SCHEMA!r}: not a plan file this dengine applies",
             exit_code=EXIT_UNSUPPORTED if newer else EXIT_BAD_DUMP,
         )  # fmt: skip
+    _check_page_size(path, doc)
     if doc.get("estimate"):
         raise BadPlanFile(path, "an estimate (--sample) cannot be applied: make an exact plan")
     if "pages" not in doc:
@@ -155,10 +159,25 @@ def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
 def _whole_document(path: Path, text: bytes) -> Any:
     """The file parsed by ``json.loads`` alone, or its JSON error with the file's offset."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=not_json_number)
     except (ValueError, UnicodeDecodeError) as e:
         where = f" at offset {e.pos:#x}" if isinstance(e, json.JSONDecodeError) else ""
         raise BadPlanFile(path, f"not a JSON document{where}: {e}") from None
+
+
+def _check_page_size(path: Path, doc: dict[str, Any]) -> None:
+    """The plan's ``page_size``: an integer (exit 4 otherwise, or when there is none), 4096, the
+    page size of every dump dengine reads (exit 5 for another)."""
+    if "page_size" not in doc:
+        raise BadPlanFile(path, f"no page_size: a plan file records the size of its pages ({PAGE_SIZE})")
+    size = doc["page_size"]
+    if type(size) is not int:
+        raise BadPlanFile(path, f"page_size: expected an integer, found {size!r}")
+    if size != PAGE_SIZE:
+        raise BadPlanFile(
+            path, f"page_size {size} is not {PAGE_SIZE}: not a plan file this dengine applies",
+            exit_code=EXIT_UNSUPPORTED,
+        )  # fmt: skip
 
 
 def _check_policy(path: Path, policy: Any) -> None:

@@ -141,3 +141,10 @@ def _write_column(f: TextIO, values: npt.NDArray[Any], render: Callable[[npt.NDA
             f.write(",")
         f.write(render(values[lo : lo + _WRITE_CHUNK]))
     f.write("]")
+
+
+def not_json_number(name: str) -> Any:
+    """``json.loads``' ``parse_constant`` for plan files: ``Infinity``, ``-Infinity`` and ``NaN``,
+    which Python reads and no JSON has, are refused (a plan of such figures is not one dengine
+    wrote)."""
+    raise ValueError(f"{name} is not a JSON number")
