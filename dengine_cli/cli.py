@@ -25,7 +25,7 @@ from dengine_cli import __version__
 from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING, KSM_MAX_PAGE_SHARING_LIMIT
 from dengine_cli.errors import EXIT_INTERNAL, EXIT_OUTPUT, EXIT_USAGE, DengineError, UnreadableFile
 from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dump
-from dengine_cli.outputs import STDOUT_NAME, is_stdout
+from dengine_cli.outputs import STDERR_NAME, STDOUT_NAME, is_stdout, refuse_inputs, refuse_inside
 
 # The engine and the renderers are imported by the commands that use them: every command pays
 # for what it imports before it starts, and `dengine info` needs neither the planner nor rich.
@@ -51,8 +51,23 @@ class _PipeClosed(Exception):
 
 
 class _Interrupted(Exception):
-    """Ctrl-C or SIGINT.  Not a KeyboardInterrupt: click's ``main`` answers that with an empty
-    line on stderr before ours (right after ``^C`` on a terminal, a stray line in a log)."""
+    """Ctrl-C or SIGINT (``signum`` SIGINT), or SIGTERM or SIGHUP (:class:`Terminated`).  Not a
+    KeyboardInterrupt: click's ``main`` answers that with an empty line on stderr before ours
+    (right after ``^C`` on a terminal, a stray line in a log)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stopped(signum: int) -> NoReturn:
+    """Leave after a signal's cleanup: one line, exit 130 for SIGINT, 128 + the signal else."""
+    if signum == signal.SIGINT:
+        # On a terminal the line starts after the ^C the terminal echoed.
+        click.echo(("\n" if sys.stderr.isatty() else "") + "dengine: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(f"dengine: terminated ({signal.Signals(signum).name})", err=True)
+    sys.exit(128 + signum)
 
 
 class DengineGroup(click.Group):
@@ -64,7 +79,7 @@ class DengineGroup(click.Group):
         except BrokenPipeError as e:
             raise _PipeClosed() from e
         except KeyboardInterrupt as e:
-            raise _Interrupted() from e
+            raise _Interrupted(getattr(e, "signum", signal.SIGINT)) from e
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:
         argv = kwargs.get("args")
@@ -82,10 +97,10 @@ class DengineGroup(click.Group):
         except click.ClickException as e:
             click.echo(usage_line(e), err=True)
             sys.exit(e.exit_code)
-        except (click.Abort, _Interrupted):
-            # On a terminal the line starts after the ^C the terminal echoed.
-            click.echo(("\n" if sys.stderr.isatty() else "") + "dengine: interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except click.Abort:
+            _stopped(signal.SIGINT)
+        except _Interrupted as e:
+            _stopped(e.signum)
         except DengineError as e:
             if debug:
                 traceback.print_exc()
@@ -96,9 +111,8 @@ class DengineGroup(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(EXIT_PIPE)
-        except KeyboardInterrupt:
-            click.echo("dengine: interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as e:
+            _stopped(getattr(e, "signum", signal.SIGINT))
         except Exception as e:
             if debug:
                 traceback.print_exc()
@@ -120,8 +134,37 @@ def usage_line(e: click.ClickException) -> str:
     return f"dengine: {where}{e.format_message().rstrip('.')}; see '{path} --help'"
 
 
+def emit(message: str, *, nl: bool = True, err: bool = False) -> None:
+    """``click.echo``, with a write that fails (a full disk, ``/dev/full``, an I/O error) as the
+    one-line error of an output that cannot be written (exit 6); a reader gone away stays a
+    ``BrokenPipeError`` (exit 141, nothing said)."""
+    try:
+        click.echo(message, nl=nl, err=err)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        from dengine_cli.errors import OutputError
+
+        raise OutputError(STDERR_NAME if err else STDOUT_NAME, e.strerror or str(e)) from e
+
+
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``, printed by :func:`emit` (click's own option prints with ``echo``)."""
+    if value and not ctx.resilient_parsing:
+        emit(f"dengine, version {__version__}")
+        ctx.exit()
+
+
 @click.group(cls=DengineGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "-V", "--version", prog_name="dengine")
+@click.option(
+    "-V",
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_version,
+    help="Show the version and exit.",
+)
 @click.option("--debug", is_flag=True, help="On an error, also print the traceback.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes on stderr.")
 @click.pass_context
@@ -383,8 +426,8 @@ def formats_command() -> None:
     formats = all_formats()
     width = max(len(f.name) for f in formats)
     for spec in formats:
-        click.echo(f"{spec.name:<{width}}  {spec.description}")
-    click.echo(f"{'':<{width}}  (any of these may also be gzip, bzip2, xz, lzop or zstd compressed)")
+        emit(f"{spec.name:<{width}}  {spec.description}")
+    emit(f"{'':<{width}}  (any of these may also be gzip, bzip2, xz, lzop or zstd compressed)")
 
 
 @cli.command("info")
@@ -403,13 +446,13 @@ def info_command(dumps: tuple[str, ...], as_json: bool) -> None:
             infos.append(describe(dump, path, tick))
     if as_json:
         doc = info_document(infos)
-        click.echo(json.dumps(doc, indent=2))
+        emit(json.dumps(doc, indent=2))
     elif (width := terminal_width()) is not None:
         from dengine_cli.render import render_info_terminal
 
-        click.echo(render_info_terminal(infos, width=width, color=terminal_color()), nl=False)
+        emit(render_info_terminal(infos, width=width, color=terminal_color()), nl=False)
     else:
-        click.echo(render_info(infos), nl=False)
+        emit(render_info(infos), nl=False)
 
 
 @cli.command("extract")
@@ -428,6 +471,7 @@ def extract_command(dump: str, output: Path) -> None:
 
     options = open_options()
     path = Path(dump)
+    refuse_inputs([output], [path])
     with _open(path, options) as d, progress(d.page_count, path.name) as tick:
         size = extract(d, output, tick)
         pages = d.page_count
@@ -559,7 +603,7 @@ def index_command(
         bar.close()
     for path, index in zip(paths, indexes, strict=True):
         state = "cached" if index.loaded else "built"
-        click.echo(f"{path}\t{index.page_count}\t{index.zero_pages}\t{state}\t{index.path or '-'}")
+        emit(f"{path}\t{index.page_count}\t{index.zero_pages}\t{state}\t{index.path or '-'}")
 
 
 def ksm_view_options(f: F) -> F:
@@ -655,11 +699,11 @@ def analyze_command(
             doc.pop("matrix", None)
         if de is not None:
             doc["de"] = de.to_dict()
-        click.echo(json.dumps(doc, indent=2))
+        emit(json.dumps(doc, indent=2))
     elif output_format == "csv":
         from dengine_cli.render_csv import render_matrix_csv, render_sharing_csv
 
-        click.echo(render_matrix_csv(report) if matrix else render_sharing_csv(report, de), nl=False)
+        emit(render_matrix_csv(report) if matrix else render_sharing_csv(report, de), nl=False)
     else:
         # Imported only here: the renderer imports rich (40 ms), which JSON does not need.
         from dengine_cli.render import render_sharing, render_sharing_terminal
@@ -670,7 +714,7 @@ def analyze_command(
             )
         else:
             text = render_sharing(report, matrix=matrix, de=de)
-        click.echo(text, nl=False)
+        emit(text, nl=False)
 
 
 @cli.command("plan")
@@ -741,6 +785,7 @@ def plan_command(
 
     options = open_options()
     paths = distinct_dumps(expand_dump_args(dumps))
+    refuse_inputs([output], paths)
     cap = _given("ksm_max_page_sharing", ksm_max_page_sharing)
     policy = _with_ksm_cap(resolve_policy(policy_name), cap)
     baseline = None
@@ -871,6 +916,7 @@ def report_command(
         command=("dengine", *getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:])),
         ksm=KsmModel(ksm_max_page_sharing, ksm_use_zero_pages, ksm_zero_pages_backed),
     )
+    refuse_inputs(outputs, [*request.dumps, *(p for vm in request.vms for p in vm.snapshots)])
     settings = command_settings()
     bar = PageProgress("report")
     try:
@@ -904,11 +950,11 @@ def _dump_identities(
 def _print_plan(report: PlanReport, output_format: str, wide: bool = False, err: bool = False) -> None:
     """Print the plan's summary on stdout (``err``: on stderr, when the plan file takes stdout)."""
     if output_format == "json":
-        click.echo(json.dumps(report.to_dict(), indent=2), err=err)
+        emit(json.dumps(report.to_dict(), indent=2), err=err)
     elif output_format == "csv":
         from dengine_cli.render_csv import render_plan_csv
 
-        click.echo(render_plan_csv(report), nl=False, err=err)
+        emit(render_plan_csv(report), nl=False, err=err)
     else:
         # Imported only here: the renderer imports rich (40 ms), which JSON does not need.
         from dengine_cli.render import render_plan, render_plan_terminal
@@ -917,7 +963,7 @@ def _print_plan(report: PlanReport, output_format: str, wide: bool = False, err:
             text = render_plan_terminal(report, width=width, wide=wide, color=terminal_color())
         else:
             text = render_plan(report)
-        click.echo(text, nl=False, err=err)
+        emit(text, nl=False, err=err)
 
 
 def terminal_width(stream: Any = None) -> int | None:
@@ -1017,6 +1063,7 @@ def apply_command(
 
     if frame_codec is not None and not pack:
         raise click.BadParameter("only --pack stores frames", param_hint="--frame-codec")
+    _refuse_special_plan(plan_file)
     if is_stdout(store):
         raise click.BadParameter("a store is a directory, not standard output", param_hint="-o")
     bar = PageProgress("applying")
@@ -1035,11 +1082,11 @@ def apply_command(
     finally:
         bar.close()
     if output_format == "json":
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        emit(json.dumps(result.to_dict(), indent=2))
     else:
         from dengine_cli.render_store import render_apply
 
-        click.echo(render_apply(result), nl=False)
+        emit(render_apply(result), nl=False)
 
 
 decode_jobs_option = click.option(
@@ -1081,6 +1128,7 @@ def restore_command(
     from dengine_cli.store.reader import StoreReader
     from dengine_cli.store.restore import restore_vm
 
+    refuse_inside([output], store)
     reader = StoreReader(store, Workers(jobs=jobs or 0))
     made: list[Path] = []  # what this run made, removed if a VM fails: nothing partial at OUT
     try:
@@ -1110,6 +1158,22 @@ def restore_command(
         raise
     finally:
         reader.close()
+
+
+def _refuse_special_plan(plan_file: Path) -> None:
+    """A plan file is mapped and read in place: a FIFO (which ``open`` would wait on for ever, a
+    Ctrl-C unheard), a socket or a device is refused before it is opened (exit 3)."""
+    import stat
+
+    from dengine_cli.errors import UnreadableFile
+
+    try:
+        mode = os.stat(plan_file).st_mode
+    except OSError:
+        return  # missing or unreadable: the reader names the error
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        kind = "a FIFO (a pipe)" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise UnreadableFile(str(plan_file), f"is {kind}: a plan file is read in place, from a file")
 
 
 def _restore_targets(names: Sequence[str], output: Path, image_format: str, several: bool) -> list[Path]:
@@ -1144,11 +1208,11 @@ def verify_command(store: Path, as_json: bool, jobs: int | None) -> None:
     with progress(0, "verifying") as tick:
         report = verify_store(store, tick, Workers(jobs=jobs or 0))
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        emit(json.dumps(report.to_dict(), indent=2))
     else:
         from dengine_cli.render_store import render_verify
 
-        click.echo(render_verify(report), nl=False)
+        emit(render_verify(report), nl=False)
     if not report.ok:
         raise StoreDamaged(store, f"{len(report.problems)} problem(s) found")
 
@@ -1194,12 +1258,27 @@ def _root_flags_on_every_command(group: click.Group) -> None:
 _root_flags_on_every_command(cli)
 
 
+#: Signals that stop the command as Ctrl-C does, cleanup included (:func:`terminate_once`).
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
+def terminate_once(signum: int, frame: object) -> None:
+    """SIGTERM or SIGHUP: :class:`~dengine_cli.errors.Terminated` (a KeyboardInterrupt), once;
+    later signals of either kind, and Ctrl-C, are ignored while the cleanup it starts runs."""
+    from dengine_cli.errors import Terminated
+
+    for s in (signal.SIGINT, *TERMINATING):
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
 def interrupt_once(signum: int, frame: object) -> None:
     """SIGINT: a KeyboardInterrupt, once.  Later ones are ignored, so that the cleanup the first
     one starts (temporary files removed, workers reaped) runs to its end: a job runner that
     signals the whole process group reaches the command twice, directly and through its
-    supervisor, and Ctrl-C may be pressed twice."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    supervisor, and Ctrl-C may be pressed twice; SIGTERM and SIGHUP too, meanwhile."""
+    for s in (signal.SIGINT, *TERMINATING):
+        signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -1228,6 +1307,9 @@ def _main() -> None:
     normal exit would wait for."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not inherited ignored
         signal.signal(signal.SIGINT, interrupt_once)
+    for s in TERMINATING:
+        if signal.getsignal(s) == signal.SIG_DFL:  # nohup's SIGHUP stays ignored
+            signal.signal(s, terminate_once)
     try:
         cli.main(prog_name="dengine")
     except SystemExit as e:
@@ -1238,6 +1320,10 @@ def _main() -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         code = code or EXIT_PIPE
+    except OSError as e:  # what was left in the buffer met a full disk or an I/O error
+        with contextlib.suppress(OSError):
+            print(f"dengine: {STDOUT_NAME}: cannot write: {e.strerror or e}", file=sys.stderr)
+        code = code or EXIT_OUTPUT
     with contextlib.suppress(OSError):
         sys.stderr.flush()
     if threading.active_count() > 1:

@@ -11,6 +11,7 @@ large enough for them to pay (the sharing matrix is one small product per partit
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -21,8 +22,17 @@ def prepare_process() -> None:
 
 
 def main() -> None:
-    """Run the ``dengine`` command line."""
+    """Run the ``dengine`` command line.  A Ctrl-C (or a SIGINT) that comes while Python still
+    loads the modules, before the command takes signals its own way, ends it with the same
+    line and status as later, not a traceback of the import it stopped."""
     prepare_process()
-    from dengine_cli.cli import main as run
+    try:
+        from dengine_cli.cli import main as run
 
-    run()
+        run()
+    except KeyboardInterrupt:
+        import sys
+
+        with contextlib.suppress(OSError):
+            sys.stderr.write("dengine: interrupted\n")
+        sys.exit(130)

@@ -148,3 +148,13 @@ class BadPlanFile(DengineError):
         self.plan = str(plan)
         self.problem = problem
         self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a job runner stopping the command, a terminal closed): taken as Ctrl-C
+    is, so that the same cleanup runs (temporary files removed, workers reaped, no partial
+    output), and reported as its own signal (exit 128 + ``signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -29,7 +29,7 @@ import stat
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO, cast
 
@@ -39,6 +39,8 @@ from dengine_cli.errors import OutputError
 STDOUT = "-"
 #: How errors name standard output.
 STDOUT_NAME = "standard output"
+#: How errors name standard error.
+STDERR_NAME = "standard error"
 #: Why an image is not written to a terminal.
 TERMINAL = "it is a terminal: redirect it, or give a file"
 #: Why an image cannot go where it cannot seek back.
@@ -242,3 +244,39 @@ def atomic_text_output(path: Path | str, *, sync: bool = True) -> Iterator[TextI
     """:func:`_atomic` for UTF-8 text."""
     with _atomic(path, True, sync) as f:
         yield cast(TextIO, f)
+
+
+#: Why an output that is one of the command's inputs is refused.
+AN_INPUT = "it is one of this command's inputs"
+#: Why an output that is, or is inside, a store the command reads is refused.
+THE_STORE = "it is the store this command reads"
+IN_THE_STORE = "it is inside the store this command reads"
+
+
+def refuse_inputs(outputs: Iterable[Path | str | None], inputs: Iterable[Path | str]) -> None:
+    """``OutputError`` for an output that is the same file as an input (by device and inode: a
+    second name, a symbolic or a hard link), checked before any work: renamed over, the input
+    would be gone; written in place, read while it is overwritten.  Outputs that do not exist
+    yet and standard output cannot be."""
+    named = [Path(o) for o in outputs if o is not None and not is_stdout(o)]
+    existing = [o for o in named if os.path.exists(o)]
+    if not existing:
+        return
+    read = [i for i in map(Path, inputs) if os.path.isfile(i)]
+    for o in existing:
+        if any(os.path.samefile(o, i) for i in read):
+            raise OutputError(o, AN_INPUT)
+
+
+def refuse_inside(outputs: Iterable[Path | str | None], store: Path) -> None:
+    """``OutputError`` for an output that is the directory ``store`` or lies in it (its catalog,
+    its packs): written there, it would replace or mix into the store being read."""
+    root = os.path.realpath(store)
+    for o in outputs:
+        if o is None or is_stdout(o):
+            continue
+        where = os.path.realpath(o)
+        if where == root:
+            raise OutputError(Path(o), THE_STORE)
+        if where.startswith(root.rstrip(os.sep) + os.sep):
+            raise OutputError(Path(o), IN_THE_STORE)

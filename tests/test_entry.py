@@ -42,3 +42,43 @@ def test_entry_gives_openblas_one_thread() -> None:
 @needs_two_cpus
 def test_entry_keeps_a_thread_count_the_user_set() -> None:
     assert threads_after_numpy(prepare=True, openblas_threads="2") == 2
+
+
+def test_ctrl_c_while_python_loads_the_modules_is_the_one_line() -> None:
+    """SIGINT while Python loads dengine's modules (numpy's core mapped: the imports have begun),
+    before the command takes signals its own way: it printed the traceback of the import it
+    stopped; now the one line and exit 130, as later."""
+    import signal
+    import time
+    from pathlib import Path
+
+    from tests.conftest import REPO
+
+    dengine = str(REPO / ".venv" / "bin" / "dengine")
+    codes = []
+    for _ in range(3):
+        p = subprocess.Popen(
+            [dengine, "formats"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        maps = Path(f"/proc/{p.pid}/maps")
+        deadline = time.monotonic() + 30
+        while p.poll() is None and time.monotonic() < deadline:
+            try:
+                if "_multiarray_umath" in maps.read_text():
+                    break
+            except OSError:
+                pass
+            time.sleep(0.0002)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        assert p.returncode in (130, 0), (p.returncode, err)  # 0: done before the signal came
+        if p.returncode == 130:
+            assert err.splitlines() == ["dengine: interrupted"]
+        codes.append(p.returncode)
+    assert 130 in codes

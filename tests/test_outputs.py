@@ -121,3 +121,84 @@ def test_a_symbolic_link_keeps_naming_the_file_it_names(
     assert r.returncode == 0, r.stderr
     assert target.read_bytes() == (tmp_path / "direct.raw").read_bytes()
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["alpha.raw"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--version"], ["formats"], ["info", "{a}"], ["plan", "--format", "json", "{a}"], ["verify", "{s}"]],
+    ids=lambda a: a[0],
+)
+def test_a_full_standard_output_is_an_output_that_cannot_be_written(
+    real_dump: Callable[[str], Path], tmp_path: Path, args: list[str]
+) -> None:
+    """Standard output on a full disk (a device like /dev/full): exit 6 and one line, as for any
+    output; it was an internal error (exit 1) that blamed dengine."""
+    alpha = real_dump("alpha.elf")
+    store = tmp_path / "store"
+    if "{s}" in args:
+        assert run("plan", "-o", str(tmp_path / "p.json"), str(alpha), cache=tmp_path).returncode == 0
+        assert run("apply", str(tmp_path / "p.json"), "-o", str(store), cache=tmp_path).returncode == 0
+    full = char_device(tmp_path / "full", 7)
+    with open(full, "w") as out:
+        r = subprocess.run(
+            [DENGINE, "-q", *[a.format(a=alpha, s=store) for a in args]],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
+        )
+    assert r.returncode == EXIT_OUTPUT, r.stderr
+    assert r.stderr.splitlines() == ["dengine: standard output: cannot write: No space left on device"]
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(
+    real_dump: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """An output named as an input (the same name, a symbolic or a hard link) was renamed over
+    it: the dump, the plan file gone.  Refused before any work, exit 6, the input unchanged."""
+    dump = tmp_path / "vm.elf"
+    dump.write_bytes(real_dump("alpha.elf").read_bytes())
+    (tmp_path / "link.elf").symlink_to(dump)
+    os.link(dump, tmp_path / "hard.elf")
+    plan = tmp_path / "plan.json"
+    assert run("plan", "-o", str(plan), str(dump), cache=tmp_path / "c").returncode == 0
+    before = {p.name: p.read_bytes() for p in (dump, plan)}
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    for args, named in [
+        (["extract", str(dump), "-o", str(dump)], dump),
+        (["plan", "-o", str(tmp_path / "link.elf"), str(dump)], tmp_path / "link.elf"),
+        (["report", "-o", str(tmp_path / "hard.elf"), str(dump)], tmp_path / "hard.elf"),
+        (["report", "--json", str(plan), "-o", str(tmp_path / "r.html"), str(plan)], plan),
+    ]:
+        r = run(*args, cache=tmp_path / "c")
+        assert r.returncode == EXIT_OUTPUT, (args, r.stderr)
+        assert r.stderr.splitlines() == [
+            f"dengine: {named}: cannot write: it is one of this command's inputs"
+        ]
+    assert {p.name: p.read_bytes() for p in (dump, plan)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_restore_into_the_store_it_reads_is_refused(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    plan, store = tmp_path / "plan.json", tmp_path / "store"
+    assert run("plan", "-o", str(plan), str(real_dump("alpha.elf")), cache=tmp_path).returncode == 0
+    assert run("apply", str(plan), "-o", str(store), cache=tmp_path).returncode == 0
+    files = sorted(p.relative_to(store) for p in store.rglob("*"))
+    for target, why in [
+        (store / "catalog.sqlite", "it is inside the store this command reads"),
+        (store / "images", "it is inside the store this command reads"),
+        (store, "it is the store this command reads"),
+    ]:
+        r = run(
+            "restore",
+            str(store),
+            *(["0"] if target.name == "catalog.sqlite" else []),
+            "-o",
+            str(target),
+            cache=tmp_path,
+        )
+        assert r.returncode == EXIT_OUTPUT, r.stderr
+        assert r.stderr.splitlines() == [f"dengine: {target}: cannot write: {why}"]
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == files
+    assert run("verify", str(store), cache=tmp_path).returncode == 0

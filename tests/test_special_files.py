@@ -65,3 +65,19 @@ def test_an_earlier_snapshot_that_is_a_fifo_is_refused(
     r = dengine("-q", "plan", "--history", f"{alpha}={fifo}", alpha, tmp_path=tmp_path)
     assert r.returncode == EXIT_UNREADABLE, r.stderr
     assert r.stderr.splitlines() == [f"dengine: {fifo}: cannot read: {REASONS['fifo']}"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_plan_file_that_is_no_file_is_refused_at_once(kind: str, tmp_path: Path) -> None:
+    """``apply FIFO`` waited for ever in ``open`` (a Ctrl-C unheard), and a device was read as
+    a plan: both refused before they are opened."""
+    plan = Path("/dev/zero") if kind == "device" else tmp_path / "plan.json"
+    if kind == "fifo":
+        os.mkfifo(plan)
+    r = dengine("-q", "apply", str(plan), "-o", str(tmp_path / "store"), tmp_path=tmp_path)
+    assert r.returncode == EXIT_UNREADABLE, r.stderr
+    what = "a FIFO (a pipe)" if kind == "fifo" else "not a regular file"
+    assert r.stderr.splitlines() == [
+        f"dengine: {plan}: cannot read: is {what}: a plan file is read in place, from a file"
+    ]
+    assert not (tmp_path / "store").exists()

@@ -30,13 +30,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.errors import UnreadableFile
+from dengine_cli.errors import Terminated, UnreadableFile
 from dengine_cli.formats.base import Dump
 from dengine_cli.pages import BATCH_PAGES
 
@@ -150,11 +150,12 @@ def _hash_in_workers(
     try:
         for row in range(1, size):
             err_r, err_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child; what it computes is checked by tests
-                _child(functools.partial(work, row, _nothing), err_w, me)
-            os.close(err_w)
-            children[pid] = err_r
+            with _stopping_signals_held() as mask:
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child; what it computes is checked by tests
+                    _child(functools.partial(work, row, _nothing), err_w, me, mask)
+                os.close(err_w)
+                children[pid] = err_r
         work(0, report)
         _wait(children, report)
     finally:
@@ -212,14 +213,15 @@ def fork_map(
         for _ in range(1, size):
             err_r, err_w = os.pipe()
             out_r, out_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child; its results are checked by tests
-                os.close(out_r)
-                _child(functools.partial(_serve, work, items, tasks_r, out_w), err_w, me)
-            os.close(err_w)
-            os.close(out_w)
-            children[pid] = err_r
-            outputs[pid] = _Output(out_r)
+            with _stopping_signals_held() as mask:
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child; its results are checked by tests
+                    os.close(out_r)
+                    _child(functools.partial(_serve, work, items, tasks_r, out_w), err_w, me, mask)
+                os.close(err_w)
+                os.close(out_w)
+                children[pid] = err_r
+                outputs[pid] = _Output(out_r)
         while record := os.read(tasks_r, _TASK.size):
             k = _TASK.unpack(record)[0]
             take(k, work(items[k]))
@@ -307,12 +309,36 @@ def _die_with(parent: int) -> None:  # pragma: no cover - runs in the child
         os._exit(1)
 
 
-def _child(work: Callable[[], None], err_w: int, parent: int) -> None:  # pragma: no cover - in the child
+#: Signals that stop a command (Ctrl-C, a job runner's SIGTERM, a closed terminal's SIGHUP).
+STOPPING = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@contextlib.contextmanager
+def _stopping_signals_held() -> Iterator[set[int | signal.Signals]]:
+    """:data:`STOPPING` blocked while a worker is forked and recorded, so that the exception a
+    signal raises in this process comes once the worker is among those stopped on it (raised
+    right after ``fork`` returned, it left the new worker unknown: running, or stopped for ever
+    when the group had been stopped).  Yields the mask to restore, which the child restores
+    itself once its handlers are the default ones."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING)
+    try:
+        yield mask
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _child(
+    work: Callable[[], None], err_w: int, parent: int, mask: set[int | signal.Signals] | None = None
+) -> None:  # pragma: no cover - in the child
     """Run ``work`` and leave: exit 0, or send the exception and exit 1.  Never returns: the
-    child must not run the parent's cleanup (``finally`` blocks, atexit, buffered output)."""
+    child must not run the parent's cleanup (``finally`` blocks, atexit, buffered output).
+    ``mask``: the signal mask to restore once the stopping signals have their default action."""
     code = 0
     try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: the parent reports it
+        for s in STOPPING:  # the parent reports them
+            signal.signal(s, signal.SIG_DFL)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with(parent)
         work()
     except BaseException as e:
@@ -443,6 +469,8 @@ def _failure(err_r: int, status: int) -> BaseException:
         if os.WTERMSIG(status) == signal.SIGINT:
             # Ctrl-C reaches the whole process group: this process is being interrupted too.
             return KeyboardInterrupt()
+        if os.WTERMSIG(status) in (signal.SIGTERM, signal.SIGHUP):
+            return Terminated(os.WTERMSIG(status))  # so is a signal sent to the group
         return WorkerKilled(os.WTERMSIG(status))
     return RuntimeError(f"a worker process exited with status {os.waitstatus_to_exitcode(status)}")
 

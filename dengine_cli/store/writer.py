@@ -94,9 +94,15 @@ class StoreWriter:
         #: The directories this apply makes, the store first, then the parents it needs.
         # os.path's tests: False where pathlib's raise (a folder this user cannot search).
         self._made = [p for p in (store, *store.parents) if not os.path.exists(p)]
-        self._prepare()
-        self.packs = PackWriter(store / PACKS, self.run)
         self.committed = False
+        try:
+            self._prepare()
+            self.packs = PackWriter(store / PACKS, self.run)
+        except BaseException:
+            # Refused, or a signal (Ctrl-C, SIGTERM) before the ``with`` block began: what
+            # ``_prepare`` made goes as ``__exit__`` would take it.
+            self._let_go()
+            raise
 
     def _prepare(self) -> None:
         store = self.store
@@ -173,6 +179,10 @@ class StoreWriter:
             if self._tmp is not None:
                 with contextlib.suppress(OSError):
                     self._tmp.unlink()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Unlock, and remove the store this apply made if it did not commit it."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
