@@ -235,6 +235,35 @@ def test_a_flipped_byte_in_a_vm_row(store: Path, tmp_path: Path) -> None:
     restore_refuses(store, tmp_path, "0", "does not decode")
 
 
+@pytest.mark.parametrize("name", ["/etc/passwd", "../plan.json", "x.pack"])
+def test_a_pack_row_naming_a_file_outside_packs_is_damage(store: Path, tmp_path: Path, name: str) -> None:
+    """A catalog whose pack row names another file (an absolute path, '..'): the reader opened
+    it (then refused its header); a store names only files of packs/ as the apply wrote them."""
+    db = sqlite3.connect(store / "catalog.sqlite")
+    db.execute("UPDATE pack SET file = ? WHERE pack = 0", (name,))
+    db.commit()
+    db.close()
+    code, out, err = invoke("verify", str(store))
+    assert code == EXIT_DAMAGED and out == ""
+    assert err.splitlines() == [
+        f"dengine: {store}: damaged store: catalog.sqlite: pack row 0 names {name!r}, not a file of packs/"
+    ]
+    restore_refuses(store, tmp_path, "0", "not a file of packs/")
+
+
+def test_two_vms_of_one_name_are_restored_by_number_only(store: Path, tmp_path: Path) -> None:
+    db = sqlite3.connect(store / "catalog.sqlite")
+    (first,) = db.execute("SELECT name FROM vm WHERE vm = 0").fetchone()
+    db.execute("UPDATE vm SET name = ? WHERE vm = 1", (first,))
+    db.commit()
+    db.close()
+    code, _, err = invoke("restore", str(store), first, "-o", str(tmp_path / "x.raw"))
+    assert code == 2 and f"more than one VM is called {first!r}: give its number" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "x.raw").exists()
+    code, _, err = invoke("restore", str(store), "1", "-o", str(tmp_path / "x.raw"))
+    assert code == 0, err
+
+
 def test_a_catalog_that_is_not_sqlite(store: Path) -> None:
     (store / "catalog.sqlite").write_bytes(b"not a database at all" * 100)
     code, _, err = invoke("verify", str(store))

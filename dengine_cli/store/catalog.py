@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import stat
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,8 @@ from dengine_cli.store.layout import (
     CHUNK_ROWS,
     DELTA_COLUMNS,
     FORMAT,
+    PACK_SUFFIX,
+    PACKS,
     RANGES,
     SCHEMA_SQL,
     USER_VERSION,
@@ -40,6 +43,8 @@ from dengine_cli.store.layout import (
 Columns = dict[str, npt.NDArray[Any]]
 #: A frame: number, pack, offset, length, pages, codec name, xxh3-64 of its bytes.
 FrameRow = tuple[int, int, int, int, int, str, int]
+#: The name of a pack (PackWriter's: the run id in hex, a dash, a six-digit number, ``.pack``).
+_PACK_NAME = re.compile(r"[0-9a-f]{32}-[0-9]{6}" + re.escape(PACK_SUFFIX))
 #: zstd level of catalog chunks (metadata: small, read whole).
 CHUNK_LEVEL = 9
 
@@ -246,9 +251,16 @@ class Catalog:
 
     def _pack(self, row: Sequence[Any]) -> PackRow:
         try:
-            return PackRow(_integer(row[0]), str(row[1]), _integer(row[2]), str(row[3]))
+            pack = PackRow(_integer(row[0]), str(row[1]), _integer(row[2]), str(row[3]))
         except (ValueError, TypeError, IndexError) as e:
             raise StoreDamaged(self.store, f"{CATALOG}: pack row {row[:1]} does not decode: {e}") from None
+        # A pack is a file of packs/ named by the apply that wrote it: a name with a directory
+        # in it (an absolute path, '..') would have a reader open a file outside the store.
+        if not _PACK_NAME.fullmatch(pack.file):
+            raise StoreDamaged(
+                self.store, f"{CATALOG}: pack row {pack.pack} names {pack.file!r}, not a file of {PACKS}/"
+            )
+        return pack
 
     @property
     def packed(self) -> bool:

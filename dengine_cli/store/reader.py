@@ -90,8 +90,12 @@ class StoreReader:
         """The VM called ``wanted``: its name as stored (the dump path given to ``plan``), that
         name's last component when no other VM has it, or its number."""
         exact = [vm for vm in self.vms if vm.name == wanted]
-        if exact:
+        if len(exact) == 1:
             return exact[0]
+        if exact:  # a plan edited by hand: which one is meant, only its number says
+            raise UsageError(
+                f"{self.store}: more than one VM is called {wanted!r}: give its number ({self._listing()})"
+            )
         base = [vm for vm in self.vms if Path(vm.name).name == wanted]
         if len(base) == 1:
             return base[0]
