@@ -27,6 +27,14 @@ from tests.vms import text_page, write_raw_image
 DENGINE = str(REPO / ".venv" / "bin" / "dengine")
 
 
+def _default_signals() -> None:
+    """In the child: the stopping signals at their default, whatever the test run inherited (a
+    run under ``nohup`` ignores SIGHUP, one started in the background SIGINT, and a command keeps
+    an ignored signal ignored)."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _held(
     cmd: list[str], ready: Callable[[int], bool], env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
@@ -38,7 +46,7 @@ def _held(
         text=True,
         start_new_session=True,
         env={**os.environ, **(env or {})},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=_default_signals,
     )
     deadline = time.monotonic() + 60
     while not ready(proc.pid) and proc.poll() is None and time.monotonic() < deadline:

@@ -154,18 +154,14 @@ def open_dump(path: Path | str, options: OpenOptions | None = None) -> Dump:
             # Size unknown until decompressed: a whole page, for the raw-name check.
             spec = detect_head(content, size if size is not None else 1 << 62, probed, inner_name)
 
-    inner = container.decompress(source, kind, options, accept=accept)
-    try:
+    with container.decompressed(source, kind, options, accept=accept) as inner:
         if spec is None:
             raise RuntimeError("a container's content was not probed")
-        dump = spec.open(inner, options)
+        dump = spec.open(inner, options)  # mapped: the copy is removed once this block ends
         dump.facts.extra["file_compression"] = kind
         if dump.facts.compression is None:
             dump.facts.compression = kind
         return dump
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(inner.path)
 
 
 def _open_plain(source: Source, options: OpenOptions, head: bytes) -> Dump:

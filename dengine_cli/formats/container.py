@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -286,7 +288,30 @@ class FileBytes:
 Accept = Callable[[bytes, int | None], None]
 
 
-def decompress(source: Source, kind: str, options: OpenOptions, *, accept: Accept | None = None) -> Source:
+@contextlib.contextmanager
+def decompressed(
+    source: Source, kind: str, options: OpenOptions, *, accept: Accept | None = None
+) -> Iterator[Source]:
+    """:func:`decompress`, its copy removed when the block ends, however it ends: the copy's
+    name is recorded the moment it is made, so that a signal (Ctrl-C, SIGTERM) landing anywhere
+    from there to the end of the block leaves nothing in ``--tmp-dir``."""
+    spilled: list[str] = []
+    try:
+        yield decompress(source, kind, options, accept=accept, spilled=spilled)
+    finally:
+        for path in spilled:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def decompress(
+    source: Source,
+    kind: str,
+    options: OpenOptions,
+    *,
+    accept: Accept | None = None,
+    spilled: list[str] | None = None,
+) -> Source:
     """Decompress ``source`` (from ``source.start``) into a new sparse temporary file.
 
     ``accept(head, size)`` is shown the first :data:`PROBE_BYTES` of the content (all of it when
@@ -323,23 +348,43 @@ def decompress(source: Source, kind: str, options: OpenOptions, *, accept: Accep
             raise TooLarge(source, limit, "its content decompresses to")
         if accept is not None:
             accept(bytes(head[:PROBE_BYTES]), len(head) if ended else claimed)
-        return _spill(source, kind, options, stream, bytes(head), limit)
+        return _spill(source, kind, options, stream, bytes(head), limit, spilled)
     finally:
         os.close(src_fd)
 
 
+#: Signals that stop a command: held while the temporary copy is made and its name recorded.
+_STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def _spill(
-    source: Source, kind: str, options: OpenOptions, stream: Iterator[bytes], head: bytes, limit: int
+    source: Source,
+    kind: str,
+    options: OpenOptions,
+    stream: Iterator[bytes],
+    head: bytes,
+    limit: int,
+    spilled: list[str] | None = None,
 ) -> Source:
-    """Write ``head`` and the rest of ``stream`` to a new sparse temporary file."""
+    """Write ``head`` and the rest of ``stream`` to a new sparse temporary file (its name
+    appended to ``spilled`` as it is made)."""
     # tempfile is imported only here: every dump is checked for compression, few are compressed.
     import tempfile
 
     folder = str(options.tmp_dir) if options.tmp_dir else tempfile.gettempdir()
+    # Signals are taken by the main thread: there, one that came between the file's creation
+    # and its name's record would leave the file behind.
+    main = threading.current_thread() is threading.main_thread()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING) if main else None
     try:
         fd, tmp = tempfile.mkstemp(prefix="dengine-", suffix=f".{kind}.raw", dir=folder)
+        if spilled is not None:
+            spilled.append(tmp)
     except OSError as e:
         raise OutputError(folder, e.strerror or str(e)) from e
+    finally:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
     try:
         writer = _SparseWriter(fd, source, limit, folder)
         writer.write(head)

@@ -14,8 +14,6 @@ domain XML as a hint (name, uuid, memory, vCPUs, machine type, NUMA cells).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
 
 from dengine_cli.errors import UnsupportedFeature
@@ -132,12 +130,8 @@ def open_libvirt_save(source: Source, options: OpenOptions) -> Dump:
                     found=f"{kind} data starting {content[:8].hex(' ') or 'with nothing'}",
                 )
 
-        inner = container.decompress(tail, kind, options, accept=accept)
-        try:
+        with container.decompressed(tail, kind, options, accept=accept) as inner:
             dump = qemu_stream.open_stream(inner, options, domain)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(inner.path)
     _add_facts(dump, domain, fmt, was_running, version, byte_order, data_len)
     return dump
 
