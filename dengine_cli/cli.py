@@ -23,7 +23,14 @@ import click
 
 from dengine_cli import __version__
 from dengine_cli.engine.sharing.model import KSM_MAX_PAGE_SHARING, KSM_MAX_PAGE_SHARING_LIMIT
-from dengine_cli.errors import EXIT_INTERNAL, EXIT_OUTPUT, EXIT_USAGE, DengineError, UnreadableFile
+from dengine_cli.errors import (
+    EXIT_INTERNAL,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    STOPPING_SIGNALS,
+    DengineError,
+    UnreadableFile,
+)
 from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dump
 from dengine_cli.outputs import STDERR_NAME, STDOUT_NAME, is_stdout, refuse_inputs, refuse_inside
 
@@ -1267,7 +1274,7 @@ def terminate_once(signum: int, frame: object) -> None:
     later signals of either kind, and Ctrl-C, are ignored while the cleanup it starts runs."""
     from dengine_cli.errors import Terminated
 
-    for s in (signal.SIGINT, *TERMINATING):
+    for s in STOPPING_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     raise Terminated(signum)
 
@@ -1277,7 +1284,7 @@ def interrupt_once(signum: int, frame: object) -> None:
     one starts (temporary files removed, workers reaped) runs to its end: a job runner that
     signals the whole process group reaches the command twice, directly and through its
     supervisor, and Ctrl-C may be pressed twice; SIGTERM and SIGHUP too, meanwhile."""
-    for s in (signal.SIGINT, *TERMINATING):
+    for s in STOPPING_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt
 

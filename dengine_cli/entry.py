@@ -30,9 +30,12 @@ def main() -> None:
         from dengine_cli.cli import main as run
 
         run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a SIGTERM's Terminated too, past the command's own handling
+        import signal
         import sys
 
+        signum = getattr(e, "signum", signal.SIGINT)
+        line = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
         with contextlib.suppress(OSError):
-            sys.stderr.write("dengine: interrupted\n")
-        sys.exit(130)
+            sys.stderr.write(f"dengine: {line}\n")
+        sys.exit(130 if signum == signal.SIGINT else 128 + signum)

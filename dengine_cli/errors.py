@@ -21,6 +21,7 @@ Exit codes (documented in the README and ``man/dengine.1``):
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,11 @@ class BadPlanFile(DengineError):
         self.plan = str(plan)
         self.problem = problem
         self.exit_code = exit_code
+
+
+#: Signals that stop a command (Ctrl-C, a job runner's SIGTERM, a closed terminal's SIGHUP): held
+#: while a worker is forked or a temporary copy made, so that its cleanup cannot miss it.
+STOPPING_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 class Terminated(KeyboardInterrupt):

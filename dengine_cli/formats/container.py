@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dengine_cli.errors import FormatError, OutputError, UnreadableFile, UnsupportedFeature
+from dengine_cli.errors import STOPPING_SIGNALS, FormatError, OutputError, UnreadableFile, UnsupportedFeature
 from dengine_cli.formats.base import OpenOptions, Source
 from dengine_cli.pages import PAGE_SIZE
 
@@ -353,10 +353,6 @@ def decompress(
         os.close(src_fd)
 
 
-#: Signals that stop a command: held while the temporary copy is made and its name recorded.
-_STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
 def _spill(
     source: Source,
     kind: str,
@@ -375,7 +371,7 @@ def _spill(
     # Signals are taken by the main thread: there, one that came between the file's creation
     # and its name's record would leave the file behind.
     main = threading.current_thread() is threading.main_thread()
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING) if main else None
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING_SIGNALS) if main else None
     try:
         fd, tmp = tempfile.mkstemp(prefix="dengine-", suffix=f".{kind}.raw", dir=folder)
         if spilled is not None:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
-from dengine_cli.errors import Terminated, UnreadableFile
+from dengine_cli.errors import STOPPING_SIGNALS, Terminated, UnreadableFile
 from dengine_cli.formats.base import Dump
 from dengine_cli.pages import BATCH_PAGES
 
@@ -309,8 +309,7 @@ def _die_with(parent: int) -> None:  # pragma: no cover - runs in the child
         os._exit(1)
 
 
-#: Signals that stop a command (Ctrl-C, a job runner's SIGTERM, a closed terminal's SIGHUP).
-STOPPING = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+STOPPING = STOPPING_SIGNALS
 
 
 @contextlib.contextmanager
