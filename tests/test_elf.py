@@ -316,17 +316,46 @@ def test_no_program_headers(tmp_path: Path) -> None:
     )
 
 
-def test_no_program_headers_pn_xnum(tmp_path: Path) -> None:
-    built = build_elf([Segment(0, pages(0, 1))], pn_xnum=True)
+@pytest.mark.parametrize("elf_class", [64, 32])
+def test_no_program_headers_pn_xnum(tmp_path: Path, elf_class: int) -> None:
+    """e_phnum = PN_XNUM (0xffff) with sh_info = 0 in section header 0: the message says both,
+    at sh_info's offset (exit 4, one line)."""
+    built = build_elf([Segment(0, pages(0, 1))], pn_xnum=True, elf_class=elf_class)
     data = bytearray(built.data)
-    sh_info = 64 + 44  # section header 0 (e_shoff 64), sh_info
+    shoff = 64 if elf_class == 64 else 52  # section header 0 right after the ELF header
+    sh_info = shoff + (44 if elf_class == 64 else 28)
     data[sh_info : sh_info + 4] = bytes(4)
     err = open_error(tmp_path, bytes(data))
     assert err.exit_code == 4
     assert str(err) == (
         f"{tmp_path / 'dump.elf'}: at offset {sh_info:#x}: expected program headers (sh_info > 0 in "
-        "section header 0, as e_phnum is PN_XNUM), found sh_info = 0"
+        "section header 0, as e_phnum is PN_XNUM), found e_phnum = PN_XNUM (0xffff) and sh_info = 0 "
+        f"in section header 0 (at e_shoff {shoff:#x})"
     )
+
+
+@pytest.mark.parametrize("elf_class", [64, 32])
+@pytest.mark.parametrize("where", ["zero", "past the end", "cut"])
+def test_pn_xnum_without_section_header_0(tmp_path: Path, elf_class: int, where: str) -> None:
+    """e_phnum = PN_XNUM and no section header 0 to hold the count (e_shoff 0, past the end of
+    the file, or the header cut by it): exit 4 on one line at e_shoff's offset, saying e_phnum is
+    PN_XNUM and what e_shoff holds (it named offset 0 and e_shoff alone, or a read of "section
+    header 0 (PN_XNUM count)" past the end)."""
+    built = build_elf([Segment(0, pages(0, 1))], pn_xnum=True, elf_class=elf_class)
+    data = bytearray(built.data)
+    at, width = (40, 8) if elf_class == 64 else (32, 4)
+    shoff = {"zero": 0, "past the end": len(data) + 16, "cut": len(data) - 8}[where]
+    data[at : at + width] = shoff.to_bytes(width, "little")
+    err = open_error(tmp_path, bytes(data))
+    assert err.exit_code == 4
+    size = 64 if elf_class == 64 else 40
+    found = "no section header table" if shoff == 0 else f"past the end of file at {len(data):#x}"
+    assert str(err) == (
+        f"{tmp_path / 'dump.elf'}: at offset {at:#x}: expected section header 0 ({size} bytes at "
+        "e_shoff) holding the program header count in sh_info, as e_phnum is PN_XNUM, found "
+        f"e_phnum = PN_XNUM (0xffff) and e_shoff = {shoff:#x}: {found}"
+    )
+    assert "\n" not in str(err)
 
 
 @pytest.mark.parametrize("elf_class", [64, 32])

@@ -4,6 +4,7 @@ claims, and a command reading one format imports only that reader."""
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from dengine_cli.formats import (
 )
 from dengine_cli.formats.base import OpenOptions, Source
 from tests.builders.xc_core import pre_elf_xc_core
+from tests.conftest import REPO
 
 # What the readers themselves know their files start with (not taken from the table, so that a
 # magic missing from the table is caught).
@@ -92,13 +94,30 @@ def test_reading_an_elf_dump_imports_no_other_reader(real_dump: Callable[[str], 
 
 def test_a_raw_image_says_what_it_left_past_its_last_page(tmp_path: Path) -> None:
     """Bytes past the last whole page of an image read as raw (``--dump-format raw``: the name
-    alone claims only whole pages) are counted, in the singular for one."""
-    for extra, words in ((1, "1 trailing byte past"), (3, "3 trailing bytes past")):
+    alone claims only whole pages) are a note with their count and offset (in the singular for
+    one), which `dengine info` shows in its table and its JSON, exit 0."""
+    for extra, words in (
+        (1, "the last byte (at offset 0x2000) is"),
+        (3, "the last 3 bytes (at offset 0x2000) are"),
+    ):
         path = tmp_path / f"x{extra}.raw"
         path.write_bytes(b"\x01" * (2 * 4096 + extra))
         dump = open_dump(path, OpenOptions(format="raw"))
         try:
             assert dump.page_count == 2
-            assert [s for s in dump.facts.skipped if "trailing" in s] == [f"{words} the last whole page"]
+            assert dump.facts.skipped == [f"{words} not a whole page and {words.split()[-1]} not read"]
         finally:
             dump.close()
+    dengine = str(REPO / ".venv" / "bin" / "dengine")
+    path = tmp_path / "x100.raw"
+    path.write_bytes(b"\x01" * (2 * 4096 + 100))
+    note = "the last 100 bytes (at offset 0x2000) are not a whole page and are not read"
+    r = subprocess.run([dengine, "info", "--dump-format", "raw", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert note in " ".join(r.stdout.split())
+    r = subprocess.run(
+        [dengine, "info", "--json", "--dump-format", "raw", str(path)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    (info,) = json.loads(r.stdout)["dumps"]
+    assert info["skipped"] == [note] and info["pages_present"] == 2

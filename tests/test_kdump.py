@@ -475,6 +475,34 @@ def test_nonsense_header(tmp_path: Path) -> None:
     assert "expected a 64-bit disk_dump_header with a power-of-two block_size" in str(e)
 
 
+#: Where disk_dump_header keeps sub_hdr_size, per layout.
+SUB_HDR_SIZE_AT = {"64": 432, "32": 420}
+
+
+@pytest.mark.parametrize("layout", list(SUB_HDR_SIZE_AT))
+@pytest.mark.parametrize(
+    "value,words",
+    [
+        (0, "expected a {bits}-bit disk_dump_header with a sub_hdr_size of at least 1 block "
+            "(header_version 6 has a kdump_sub_header), found sub_hdr_size 0"),
+        (-1, "expected a {bits}-bit disk_dump_header with a sub_hdr_size of 0 or more blocks, "
+             "found sub_hdr_size -1"),
+        (1 << 30, "expected the bitmaps inside the kdump file, at offset 0x40000001000 ((1 + "
+                  "sub_hdr_size 1073741824) blocks of 4096 bytes), found the kdump file ending at {end:#x}"),
+    ],
+)  # fmt: skip
+def test_bad_sub_hdr_size_is_named_at_its_offset(tmp_path: Path, layout: str, value: int, words: str) -> None:
+    """A sub_hdr_size of 0 (with a header version that has a sub-header), negative, or putting
+    the bitmaps past the end: the message names sub_hdr_size at its own offset (it named
+    block_size and bitmap_blocks at block_size's offset, or only the bitmaps at the end of file)."""
+    kf = build_kdump(sample_pages(20), layout=layout, machine="i686" if layout == "32" else "x86_64")
+    at = SUB_HDR_SIZE_AT[layout]
+    path = write(tmp_path, patch(kf.data, at, struct.pack("<i", value)))
+    e = fails(path)
+    bits = layout
+    assert str(e) == f"{path}: at offset {at:#x}: " + words.format(bits=bits, end=len(kf.data))
+
+
 def test_bitmap_beyond_eof(tmp_path: Path) -> None:
     data = patch(build_kdump(sample_pages(5)).data, 436, struct.pack("<I", 1 << 30))
     e = fails(write(tmp_path, data))

@@ -3,8 +3,10 @@ the real QEMU 7.2 fixtures compared page for page with QEMU's ELF dump of the sa
 
 from __future__ import annotations
 
+import json
 import random
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from tests.builders.qemu_stream import (
     build_mapped_ram,
     build_stream,
 )
-from tests.conftest import read_pages
+from tests.conftest import REPO, read_pages
 
 BLOCKS = {"pc.ram": 4 << 20, "vga.vram": 1 << 20, "pc.bios": 256 << 10, "/rom@etc/acpi/tables": 128 << 10}
 UUID = "6c0ffee0-0000-4000-8000-00000000a1fa"
@@ -230,6 +232,50 @@ def test_truncated_stream(tmp_path: Path) -> None:
         assert "found end of file at" in str(e) and "expected " in str(e)
     e = bad(tmp_path, data[: len(data) // 2])
     assert "expected more stream data before the RAM section's EOS" in str(e)
+
+
+@pytest.mark.parametrize("device_sections", [True, False], ids=["device-sections", "eof-after-ram"])
+def test_stream_cut_inside_its_trailing_device_description(tmp_path: Path, device_sections: bool) -> None:
+    """A stream cut inside the VMDESCRIPTION after QEMU_VM_EOF (u8 0x06, be32 length, JSON) has
+    all of RAM: it reads the same pages as the whole stream, and says where it was cut (it used
+    to say nothing).  After device sections the record is found from the end of the file (its
+    JSON's first bytes); right after QEMU_VM_EOF even a cut length is seen.  The whole stream has
+    no such note."""
+    full = build_stream(sample_pages(n=64), {"pc.ram": 1 << 20}, device_sections=device_sections)
+    json_len = len(b'{"page_size": 4096, "devices": []}')
+    at = len(full) - json_len - 5  # the 0x06 byte
+    assert full[at - 1 : at + 1] == b"\x00\x06"
+    whole = opened(tmp_path, full)
+    pages = read_all(whole)
+    assert not [s for s in whole.facts.skipped if "device description" in s]
+    whole.close()
+    cuts = [1, json_len // 2, json_len - 1] + ([json_len, json_len + 2] if not device_sections else [])
+    for cut in cuts:
+        end = len(full) - cut
+        d = opened(tmp_path, full[:end])
+        assert read_all(d) == pages
+        have = end - at - 5
+        size = f"{have} of its {json_len} bytes of JSON" if have >= 0 else "its be32 length cut"
+        assert [s for s in d.facts.skipped if "device description" in s] == [
+            f"the stream ends inside its trailing device description at offset {at:#x} "
+            f"(QEMU_VM_VMDESCRIPTION, {size}; the file ends at {end:#x}); RAM is complete"
+        ], cut
+        d.close()
+
+
+def test_info_shows_a_cut_device_description_and_exits_0(tmp_path: Path) -> None:
+    full = build_stream(sample_pages(n=64), {"pc.ram": 1 << 20})
+    path = write(tmp_path, full[:-5])
+    dengine = str(REPO / ".venv" / "bin" / "dengine")
+    r = subprocess.run([dengine, "info", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ends inside its trailing device description at offset" in " ".join(r.stdout.split())
+    assert "RAM is complete" in " ".join(r.stdout.split())
+    r = subprocess.run([dengine, "info", "--json", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (info,) = json.loads(r.stdout)["dumps"]
+    assert info["pages_present"] == 64
+    assert any(s.endswith("; RAM is complete") for s in info["skipped"])
 
 
 def test_eof_record_before_ram_end(tmp_path: Path) -> None:

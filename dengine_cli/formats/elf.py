@@ -134,6 +134,7 @@ PHDR_SIZE = {ELFCLASS32: 32, ELFCLASS64: 56}
 E_PHOFF_AT = {ELFCLASS32: 28, ELFCLASS64: 32}
 E_PHENTSIZE_AT = {ELFCLASS32: 42, ELFCLASS64: 54}
 E_PHNUM_AT = {ELFCLASS32: 44, ELFCLASS64: 56}
+E_SHOFF_AT = {ELFCLASS32: 32, ELFCLASS64: 40}
 SHDR_SIZE = {ELFCLASS32: 40, ELFCLASS64: 64}
 #: Offset of sh_info in a section header, per class.
 SH_INFO_AT = {ELFCLASS32: 28, ELFCLASS64: 44}
@@ -246,13 +247,17 @@ def _program_header_count(source: Source, image: ElfImage, hdr: ElfHeader) -> in
     if hdr.phnum != PN_XNUM:
         return hdr.phnum
     # PN_XNUM: the real count is sh_info of section header 0.
-    if hdr.shoff == 0:
+    size = SHDR_SIZE[hdr.elf_class]
+    xnum = f"e_phnum = PN_XNUM ({PN_XNUM:#x})"
+    if hdr.shoff == 0 or hdr.shoff + size > image.size:
+        where = "no section header table" if hdr.shoff == 0 else f"past the {_end_text(image)}"
         raise source.error(
-            image.file_offset(0),
-            expected="section header 0 holding the program header count (PN_XNUM)",
-            found="e_shoff = 0",
+            image.file_offset(E_SHOFF_AT[hdr.elf_class]),
+            expected=f"section header 0 ({size} bytes at e_shoff) holding the program header count in "
+            "sh_info, as e_phnum is PN_XNUM",
+            found=f"{xnum} and e_shoff = {hdr.shoff:#x}: {where}",
         )
-    sh0 = image.read(hdr.shoff, SHDR_SIZE[hdr.elf_class], "section header 0 (PN_XNUM count)")
+    sh0 = image.read(hdr.shoff, size, "section header 0 (PN_XNUM count)")
     (count,) = struct.unpack_from(hdr.order + "I", sh0, SH_INFO_AT[hdr.elf_class])
     return int(count)
 
@@ -384,7 +389,8 @@ def parse_layout(source: Source, image: ElfImage) -> ElfLayout:
             raise source.error(
                 image.file_offset(hdr.shoff + SH_INFO_AT[hdr.elf_class]),
                 expected="program headers (sh_info > 0 in section header 0, as e_phnum is PN_XNUM)",
-                found="sh_info = 0",
+                found=f"e_phnum = PN_XNUM ({PN_XNUM:#x}) and sh_info = 0 in section header 0 "
+                f"(at e_shoff {hdr.shoff:#x})",
             )
         raise source.error(
             image.file_offset(E_PHNUM_AT[hdr.elf_class]),

@@ -406,15 +406,36 @@ def _u32(order: str, head: bytes, off: int) -> int:
 def _plausible(head: bytes, order: str, layout: HeaderLayout) -> bool:
     """Whether the header read with this layout and byte order makes sense: a power-of-two block
     size in [1 KiB, 1 MiB], a bitmap, and (with a sub-header) at least one sub-header block."""
+    return _implausible(head, order, layout) is None
+
+
+def _implausible(head: bytes, order: str, layout: HeaderLayout) -> tuple[int, str, str] | None:
+    """What makes the header read with this layout and byte order no ``disk_dump_header``: the
+    offset of the first field that does not make sense, what it should hold and what it holds
+    (``None`` when all do)."""
     bs = _u32(order, head, layout.block_size)
     version = struct.unpack_from(order + "i", head, 8)[0]
     bitmap_blocks = _u32(order, head, layout.bitmap_blocks)
     sub_blocks = struct.unpack_from(order + "i", head, layout.sub_hdr_size)[0]
     if not (1024 <= bs <= 1 << 20 and bs & (bs - 1) == 0):
-        return False
-    if not (0 <= version < 1 << 16) or bitmap_blocks == 0 or sub_blocks < 0:
-        return False
-    return not (version >= 1 and sub_blocks == 0)
+        return (
+            layout.block_size,
+            "a power-of-two block_size and a non-empty bitmap",
+            f"block_size {bs}, bitmap_blocks {bitmap_blocks}",
+        )
+    if not 0 <= version < 1 << 16:
+        return 8, "a header_version of 0-65535", f"header_version {version}"
+    if bitmap_blocks == 0:
+        return layout.bitmap_blocks, "a non-empty bitmap (bitmap_blocks > 0)", "bitmap_blocks 0"
+    if sub_blocks < 0:
+        return layout.sub_hdr_size, "a sub_hdr_size of 0 or more blocks", f"sub_hdr_size {sub_blocks}"
+    if version >= 1 and sub_blocks == 0:
+        return (
+            layout.sub_hdr_size,
+            f"a sub_hdr_size of at least 1 block (header_version {version} has a kdump_sub_header)",
+            "sub_hdr_size 0",
+        )
+    return None
 
 
 def _utsname(head: bytes) -> dict[str, str]:
@@ -460,11 +481,11 @@ def parse_header(image: KdumpImage) -> Header:
         lay = layouts[0]
         if len(head) < lay.size:
             image.read(0, lay.size, "disk_dump_header")
-        bs = _u32(orders[0], head, lay.block_size)
+        wrong = _implausible(head, orders[0], lay)
+        assert wrong is not None
+        at, expected, found = wrong
         raise source.error(
-            image.file_offset(lay.block_size),
-            expected=f"a {lay.name} disk_dump_header with a power-of-two block_size and a non-empty bitmap",
-            found=f"block_size {bs}, bitmap_blocks {_u32(orders[0], head, lay.bitmap_blocks)}",
+            image.file_offset(at), expected=f"a {lay.name} disk_dump_header with {expected}", found=found
         )
     order, layout = chosen
     version = struct.unpack_from(order + "i", head, 8)[0]
@@ -895,6 +916,14 @@ def _open_image(source: Source, options: OpenOptions, buf: npt.NDArray[np.uint8]
     # Bitmaps: check the file holds them before reading anything sized by max_mapnr.
     bitmap_off = (1 + hdr.sub_hdr_size) * bs
     bitmap_len = hdr.bitmap_blocks * bs
+    if bitmap_off >= image.size:
+        # The bitmaps would start at or past the end: sub_hdr_size places them (or the file is cut).
+        raise source.error(
+            image.file_offset(hdr.layout.sub_hdr_size),
+            expected=f"the bitmaps inside the kdump file, at offset {bitmap_off:#x} "
+            f"((1 + sub_hdr_size {hdr.sub_hdr_size}) blocks of {bs} bytes)",
+            found=f"the kdump file ending at {image.size:#x}",
+        )
     if bitmap_off + bitmap_len > image.size:
         raise source.error(
             image.file_offset(min(bitmap_off, image.size)),

@@ -65,6 +65,12 @@ VM_VMDESCRIPTION = 0x06
 VM_CONFIGURATION = 0x07
 VM_COMMAND = 0x08
 VM_SECTION_FOOTER = 0x7E
+#: How the trailing VMDESCRIPTION's JSON starts (savevm.c ``json_writer_int64(vmdesc, "page_size", ...)``
+#: first, json-writer's ": " separator).
+VMDESC_JSON_START = b'{"page_size"'
+#: How far from the end of the file a VMDESCRIPTION is looked for (FORMATS.md §3.2: the last
+#: <= 10 MiB) when the index pass stopped at a device section it cannot skip.
+VMDESC_TAIL = 10 << 20
 #: MIG_CMD_PACKAGED: a postcopy package (a whole stream inside a command); never in save files.
 MIG_CMD_PACKAGED = 7
 
@@ -189,6 +195,11 @@ class _Indexer:
         self.ram_section: int | None = None
         self.ram_done = False
         self.stopped_at: str = "end of file"
+        #: Where the index pass stopped reading (after RAM; nothing before it is searched for the
+        #: trailing device description).
+        self.stopped_offset = 0
+        #: Said when the stream ends inside its trailing VMDESCRIPTION (RAM is complete then).
+        self.cut_note: str | None = None
         self._side_file: BinaryIO | None = None
         self._side_count = 0
         self._fill_rows: dict[int, int] = {}
@@ -230,6 +241,46 @@ class _Indexer:
             raise self.source.error(
                 int(p), expected=f"more stream data before {where}", found=f"end of file at {self.end:#x}"
             ) from None
+        self.cut_note = self._cut_description()
+
+    def _cut_description(self) -> str | None:
+        """A note when the file ends inside the VMDESCRIPTION after QEMU_VM_EOF (u8 0x06, be32
+        length, that many bytes of JSON): RAM was read whole, the device description is cut.
+
+        Right after QEMU_VM_EOF the record is read where it is.  After a device section the
+        index pass cannot skip, the record is looked for in the file's last :data:`VMDESC_TAIL`
+        bytes past that section: QEMU_VM_EOF, 0x06 and a be32 length just before the last
+        :data:`VMDESC_JSON_START`."""
+        p, end = self.stopped_offset, self.end
+        if self.stopped_at == "QEMU_VM_EOF":
+            if p >= end or self.mv[p] != VM_VMDESCRIPTION:
+                return None  # no device description (suppress-vmdesc), or something else
+            at = p
+            length = int(_BE32(self.mv, p + 1)[0]) if p + 5 <= end else None
+        elif self.stopped_at.startswith("section"):
+            lo = max(p, end - VMDESC_TAIL)
+            tail = bytes(self.mv[lo:end])
+            found = tail.rfind(VMDESC_JSON_START)
+            if found < 0:  # cut inside those first bytes of the JSON?
+                found = next(
+                    (len(tail) - k for k in range(len(VMDESC_JSON_START) - 1, 0, -1)
+                     if tail.endswith(VMDESC_JSON_START[:k])),
+                    -1,
+                )  # fmt: skip
+            if found < 6 or tail[found - 6 : found - 4] != b"\x00\x06":
+                return None
+            at, length = lo + found - 5, int(_BE32(tail, found - 4)[0])
+            if length < len(VMDESC_JSON_START):
+                return None
+        else:
+            return None
+        if length is not None and at + 5 + length <= end:
+            return None  # complete
+        size = "its be32 length cut" if length is None else f"{end - at - 5} of its {length} bytes of JSON"
+        return (
+            f"the stream ends inside its trailing device description at offset {at:#x} "
+            f"(QEMU_VM_VMDESCRIPTION, {size}; the file ends at {end:#x}); RAM is complete"
+        )
 
     def _records(self, start: int) -> None:
         src = self.source
@@ -270,6 +321,7 @@ class _Indexer:
                     name = idstr.decode("ascii", "replace")
                     if self.ram_done:
                         self.stopped_at = f"section {name!r} at {rec:#x}"
+                        self.stopped_offset = rec
                         return
                     raise self._unsupported(
                         rec, f"section {name!r} before the end of RAM (cannot be skipped without its layout)"
@@ -280,6 +332,7 @@ class _Indexer:
                 if self.ram_section is None or section_id != self.ram_section:
                     if self.ram_done:
                         self.stopped_at = f"section part {section_id} at {rec:#x}"
+                        self.stopped_offset = rec
                         return
                     raise self._unsupported(
                         rec, f"iterable section {section_id} other than RAM (cannot be skipped)"
@@ -303,6 +356,7 @@ class _Indexer:
                         rec, expected="the RAM SECTION_END before QEMU_VM_EOF", found="QEMU_VM_EOF"
                     )
                 self.stopped_at = "QEMU_VM_EOF"
+                self.stopped_offset = p
                 return
             else:
                 raise src.error(
@@ -718,6 +772,8 @@ def _build(
                 f"{dropped} pages of RAM behind the legacy VGA window 0xa0000-0xbffff"
                 " (--device-memory keeps them)"
             )
+    if idx.cut_note is not None:
+        facts.skipped.append(idx.cut_note)
     facts.extra["zero_pages"] = int(np.count_nonzero(offs == ZERO_PAGE))
     return QemuStreamDump(source, facts, buf, gfns.astype(np.uint64), offs, idx.side_pages())
 

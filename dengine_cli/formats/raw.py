@@ -33,8 +33,10 @@ def open_raw(source: Source, options: OpenOptions) -> Dump:
         raise source.error(source.start, expected="at least one 4096-byte page", found=f"{len(buf)} bytes")
     facts = GuestFacts(format="raw", memory_bytes=usable)
     if len(buf) != usable:
-        extra = len(buf) - usable
-        facts.skipped.append(f"{extra} trailing byte{'' if extra == 1 else 's'} past the last whole page")
+        extra, at = len(buf) - usable, source.start + usable
+        last = "byte" if extra == 1 else f"{extra} bytes"
+        are = "is" if extra == 1 else "are"
+        facts.skipped.append(f"the last {last} (at offset {at:#x}) {are} not a whole page and {are} not read")
     return PageTableDump.flat(source, facts, buf[:usable], file_offset=source.start)
 
 
