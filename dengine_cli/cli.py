@@ -32,7 +32,14 @@ from dengine_cli.errors import (
     UnreadableFile,
 )
 from dengine_cli.formats import FORMAT_NAMES, OpenOptions, all_formats, open_dump
-from dengine_cli.outputs import STDERR_NAME, STDOUT_NAME, is_stdout, refuse_inputs, refuse_inside
+from dengine_cli.outputs import (
+    STDERR_NAME,
+    STDOUT_NAME,
+    is_stdout,
+    refuse_inputs,
+    refuse_inside,
+    refuse_uncreatable,
+)
 
 # The engine and the renderers are imported by the commands that use them: every command pays
 # for what it imports before it starts, and `dengine info` needs neither the planner nor rich.
@@ -80,9 +87,17 @@ def _stopped(signum: int) -> NoReturn:
 class DengineGroup(click.Group):
     """Turns every error into one line on stderr and its documented exit code."""
 
+    #: The subcommand a usage error dengine raised itself came from ("" before one is known), for
+    #: the pointer to its help that click's own usage errors end with.
+    usage_command = ""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except DengineError as e:
+            if e.exit_code == EXIT_USAGE:
+                self.usage_command = ctx.invoked_subcommand or ""
+            raise
         except BrokenPipeError as e:
             raise _PipeClosed() from e
         except KeyboardInterrupt as e:
@@ -93,6 +108,7 @@ class DengineGroup(click.Group):
         argv = list(argv) if argv is not None else sys.argv[1:]
         self.argv = argv  # the command line as given, which `dengine report` records
         debug = "--debug" in argv
+        self.usage_command = ""
         kwargs["standalone_mode"] = False
         try:
             rv = super().main(*args, **kwargs)
@@ -111,7 +127,8 @@ class DengineGroup(click.Group):
         except DengineError as e:
             if debug:
                 traceback.print_exc()
-            click.echo(f"dengine: {e}", err=True)
+            usage = e.exit_code == EXIT_USAGE
+            click.echo(usage_message(self.usage_command, str(e)) if usage else f"dengine: {e}", err=True)
             sys.exit(e.exit_code)
         except (BrokenPipeError, _PipeClosed):
             # Our reader stopped reading: nothing more to say, and nothing to say it to.
@@ -132,13 +149,20 @@ class DengineGroup(click.Group):
 
 
 def usage_line(e: click.ClickException) -> str:
-    """A usage error as one line, as every other error: ``dengine: COMMAND: what is wrong; see
-    'dengine COMMAND --help'`` (click's own form is four lines: usage, hint, blank, error)."""
+    """A usage error of click's as one line, as every other error (click's own form is four
+    lines: usage, hint, blank, error)."""
     ctx = e.ctx if isinstance(e, click.UsageError) else None
     # The command path without the program's name (``python -m dengine_cli``, a test runner's).
     command = ctx.command_path.partition(" ")[2] if ctx is not None else ""
+    return usage_message(command, e.format_message().rstrip("."))
+
+
+def usage_message(command: str, what: str) -> str:
+    """Every usage error (exit 2), click's and those dengine raises itself, as one line:
+    ``dengine: COMMAND: what is wrong; see 'dengine COMMAND --help'`` (no COMMAND where none
+    was named: ``dengine: what is wrong; see 'dengine --help'``)."""
     where, path = (f"{command}: ", f"dengine {command}") if command else ("", "dengine")
-    return f"dengine: {where}{e.format_message().rstrip('.')}; see '{path} --help'"
+    return f"dengine: {where}{what}; see '{path} --help'"
 
 
 def emit(message: str, *, nl: bool = True, err: bool = False) -> None:
@@ -801,6 +825,7 @@ def plan_command(
     history = parse_history(history_pairs, paths)
     if output is not None and sample is not None:
         raise click.BadParameter("a plan file needs an exact plan: drop --sample", param_hint="-o")
+    refuse_uncreatable([output])
     settings = command_settings(options)
     bar = PageProgress("planning")
     try:
@@ -924,6 +949,7 @@ def report_command(
         ksm=KsmModel(ksm_max_page_sharing, ksm_use_zero_pages, ksm_zero_pages_backed),
     )
     refuse_inputs(outputs, [*request.dumps, *(p for vm in request.vms for p in vm.snapshots)])
+    refuse_uncreatable(outputs)
     settings = command_settings()
     bar = PageProgress("report")
     try:
@@ -1148,7 +1174,8 @@ def restore_command(
         # os.path's tests: False where pathlib's raise (a folder this user cannot search).
         if several and not os.path.exists(output):
             made.append(output)
-        targets = _restore_targets([vm.name for vm in chosen], output, image_format, several=several)
+        names, numbers = [vm.name for vm in chosen], [vm.vm for vm in chosen]
+        targets = _restore_targets(names, numbers, output, image_format, several=several)
         for vm, target in zip(chosen, targets, strict=True):
             if not is_stdout(target) and not os.path.lexists(target):
                 made.insert(0, target)
@@ -1183,9 +1210,12 @@ def _refuse_special_plan(plan_file: Path) -> None:
         raise UnreadableFile(str(plan_file), f"is {kind}: a plan file is read in place, from a file")
 
 
-def _restore_targets(names: Sequence[str], output: Path, image_format: str, several: bool) -> list[Path]:
+def _restore_targets(
+    names: Sequence[str], numbers: Sequence[int], output: Path, image_format: str, several: bool
+) -> list[Path]:
     """One file per VM: ``output`` itself for one VM, else ``output/NAME.FORMAT`` (NAME the file
-    name of the VM's dump, numbered where two VMs share one)."""
+    name of the VM's dump), ``output/N-NAME.FORMAT`` where two VMs restored share a NAME (N the
+    VM's number in the store, as ``restore`` takes it: the file says which VM it holds)."""
     if not several:
         return [output]
     try:
@@ -1197,7 +1227,7 @@ def _restore_targets(names: Sequence[str], output: Path, image_format: str, seve
     bases = [Path(n).name for n in names]
     return [
         output / (f"{base}.{image_format}" if bases.count(base) == 1 else f"{k}-{base}.{image_format}")
-        for k, base in enumerate(bases)
+        for k, base in zip(numbers, bases, strict=True)
     ]
 
 
@@ -1210,10 +1240,15 @@ def verify_command(store: Path, as_json: bool, jobs: int | None) -> None:
     damaged (which VM, which gfn) and exit 7 if anything is."""
     from dengine_cli.errors import StoreDamaged
     from dengine_cli.parallel import Workers
-    from dengine_cli.store.verify import verify_store
+    from dengine_cli.store.verify import unverified, verify_store
 
-    with progress(0, "verifying") as tick:
-        report = verify_store(store, tick, Workers(jobs=jobs or 0))
+    try:
+        with progress(0, "verifying") as tick:
+            report = verify_store(store, tick, Workers(jobs=jobs or 0))
+    except DengineError as e:  # no catalog, not one: still a JSON document for a script
+        if as_json:
+            emit(json.dumps(unverified(store, e).to_dict(), indent=2))
+        raise
     if as_json:
         emit(json.dumps(report.to_dict(), indent=2))
     else:

@@ -25,6 +25,7 @@ import contextlib
 import errno
 import io
 import os
+import signal
 import stat
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO, cast
 
-from dengine_cli.errors import OutputError
+from dengine_cli.errors import STOPPING_SIGNALS, OutputError
 
 #: The output name that means standard output (``-o -``).
 STDOUT = "-"
@@ -117,25 +118,12 @@ def _atomic(path: Path | str, text: bool, sync: bool, image: bool = False) -> It
         with _standard_output(text, image) as f:
             yield f
         return
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        mode = None
-    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+    path, in_place = _target(Path(path))
+    if in_place:
         with _in_place(path, text, image) as f:
             yield f
         return
-    if mode is not None and (stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)):
-        kind = "a block device" if stat.S_ISBLK(mode) else "a socket"
-        raise OutputError(path, f"is {kind}, not a file")
-    if os.path.islink(path):  # False, not an error, where the folder cannot be searched
-        path = Path(os.path.realpath(path))
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    except OSError as e:
-        raise OutputError(path, e.strerror or str(e)) from e
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), _default_mode())
@@ -152,6 +140,56 @@ def _atomic(path: Path | str, text: bool, sync: bool, image: bool = False) -> It
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _target(path: Path) -> tuple[Path, bool]:
+    """The file an output ``path`` becomes (a symbolic link's target), and whether it is written
+    in place (a character device, a FIFO); ``OutputError`` for a block device or a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        return path, True
+    if mode is not None and (stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)):
+        kind = "a block device" if stat.S_ISBLK(mode) else "a socket"
+        raise OutputError(path, f"is {kind}, not a file")
+    if os.path.islink(path):  # False, not an error, where the folder cannot be searched
+        path = Path(os.path.realpath(path))
+    return path, False
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """The temporary file beside ``path`` that becomes it (descriptor, name); ``OutputError``
+    naming ``path`` where the folder cannot take one."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    except OSError as e:
+        raise OutputError(path, e.strerror or str(e)) from e
+
+
+def refuse_uncreatable(outputs: Iterable[Path | str | None]) -> None:
+    """``OutputError`` for an output that :func:`atomic_output` could not create (a folder that
+    takes no files: ``/proc``, read-only, no permission; a block device, a socket), checked
+    before any work, with the temporary file it would write, removed at once: a command that
+    writes its output only at the end (``plan -o``, ``report``) says so in a moment, not after
+    reading every dump.  Standard output, character devices and FIFOs are written in place and
+    checked when they are opened.  A stopping signal waits until the file is gone again."""
+    for o in outputs:
+        if o is None or is_stdout(o):
+            continue
+        path, in_place = _target(Path(o))
+        if in_place:
+            continue
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING_SIGNALS)
+        try:
+            fd, tmp = _temporary(path)
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextlib.contextmanager

@@ -395,10 +395,14 @@ def test_a_bad_cap_in_a_policy_file_is_one_line_naming_it(alpha: Path, tmp_path:
             'base = "ksm"\nmax_page_sharing = 1\n',
             "max_page_sharing: expected an integer from 2 to 2147483647, found 1",
         ),
-        ("max_page_sharing = 7\n", "max_page_sharing: only a policy based on ksm has KSM pages to cap"),
+        (
+            "max_page_sharing = 7\n",
+            'max_page_sharing: only a policy based on ksm has KSM pages to cap (base = "ksm"); '
+            "this one is based on 'de'",
+        ),
     ):
         policy = tmp_path / "bad.toml"
         policy.write_text(text)
         code, out, err = invoke("plan", "--policy", str(policy), "--index-dir", str(tmp_path), str(alpha))
         assert code == EXIT_USAGE and out == ""
-        assert err.startswith(f"dengine: {policy}: {message}") and err.count("\n") == 1, err
+        assert err == f"dengine: plan: {policy}: {message}; see 'dengine plan --help'\n", err

@@ -82,7 +82,7 @@ def as_nobody(*args: str, shared: Path) -> subprocess.CompletedProcess[str]:
             "{d}/locked/p.json: cannot write: Permission denied",
         ),
         (
-            ["report", "{d}/vm.raw", "-o", "{d}/r.html", "--json", "{d}/locked/r.json"],
+            ["report", "{d}/vm.raw", "-o", "{d}/cache/r.html", "--json", "{d}/locked/r.json"],
             EXIT_OUTPUT,
             "{d}/locked/r.json: cannot write: Permission denied",
         ),

@@ -16,6 +16,9 @@ from dengine_cli.policies import POLICIES, load_policy_file, named_policy, resol
 from tests.commands import invoke_quiet
 from tests.vms import design_vms, write_raw_images
 
+#: The tail of every usage error of ``plan``.
+SEE_PLAN_HELP = "; see 'dengine plan --help'"
+
 
 def test_named_policies() -> None:
     assert list(POLICIES) == ["ksm", "esx", "de", "de-share-patch", "de-share-compress"]
@@ -265,16 +268,19 @@ def test_plan_refuses_bad_policy_files_on_one_line(tmp_path: Path) -> None:
         path.write_bytes(data)
         code, out, err = plan_json(path)
         assert code == EXIT_USAGE, err
-        assert err.splitlines() == [f"dengine: {path}: {message}"] and out == ""
+        assert err.splitlines() == [f"dengine: plan: {path}: {message}{SEE_PLAN_HELP}"] and out == ""
     (tmp_path / "pol").mkdir()
     code, _, err = invoke_quiet("plan", "--dump-format", "raw", "--policy", str(tmp_path / "pol"), str(dump))
     assert code == EXIT_USAGE
-    assert err.splitlines() == [f"dengine: {tmp_path / 'pol'}: cannot read policy file: is a directory"]
+    assert err.splitlines() == [
+        f"dengine: plan: {tmp_path / 'pol'}: cannot read policy file: is a directory{SEE_PLAN_HELP}"
+    ]
     os.mkfifo(tmp_path / "fifo")
     code, _, err = plan_json(tmp_path / "fifo")
     assert code == EXIT_USAGE
     assert err.splitlines() == [
-        f"dengine: {tmp_path / 'fifo'}: cannot read policy file: is a FIFO (a pipe), not a regular file"
+        f"dengine: plan: {tmp_path / 'fifo'}: cannot read policy file: is a FIFO (a pipe), not a regular file"
+        + SEE_PLAN_HELP
     ]
     # The largest cost is taken, and its plan is JSON (no Infinity).
     path = tmp_path / "slow.toml"

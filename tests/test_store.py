@@ -60,6 +60,7 @@ def extract(dump: Path, out: Path) -> bytes:
 
 
 def plan(dumps: list[Path], tmp: Path, *extra: str) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / "plan.json"
     code, _, err = invoke("plan", "--baseline", "none", "--index-dir", str(tmp / "idx"), "-o", str(out),
                           *extra, *map(str, dumps))  # fmt: skip
@@ -276,6 +277,43 @@ def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> Non
     assert code == EXIT_UNREADABLE
 
 
+def test_impossible_page_sizes_are_refused(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
+    """A plan file's per-page sizes are the figures `apply` reports: one a page of its action
+    cannot take (negative, more than a page, a whole page not of 4096 bytes, a zero, shared or
+    paged-out page of any) is a malformed plan (exit 4, one line naming the VM, gfn and page),
+    read by numpy or by json.loads alike; before, a size of 10**15 showed 909.5 TiB.  So is a VM
+    named otherwise in the plan's figures than in its page plan (the store keeps both names)."""
+    plan_file = plan([real_dump("alpha.elf"), real_dump("beta.elf")], tmp_path)
+    doc = json.loads(plan_file.read_text())
+    pages = doc["pages"][1]
+    first = {a: pages["action"].index(a) for a in (0, 1, 2, 3, 4)}
+    bad = tmp_path / "bad.json"
+    for action, size, expected in (
+        (4, 10**15, "0..4096"), (3, -1, "0..4096"), (4, 4097, "0..4096"), (2, 4095, "4096"),
+        (2, 0, "4096"), (0, 1, "0"), (1, 4096, "0"),
+    ):  # fmt: skip
+        k = first[action]
+        odd = json.loads(json.dumps(doc))
+        odd["pages"][1]["size"][k] = size
+        name = ("zero", "share", "whole", "patch", "compress")[action]
+        want = f"VM 1 gfn {pages['gfn'][k]:#x} (page {k}): size {size} for a {name} page, expected {expected}"
+        for separators in ((", ", ": "), (",", ": ")):  # read by json.loads, by numpy
+            bad.write_text(json.dumps(odd, separators=separators))
+            code, _, err = invoke("apply", str(bad), "-o", str(tmp_path / "store"))
+            assert code == EXIT_BAD_DUMP, err
+            assert err.splitlines() == [f"dengine: {bad}: {want} bytes"]
+            assert not (tmp_path / "store").exists()
+    renamed = json.loads(json.dumps(doc))
+    renamed["vms"][1]["name"] = "gamma"
+    bad.write_text(json.dumps(renamed))
+    code, _, err = invoke("apply", str(bad), "-o", str(tmp_path / "store"))
+    assert code == EXIT_BAD_DUMP, err
+    assert err.splitlines() == [
+        f"dengine: {bad}: VM 1: named {pages['name']!r} in its page plan, 'gamma' in vms"
+    ]
+    assert apply(plan_file, tmp_path / "store")["vms"][1]["plan_bytes"] == sum(pages["size"])
+
+
 def test_store_arguments(real_dump: Callable[[str], Path], tmp_path: Path) -> None:
     plan_file = plan([real_dump("alpha.elf")], tmp_path)
     not_store = tmp_path / "not-a-store"
@@ -296,7 +334,8 @@ def test_store_arguments(real_dump: Callable[[str], Path], tmp_path: Path) -> No
         code, _, err = invoke("restore", str(store), wanted, "-o", str(tmp_path / "x"))
         assert code == EXIT_USAGE
         assert err.splitlines() == [
-            f"dengine: {store}: no VM called '{wanted}' (1 VM: 0 {real_dump('alpha.elf')})"
+            f"dengine: restore: {store}: no VM called '{wanted}' (1 VM: 0 {real_dump('alpha.elf')})"
+            "; see 'dengine restore --help'"
         ]
         assert not (tmp_path / "x").exists()
 
@@ -310,7 +349,10 @@ def test_an_unknown_vm_lists_a_few_by_number(tmp_path: Path) -> None:
     code, _, err = invoke("restore", str(store), "vm10.raw", "-o", str(tmp_path / "x"))
     assert code == EXIT_USAGE
     listed = ", ".join(f"{k} {paths[k]}" for k in range(8))
-    assert err.splitlines() == [f"dengine: {store}: no VM called 'vm10.raw' (10 VMs: {listed}, and 2 more)"]
+    assert err.splitlines() == [
+        f"dengine: restore: {store}: no VM called 'vm10.raw' (10 VMs: {listed}, and 2 more)"
+        "; see 'dengine restore --help'"
+    ]
     assert not (tmp_path / "x").exists()
     code, _, err = invoke("restore", str(store), "9", "-o", str(tmp_path / "nine.raw"))
     assert code == 0, err

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dengine_cli.cli import FRAME_CODEC_NAMES
-from dengine_cli.errors import EXIT_DAMAGED
+from dengine_cli.errors import EXIT_DAMAGED, EXIT_UNREADABLE
 from dengine_cli.store.catalog import decode_columns, encode_columns
 from dengine_cli.store.frames import FRAME_CODECS
 from dengine_cli.store.layout import OBJECT_COLUMNS, PAGE_COLUMNS, signed
@@ -255,6 +255,11 @@ def test_two_vms_of_one_name_are_restored_by_number_only(store: Path, tmp_path: 
     db = sqlite3.connect(store / "catalog.sqlite")
     (first,) = db.execute("SELECT name FROM vm WHERE vm = 0").fetchone()
     db.execute("UPDATE vm SET name = ? WHERE vm = 1", (first,))
+    # As a plan edited by hand stores it: the plan's head (kept in meta) names both VMs alike too.
+    (head,) = db.execute("SELECT value FROM meta WHERE key = 'plan'").fetchone()
+    plan_head = json.loads(head)
+    plan_head["vms"][1]["name"] = first
+    db.execute("UPDATE meta SET value = ? WHERE key = 'plan'", (json.dumps(plan_head),))
     db.commit()
     db.close()
     code, _, err = invoke("restore", str(store), first, "-o", str(tmp_path / "x.raw"))
@@ -262,6 +267,89 @@ def test_two_vms_of_one_name_are_restored_by_number_only(store: Path, tmp_path: 
     assert len(err.splitlines()) == 1 and not (tmp_path / "x.raw").exists()
     code, _, err = invoke("restore", str(store), "1", "-o", str(tmp_path / "x.raw"))
     assert code == 0, err
+
+
+def edit_catalog(store: Path, sql: str) -> None:
+    db = sqlite3.connect(store / "catalog.sqlite")
+    db.execute(sql)
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("UPDATE vm SET pages = pages + 1 WHERE vm = 1",
+         ["VM {1}: its row says {p1+1} pages present, its ranges hold {p1}"]),
+        ("UPDATE vm SET zero_pages = 0 WHERE vm = 0",
+         ["VM {0}: its row says 0 zero pages, its ranges and page map {z0} ({p0} present, {p0-z0} listed)"]),
+        ("DELETE FROM vm WHERE vm = 1",
+         ["VM {1}: VM 1 of the plan the store was applied from has no row in the catalog"]),
+        ("DELETE FROM vm WHERE vm = 0",
+         ["VM {1}: numbered 1 in row 0 of the vm table (VMs are numbered 0..0)",
+          "VM {0}: VM 0 of the plan the store was applied from has no row in the catalog"]),
+        ("UPDATE vm SET name = 'gamma' WHERE vm = 1",
+         ["VM gamma: VM 1 of the plan the store was applied from is {1!r}"]),
+    ],
+    ids=["pages", "zero-pages", "last-row-lost", "first-row-lost", "renamed"],
+)  # fmt: skip
+def test_a_vm_table_that_lies_about_its_vms(
+    store: Path, tmp_path: Path, sql: str, expected: list[str]
+) -> None:
+    """The counts of the vm table are checked against the VM's ranges and page map, and its rows
+    against the plan's head: each lie is a problem naming the VM (exit 7).  Restore relies on the
+    rows (VM by number, every VM, the pages it says it wrote): it refuses such a store; it does
+    not use the zero page count (a store whose row lies only about that restores right)."""
+    vms = StoreReader(store).vms
+    names = {str(k): vm.name for k, vm in enumerate(vms)}
+    counts = {"p0": vms[0].pages, "p1": vms[1].pages, "z0": vms[0].zero_pages, "p1+1": vms[1].pages + 1,
+              "p0-z0": vms[0].pages - vms[0].zero_pages}  # fmt: skip
+    assert counts["z0"] > 0  # the fixture guests have zero pages: what the zero-pages case is about
+    edit_catalog(store, sql)
+    doc = verify(store)
+    want = [e.format(*names.values(), **counts) for e in expected]
+    assert [p["problem"] for p in doc["problems"]] == want, doc
+    if "zero_pages" in sql:
+        code, _, err = invoke("restore", str(store), "0", "-o", str(tmp_path / "x.raw"))
+        assert code == 0, err
+        return
+    for vm in ("0", StoreReader(store).vms[0].name):  # by number, by the name of a VM it has
+        restore_refuses(store, tmp_path, vm, f"damaged store: {want[0]}")
+    code, _, err = invoke("restore", str(store), "-o", str(tmp_path / "all"))
+    assert code == EXIT_DAMAGED and err.splitlines() == [f"dengine: {store}: damaged store: {want[0]}"]
+    assert not (tmp_path / "all").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "code", "message"),
+    [
+        ("missing", EXIT_UNREADABLE,
+         "{store}: cannot read: not a complete dengine store (no catalog.sqlite)"),
+        ("not-sqlite", EXIT_DAMAGED, "{store}: damaged store: catalog.sqlite: file is not a database"),
+        ("chunk", EXIT_DAMAGED, "{store}: damaged store: catalog.sqlite: objects chunk 0: checksum mismatch"),
+    ],
+)  # fmt: skip
+def test_verify_json_when_the_catalog_cannot_be_read(
+    store: Path, damage: str, code: int, message: str
+) -> None:
+    """`verify --json` prints a JSON document even when it cannot read the catalog (for a script
+    piping it into jq): not ok, the one problem it stopped at; the same line on stderr and the
+    same exit status as without --json."""
+    catalog = store / "catalog.sqlite"
+    if damage == "missing":
+        catalog.unlink()
+    elif damage == "not-sqlite":
+        catalog.write_bytes(b"not a database at all" * 100)
+    else:
+        edit_catalog(store, "UPDATE chunk SET checksum = checksum + 1 WHERE tab = 'objects'")
+    line = message.format(store=store)
+    found, out, err = invoke("verify", "--json", str(store))
+    assert (found, err.splitlines()) == (code, [f"dengine: {line}"])
+    assert json.loads(out) == {
+        "schema": "dengine.verify/1", "store": str(store), "ok": False, "vms": [], "objects": 0, "packs": 0,
+        "frames": 0, "problems": [{"problem": line, "pages": {}}], "notes": [],
+    }  # fmt: skip
+    assert invoke("verify", str(store)) == (code, "", err)
 
 
 def test_a_catalog_that_is_not_sqlite(store: Path) -> None:

@@ -178,6 +178,11 @@ class VmRow:
     bytes: dict[str, Any]
 
     @property
+    def present_count(self) -> int:
+        """The pages its present ranges hold."""
+        return int(self.ranges[1::2].sum())
+
+    @property
     def present_gfns(self) -> npt.NDArray[np.uint64]:
         """Every present gfn, ascending (from the ranges)."""
         r = self.ranges.reshape(-1, 2)
@@ -220,6 +225,7 @@ class Catalog:
             if self.meta.get("format") != FORMAT:
                 raise StoreDamaged(store, f"{CATALOG}: format {self.meta.get('format')!r} is not {FORMAT!r}")
             self.vms = self._vms()
+            self.row_damage = self._row_damage()
             self.packs = [self._pack(r) for r in self._db.execute("SELECT * FROM pack ORDER BY pack")]
         except sqlite3.DatabaseError as e:
             raise StoreDamaged(store, f"{CATALOG}: {e}") from None
@@ -249,6 +255,43 @@ class Catalog:
                 raise StoreDamaged(self.store, f"{CATALOG}: vm row {i} does not decode: {e}") from None
         return rows
 
+    def _row_damage(self) -> list[str]:
+        """What the ``vm`` rows say that they cannot (each naming a VM): a page count that is not
+        their ranges', numbers that are not 0..n-1, a VM of the plan the store was applied from
+        (its head, in ``meta``) with no row or another name.  Reported by ``verify``; a reader of
+        a VM's page map refuses the store (:meth:`columns`): by number, or every VM, ``restore``
+        would write another VM's image, or leave one out, without a word."""
+        out = []
+        for k, vm in enumerate(self.vms):
+            if len(vm.ranges) % 2:
+                out.append(f"VM {vm.name}: its present ranges do not decode ({len(vm.ranges)} numbers)")
+            elif vm.pages != vm.present_count:
+                out.append(
+                    f"VM {vm.name}: its row says {vm.pages} pages present, its ranges hold {vm.present_count}"
+                )
+            if vm.vm != k:
+                out.append(
+                    f"VM {vm.name}: numbered {vm.vm} in row {k} of the vm table "
+                    f"(VMs are numbered 0..{len(self.vms) - 1})"
+                )
+        try:
+            planned = self.plan_head().get("vms")
+        except StoreDamaged as e:
+            return [*out, e.problem]
+        if not isinstance(planned, list):
+            return [*out, f"{CATALOG}: the plan's head lists no VMs"]
+        names = [p.get("name") if isinstance(p, dict) else None for p in planned]
+        rows = {vm.vm: vm for vm in self.vms}
+        out += [f"VM {name}: VM {v} of the plan the store was applied from has no row in the catalog"
+                for v, name in enumerate(names) if v not in rows]  # fmt: skip
+        for v, vm in sorted(rows.items()):
+            if not 0 <= v < len(names):
+                out.append(f"VM {vm.name}: VM {v} is not a VM of the plan the store was applied from "
+                           f"({len(names)} VMs)")  # fmt: skip
+            elif names[v] != vm.name:
+                out.append(f"VM {vm.name}: VM {v} of the plan the store was applied from is {names[v]!r}")
+        return out
+
     def _pack(self, row: Sequence[Any]) -> PackRow:
         try:
             pack = PackRow(_integer(row[0]), str(row[1]), _integer(row[2]), str(row[3]))
@@ -272,8 +315,14 @@ class Catalog:
         except (ValueError, TypeError) as e:
             raise StoreDamaged(self.store, f"{CATALOG}: the plan's head does not decode: {e}") from None
 
-    def columns(self, tab: str, vm: int, layout: Sequence[tuple[str, str]]) -> Columns:
-        """Every chunk of ``tab`` (for ``vm``) decoded, checked and joined."""
+    def columns(
+        self, tab: str, vm: int, layout: Sequence[tuple[str, str]], *, despite_rows: bool = False
+    ) -> Columns:
+        """Every chunk of ``tab`` (for ``vm``) decoded, checked and joined.  A VM's page map is
+        refused (:class:`StoreDamaged`) while :attr:`row_damage` lists anything, unless
+        ``despite_rows`` (``verify``, which reports it)."""
+        if tab == "pages" and self.row_damage and not despite_rows:
+            raise StoreDamaged(self.store, self.row_damage[0])
         parts: list[Columns] = []
         expect = 0
         try:

@@ -5,8 +5,8 @@ Everything ``apply`` relies on is checked here, before a dump is opened: the sch
 (4096 bytes, the pages the plan sizes and the store holds: another is unsupported), an exact plan
 (not an estimate), one dump identity per VM (plan files of dengine 0.1.0 before ``apply`` existed
 record none and are refused, with the advice to make the plan again), columns of one length,
-ascending gfns, known action codes, a reference for every shared and patched page pointing at a
-page the plan keeps whole.
+ascending gfns, known action codes, sizes a page of its action can take, a reference for every
+shared and patched page pointing at a page the plan keeps whole.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy.typing as npt
 from dengine_cli.arrays import ArrayHome
 from dengine_cli.cache.keys import dump_identity
 from dengine_cli.codecs import UnknownCodec, compression_codec, patch_codec
-from dengine_cli.engine.plan.model import ACTIONS, PATCH, SCHEMA, SHARE, WHOLE
+from dengine_cli.engine.plan.model import ACTIONS, PATCH, SCHEMA, SHARE, SWAP, WHOLE, ZERO
 from dengine_cli.engine.plan.planfile import not_json_number
 from dengine_cli.errors import EXIT_BAD_DUMP, EXIT_UNSUPPORTED, BadPlanFile, StalePlan, UnreadableFile
 from dengine_cli.formats.base import OpenOptions
@@ -39,6 +39,12 @@ I64 = npt.NDArray[np.int64]
 #: The identity fields a dump must still have for its plan to apply (see
 #: :func:`dengine_cli.cache.keys.dump_identity`: ctime cannot be set back by any user).
 IDENTITY_FIELDS = ("path", "dev", "ino", "size", "mtime_ns", "ctime_ns")
+
+#: The size a page of each action has in a plan file (``-1``: any of 0..PAGE_SIZE bytes, a patch
+#: or a compressed page): nothing for a zero, shared or paged-out page, a page for a whole one.
+FIXED_SIZES = np.full(len(ACTIONS), -1, dtype=np.int64)
+FIXED_SIZES[[ZERO, SHARE, SWAP]] = 0
+FIXED_SIZES[WHOLE] = PAGE_SIZE
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,6 +137,10 @@ def read_plan(path: Path | str, home: ArrayHome | None = None) -> PlanFile:
     if not isinstance(pages, list) or not isinstance(doc.get("vms"), list) or len(pages) != len(doc["vms"]):
         raise BadPlanFile(path, "the per-page plan does not list one entry per VM")
     vms = tuple(_vm(path, v, entry, token, columns, home) for v, entry in enumerate(pages))
+    for vm, figures in zip(vms, doc["vms"], strict=True):
+        named = figures.get("name") if isinstance(figures, dict) else None
+        if named != vm.name:  # the store keeps both: its VM rows and the plan's head
+            raise BadPlanFile(path, f"VM {vm.vm}: named {vm.name!r} in its page plan, {named!r} in vms")
     _check_references(path, vms)
     return PlanFile(path, doc, vms)
 
@@ -231,6 +241,7 @@ def _vm(path: Path, v: int, entry: Any, token: str, columns: list[Column], home:
         raise BadPlanFile(path, f"VM {v}: gfns are not in ascending order")
     if n and (actions.min() < 0 or actions.max() >= len(ACTIONS)):
         raise BadPlanFile(path, f"VM {v}: an action code outside 0..{len(ACTIONS) - 1}")
+    _check_sizes(path, v, gfns, actions, sizes)
     ref_vm = home.full(n, -1, np.int64)
     ref_gfn = home.full(n, -1, np.int64)
     ref_vm[has] = pairs[:, 0]
@@ -244,6 +255,22 @@ def _vm(path: Path, v: int, entry: Any, token: str, columns: list[Column], home:
         )
     return PlannedVm(v, str(entry.get("name", dump["path"])), dump, gfns, home.hold(actions.astype(np.uint8)),
                      ref_vm, ref_gfn, sizes)  # fmt: skip
+
+
+def _check_sizes(path: Path, v: int, gfns: npt.NDArray[np.uint64], actions: I64, sizes: I64) -> None:
+    """Every page's size is one a page of its action takes: 0..4096 bytes, exactly 0 for a zero,
+    shared or paged-out page and 4096 for a whole one (a size the figures add up, so a size
+    edited to 10**15 showed a store of 909.5 TiB)."""
+    fixed = FIXED_SIZES[actions]
+    bad = (sizes < 0) | (sizes > PAGE_SIZE) | ((fixed >= 0) & (sizes != fixed))
+    if bad.any():
+        k = int(np.argmax(bad))
+        expected = f"{fixed[k]}" if fixed[k] >= 0 else f"0..{PAGE_SIZE}"
+        raise BadPlanFile(
+            path,
+            f"VM {v} gfn {int(gfns[k]):#x} (page {k}): size {int(sizes[k])} for a {ACTIONS[actions[k]]} "
+            f"page, expected {expected} bytes",
+        )
 
 
 def _column(value: Any, dtype: type[np.integer[Any]], token: str, columns: list[Column]) -> npt.NDArray[Any]:

@@ -1,9 +1,11 @@
 """``dengine verify``: check every byte of a store and say which VM and which gfn a problem hurts.
 
-Checked, in order: the catalog (SQLite's own check, every chunk's checksum); every pack (present,
+Checked, in order: the catalog (SQLite's own check, every chunk's checksum, the ``vm`` rows against
+each other, their ranges and the plan's head: :attr:`Catalog.row_damage`); every pack (present,
 its header, its size and xxh3-128 as written); every object, decoded once (its pack and the
 bounds of its bytes, its frame, its reference, its codec, its page's checksum); every VM (its page
-map points at objects that exist and lies within its ranges, its image checksum).  Files in
+map points at objects that exist and lies within its ranges, its zero pages are the present pages
+it does not list, its image checksum).  Files in
 ``packs/`` that the catalog does not name (left by an apply that was killed, removed by the next
 one) are reported as notes, not problems.
 """
@@ -21,10 +23,10 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from dengine_cli.errors import StoreDamaged
+from dengine_cli.errors import DengineError, StoreDamaged
 from dengine_cli.parallel import Workers
 from dengine_cli.store.catalog import VmRow
-from dengine_cli.store.layout import PACK_SUFFIX, PACKS, ZERO_PAGE_CHECKSUM
+from dengine_cli.store.layout import PACK_SUFFIX, PACKS, PAGE_COLUMNS, ZERO_PAGE_CHECKSUM
 from dengine_cli.store.reader import StoreReader
 
 #: gfns listed per problem in the text report (JSON lists them all).
@@ -80,7 +82,7 @@ def verify_store(
 ) -> VerifyReport:
     """Every check of the store at ``store`` (frames decoded by ``workers``' threads).  A store
     with no catalog, or one that is not a dengine catalog, raises (exit 3 / 7) rather than
-    reporting."""
+    reporting (:func:`unverified` is its report then)."""
     reader = StoreReader(store, workers)
     problems: list[Problem] = []
     problems += _check_catalog(reader)
@@ -98,12 +100,20 @@ def verify_store(
     )
 
 
+def unverified(store: Path | str, error: DengineError) -> VerifyReport:
+    """The report of a store ``verify_store`` could not open (``error``: why, the one line the
+    command prints on stderr): not ok, that one problem, nothing checked.  So that
+    ``verify --json`` prints a JSON document whatever happens."""
+    return VerifyReport(Path(store), [], 0, 0, 0, [Problem(str(error))], [])
+
+
 def _check_catalog(reader: StoreReader) -> list[Problem]:
     try:
         found = [r[0] for r in reader.catalog._db.execute("PRAGMA quick_check")]
     except sqlite3.DatabaseError as e:
         return [Problem(f"catalog: {e}")]
-    return [] if found == ["ok"] else [Problem(f"catalog: {'; '.join(found[:5])}")]
+    rows = [Problem(what) for what in reader.catalog.row_damage]
+    return rows if found == ["ok"] else [Problem(f"catalog: {'; '.join(found[:5])}"), *rows]
 
 
 def _check_packs(reader: StoreReader) -> list[Problem]:
@@ -151,10 +161,12 @@ def _check_vms(reader: StoreReader, bad: dict[int, str]) -> list[Problem]:
     victims: dict[str, set[int]] = {}
     for vm in reader.vms:
         try:
-            gfns, objs = reader.page_map(vm)
+            cols = reader.catalog.columns("pages", vm.vm, PAGE_COLUMNS, despite_rows=True)
         except StoreDamaged as e:
             out.append(Problem(f"VM {vm.name}: page map: {e}"))
             continue
+        gfns, objs = cols["gfn"].astype(np.uint64), cols["object"].astype(np.int64)
+        out += _zero_problems(vm, len(gfns))
         missing = (objs < 0) | (objs >= reader.object_count)
         if missing.any():
             out.append(Problem(f"VM {vm.name}: page map names objects the store does not have",
@@ -172,6 +184,19 @@ def _check_vms(reader: StoreReader, bad: dict[int, str]) -> list[Problem]:
             itself = len(victims[key]) - patched
             p.what += f" ({itself} object(s), and {patched} patched against them)"
     return out + list(by_reason.values())
+
+
+def _zero_problems(vm: VmRow, listed: int) -> list[Problem]:
+    """The VM row's zero pages: the present pages its page map (``listed`` pages) does not list."""
+    zero = vm.present_count - listed
+    if vm.zero_pages == zero:
+        return []
+    return [
+        Problem(
+            f"VM {vm.name}: its row says {vm.zero_pages} zero pages, its ranges and page map "
+            f"{zero} ({vm.present_count} present, {listed} listed)"
+        )
+    ]
 
 
 _REFERENCE = re.compile(r"its reference object (\d+): ")
