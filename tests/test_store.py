@@ -29,6 +29,7 @@ from dengine_cli.errors import (
     EXIT_UNREADABLE,
     EXIT_UNSUPPORTED,
     EXIT_USAGE,
+    BadPlanFile,
     OutputError,
 )
 from dengine_cli.formats import open_dump
@@ -44,6 +45,7 @@ from dengine_cli.store.frames import (
     incompressible,
 )
 from dengine_cli.store.layout import APPLY_LOCK, CATALOG
+from dengine_cli.store.planread import FIXED_SIZES, _check_sizes
 from dengine_cli.store.reader import StoreReader
 from dengine_cli.store.writer import StoreWriter
 from tests.builders.lime import build_lime
@@ -275,6 +277,40 @@ def test_bad_plan_files(real_dump: Callable[[str], Path], tmp_path: Path) -> Non
         assert not (tmp_path / "store").exists()
     code, _, err = invoke("apply", str(tmp_path / "missing.json"), "-o", str(tmp_path / "store"))
     assert code == EXIT_UNREADABLE
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    actions=st.lists(st.integers(0, 5), min_size=1, max_size=40),
+    bad_at=st.lists(st.integers(0, 39), max_size=3),
+    step=st.integers(1, 50),
+)
+def test_page_sizes_are_checked_a_step_at_a_time(actions: list[int], bad_at: list[int], step: int) -> None:
+    """The size check, a step of pages at a time (its temporaries bounded), names the first page
+    whose size its action cannot take, whatever the step: the same line as in one step."""
+    acts = np.array(actions, dtype=np.int64)
+    fixed = FIXED_SIZES[acts]
+    sizes = np.where(fixed >= 0, fixed, 100).astype(np.int64)
+    for k in bad_at:
+        if k < len(sizes):
+            sizes[k] = PAGE_SIZE + 1
+    gfns = np.arange(len(acts), dtype=np.uint64) * 3
+    path = Path("plan.json")
+
+    def message(at: int) -> str | None:
+        try:
+            _check_sizes(path, 1, gfns, acts, sizes, step=at)
+        except BadPlanFile as e:
+            return str(e)
+        return None
+
+    first = min((k for k in bad_at if k < len(sizes)), default=None)
+    found = message(step)
+    assert found == message(len(acts))
+    if first is None:
+        assert found is None
+    else:
+        assert found is not None and f"gfn {first * 3:#x} (page {first}): size {PAGE_SIZE + 1} " in found
 
 
 def test_impossible_page_sizes_are_refused(real_dump: Callable[[str], Path], tmp_path: Path) -> None:

@@ -257,20 +257,29 @@ def _vm(path: Path, v: int, entry: Any, token: str, columns: list[Column], home:
                      ref_vm, ref_gfn, sizes)  # fmt: skip
 
 
-def _check_sizes(path: Path, v: int, gfns: npt.NDArray[np.uint64], actions: I64, sizes: I64) -> None:
+#: Pages whose sizes :func:`_check_sizes` checks at a time.
+CHECK_PAGES = 1 << 18
+
+
+def _check_sizes(
+    path: Path, v: int, gfns: npt.NDArray[np.uint64], actions: I64, sizes: I64, step: int = CHECK_PAGES
+) -> None:
     """Every page's size is one a page of its action takes: 0..4096 bytes, exactly 0 for a zero,
     shared or paged-out page and 4096 for a whole one (a size the figures add up, so a size
-    edited to 10**15 showed a store of 909.5 TiB)."""
-    fixed = FIXED_SIZES[actions]
-    bad = (sizes < 0) | (sizes > PAGE_SIZE) | ((fixed >= 0) & (sizes != fixed))
-    if bad.any():
-        k = int(np.argmax(bad))
-        expected = f"{fixed[k]}" if fixed[k] >= 0 else f"0..{PAGE_SIZE}"
-        raise BadPlanFile(
-            path,
-            f"VM {v} gfn {int(gfns[k]):#x} (page {k}): size {int(sizes[k])} for a {ACTIONS[actions[k]]} "
-            f"page, expected {expected} bytes",
-        )
+    edited to 10**15 showed a store of 909.5 TiB).  ``step`` pages at a time, so that the
+    temporaries (11 bytes a page) stay a few MiB whatever the VM's size and memory limit."""
+    for lo in range(0, len(actions), step):
+        fixed = FIXED_SIZES[actions[lo : lo + step]]
+        part = sizes[lo : lo + step]
+        bad = (part < 0) | (part > PAGE_SIZE) | ((fixed >= 0) & (part != fixed))
+        if bad.any():
+            k = int(np.argmax(bad))
+            expected = f"{fixed[k]}" if fixed[k] >= 0 else f"0..{PAGE_SIZE}"
+            raise BadPlanFile(
+                path,
+                f"VM {v} gfn {int(gfns[lo + k]):#x} (page {lo + k}): size {int(part[k])} for a "
+                f"{ACTIONS[actions[lo + k]]} page, expected {expected} bytes",
+            )
 
 
 def _column(value: Any, dtype: type[np.integer[Any]], token: str, columns: list[Column]) -> npt.NDArray[Any]:

@@ -27,7 +27,7 @@ import xxhash
 import zstandard
 
 from dengine_cli.codecs import CodecError, CompressionCodec, PatchCodec, codec_by_id
-from dengine_cli.errors import UsageError
+from dengine_cli.errors import StoreDamaged, UsageError
 from dengine_cli.pages import PAGE_SIZE, page_checksums
 from dengine_cli.parallel import Workers
 from dengine_cli.store.catalog import Catalog, Columns, VmRow
@@ -101,6 +101,8 @@ class StoreReader:
             return base[0]
         if wanted.isdigit() and int(wanted) < len(self.vms):
             return self.vms[int(wanted)]
+        if not base and self.catalog.row_damage:  # the VM may be the one whose row was lost
+            raise StoreDamaged(self.store, self.catalog.row_damage[0])
         what = "more than one VM is called" if base else "no VM called"
         raise UsageError(f"{self.store}: {what} {wanted!r} ({self._listing()})")
 
