@@ -1132,7 +1132,7 @@ decode_jobs_option = click.option(
 
 
 @cli.command("restore")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store", type=click.Path(path_type=Path))
 @click.argument("vms", nargs=-1)
 @click.option(
     "-o",
@@ -1232,7 +1232,7 @@ def _restore_targets(
 
 
 @cli.command("verify")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every damaged gfn) instead of text.")
 @decode_jobs_option
 def verify_command(store: Path, as_json: bool, jobs: int | None) -> None:

@@ -364,6 +364,14 @@ def test_store_arguments(real_dump: Callable[[str], Path], tmp_path: Path) -> No
     assert code == EXIT_UNREADABLE and "no such store" in err
     code, _, err = invoke("restore", str(not_store), "-o", str(tmp_path / "x"))
     assert code == EXIT_UNREADABLE and "not a complete dengine store" in err
+    # A file where the store should be (the plan file, say) is named as such, as a store that
+    # cannot be read (exit 3), like a missing one: not click's "Directory ... is a file".
+    why = "is a file, not a store (the directory 'dengine apply' writes)"
+    for command in (["verify"], ["verify", "--json"], ["restore", "-o", str(tmp_path / "x")]):
+        code, out, err = invoke(*command, str(plan_file))
+        expected = f"dengine: {plan_file}: cannot read: {why}"
+        assert code == EXIT_UNREADABLE and err.splitlines() == [expected], err
+        assert ("--json" in command) == bool(out) and not (tmp_path / "x").exists()
     store = tmp_path / "store"
     apply(plan_file, store)
     for wanted in ("gamma", "1"):

@@ -216,8 +216,11 @@ class Catalog:
         except OSError:
             regular = False
         if not regular:
-            incomplete = f"not a complete dengine store (no {CATALOG})"
-            raise UnreadableFile(store, incomplete if os.path.exists(store) else "no such store")
+            if not os.path.exists(store):
+                raise UnreadableFile(store, "no such store")
+            if not os.path.isdir(store):
+                raise UnreadableFile(store, "is a file, not a store (the directory 'dengine apply' writes)")
+            raise UnreadableFile(store, f"not a complete dengine store (no {CATALOG})")
         try:
             self._db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1", uri=True)
             self._check_header()
