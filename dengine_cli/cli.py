@@ -1215,14 +1215,20 @@ def _restore_targets(
 ) -> list[Path]:
     """One file per VM: ``output`` itself for one VM, else ``output/NAME.FORMAT`` (NAME the file
     name of the VM's dump), ``output/N-NAME.FORMAT`` where two VMs restored share a NAME (N the
-    VM's number in the store, as ``restore`` takes it: the file says which VM it holds)."""
+    VM's number in the store, as ``restore`` takes it: the file says which VM it holds).  An
+    ``output`` of the other kind already there is refused, saying which kind is needed."""
+    from dengine_cli.errors import OutputError
+
     if not several:
+        if output.is_dir():
+            raise OutputError(output, "is a directory: one VM is restored to a file (-o FILE)")
         return [output]
+    if output.exists() and not output.is_dir():
+        why = f"is not a directory: {len(names)} VMs are restored to a directory, an image each"
+        raise OutputError(output, why)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        from dengine_cli.errors import OutputError
-
         raise OutputError(output, e.strerror or str(e)) from e
     bases = [Path(n).name for n in names]
     return [

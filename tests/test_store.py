@@ -384,6 +384,33 @@ def test_store_arguments(real_dump: Callable[[str], Path], tmp_path: Path) -> No
         assert not (tmp_path / "x").exists()
 
 
+def test_restore_output_of_the_wrong_kind(tmp_path: Path) -> None:
+    """One VM is restored to a file, several to a directory: an -o of the other kind already
+    there is refused before anything is written (exit 6, one line saying which kind is needed),
+    and left as it was."""
+    paths = write_raw_images(tmp_path, design_vms(3, [12] * 2))
+    store = tmp_path / "store"
+    apply(plan(paths, tmp_path, "--dump-format", "raw"), store)
+    folder, file = tmp_path / "images", tmp_path / "image.raw"
+    folder.mkdir()
+    file.write_bytes(b"mine")
+    code, _, err = invoke("restore", str(store), "0", "-o", str(folder))
+    assert code == EXIT_OUTPUT, err
+    assert err.splitlines() == [
+        f"dengine: {folder}: cannot write: is a directory: one VM is restored to a file (-o FILE)"
+    ]
+    for vms in (["0", "1"], []):
+        code, _, err = invoke("restore", str(store), *vms, "-o", str(file))
+        assert code == EXIT_OUTPUT, err
+        why = "is not a directory: 2 VMs are restored to a directory, an image each"
+        assert err.splitlines() == [f"dengine: {file}: cannot write: {why}"]
+    assert list(folder.iterdir()) == [] and file.read_bytes() == b"mine"
+    code, _, err = invoke("restore", str(store), "-o", str(folder))  # into the directory there
+    assert code == 0 and sorted(f.name for f in folder.iterdir()) == sorted(f"{p.name}.raw" for p in paths), (
+        err
+    )
+
+
 def test_an_unknown_vm_lists_a_few_by_number(tmp_path: Path) -> None:
     """A store of many VMs (ten small raw guests here): the error names the first eight by
     number, then how many more, on one line; a number names its VM."""
