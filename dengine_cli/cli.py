@@ -1219,11 +1219,13 @@ def _restore_targets(
     ``output`` of the other kind already there is refused, saying which kind is needed."""
     from dengine_cli.errors import OutputError
 
+    # os.path's tests: False where pathlib's raise (a folder this user cannot search), which
+    # the write or the mkdir then names.
     if not several:
-        if output.is_dir():
+        if os.path.isdir(output):
             raise OutputError(output, "is a directory: one VM is restored to a file (-o FILE)")
         return [output]
-    if output.exists() and not output.is_dir():
+    if os.path.lexists(output) and not os.path.isdir(output):
         why = f"is not a directory: {len(names)} VMs are restored to a directory, an image each"
         raise OutputError(output, why)
     try:
